@@ -1,0 +1,253 @@
+//! The control socket: a Unix stream socket speaking one JSON object per
+//! line. Only clients with this process's uid are served; every malformed
+//! request gets `{"ok":false,"error":…}` and the connection stays usable.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, warn};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::device::{BalloonDevice, DeviceStatus};
+use crate::features;
+
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Clients served at once; more are answered with an error and closed.
+const MAX_CLIENTS: usize = 32;
+/// Default and largest wait of `refresh-stats`.
+const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 5_000;
+const MAX_REFRESH_TIMEOUT_MS: u64 = 60_000;
+
+/// One control request.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    SetTarget { bytes: u64 },
+    RefreshStats { timeout_ms: Option<u64> },
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|error| format!("bad request: {error}"))
+}
+
+fn error_reply(message: impl Into<String>) -> Value {
+    json!({ "ok": false, "error": message.into() })
+}
+
+/// The JSON form of a status snapshot.
+pub fn status_json(status: &DeviceStatus, max_reclaim_percent: u8) -> Value {
+    let errors: Map<String, Value> = status
+        .errors
+        .iter()
+        .map(|(name, count)| ((*name).to_string(), json!(count)))
+        .collect();
+    json!({
+        "ok": true,
+        "connected": status.connected,
+        "guest_ram_bytes": status.guest_ram_bytes,
+        "target_bytes": status.target_bytes,
+        "actual_bytes": status.actual_bytes,
+        "max_reclaim_bytes": status.max_reclaim_bytes,
+        "max_reclaim_percent": max_reclaim_percent,
+        "ballooned_bytes": status.ballooned_bytes,
+        "discarded_bytes": status.discarded_bytes,
+        "reported_bytes_total": status.reported_bytes_total,
+        "guest_ram_resident_bytes": status.resident_bytes,
+        "features": features::names(status.acked_features),
+        "config_notify": status.config_notify,
+        "stats": status.stats,
+        "errors": errors,
+    })
+}
+
+/// Answers one request.
+pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request) -> Value {
+    match request {
+        Request::Status => status_json(&device.status(), max_reclaim_percent),
+        Request::SetTarget { bytes } => match device.set_target(bytes) {
+            Ok(outcome) => json!({
+                "ok": true,
+                "target_bytes": outcome.target_bytes,
+                "clamped": outcome.clamped,
+                "notified": outcome.notified,
+            }),
+            Err(error) => error_reply(error.to_string()),
+        },
+        Request::RefreshStats { timeout_ms } => {
+            let timeout_ms = timeout_ms.unwrap_or(DEFAULT_REFRESH_TIMEOUT_MS);
+            if timeout_ms > MAX_REFRESH_TIMEOUT_MS {
+                return error_reply(format!(
+                    "timeout_ms must be between 0 and {MAX_REFRESH_TIMEOUT_MS}, got {timeout_ms}"
+                ));
+            }
+            match device.refresh_stats(Duration::from_millis(timeout_ms)) {
+                Some(stats) => json!({ "ok": true, "stats": stats }),
+                None => error_reply(format!(
+                    "the guest sent no statistics within {timeout_ms} ms (is STATS_VQ negotiated and the driver loaded?)"
+                )),
+            }
+        }
+    }
+}
+
+/// The uid of the process at the other end of a Unix socket.
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len describe a properly sized local; the fd is owned
+    // by `stream` for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cred.uid)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Binds the control socket with mode 0600.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves clients until the process exits, one thread per client.
+pub fn serve(listener: UnixListener, device: Arc<BalloonDevice>, max_reclaim_percent: u8) {
+    let active = Arc::new(AtomicUsize::new(0));
+    // SAFETY: geteuid has no preconditions.
+    let own_uid = unsafe { libc::geteuid() };
+    for stream in listener.incoming() {
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                warn!("control socket accept failed: {error}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        match peer_uid(&stream) {
+            Ok(uid) if uid == own_uid => {}
+            Ok(uid) => {
+                warn!("control client with uid {uid} refused (only uid {own_uid} is served)");
+                continue;
+            }
+            Err(error) => {
+                warn!("control client refused: cannot read its credentials: {error}");
+                continue;
+            }
+        }
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let reply = error_reply(format!("too many control clients (at most {MAX_CLIENTS})"));
+            if let Err(error) = writeln!(stream, "{reply}") {
+                debug!("control client went away: {error}");
+            }
+            continue;
+        }
+        let device = device.clone();
+        let active = active.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                if let Err(error) = serve_client(stream, &device, max_reclaim_percent) {
+                    debug!("control client ended: {error}");
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(error) = spawned {
+            warn!("cannot start a control client thread: {error}");
+        }
+    }
+}
+
+/// Serves one client: a reply line for every request line.
+pub fn serve_client(
+    stream: UnixStream,
+    device: &BalloonDevice,
+    max_reclaim_percent: u8,
+) -> io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = reader
+            .by_ref()
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if read == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            let reply = error_reply(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+            writeln!(writer, "{reply}")?;
+            // The rest of that line cannot be resynchronised reliably.
+            return Ok(());
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let reply = match parse_request(&line) {
+            Ok(request) => handle(device, max_reclaim_percent, request),
+            Err(message) => error_reply(message),
+        };
+        writeln!(writer, "{reply}")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_requests() {
+        assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(br#"{"cmd":"set-target","bytes":268435456}"#),
+            Ok(Request::SetTarget { bytes: 268435456 })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"refresh-stats"}"#),
+            Ok(Request::RefreshStats { timeout_ms: None })
+        );
+    }
+
+    #[test]
+    fn malformed_requests_name_the_problem() {
+        let unknown = parse_request(br#"{"cmd":"explode"}"#).unwrap_err();
+        assert!(
+            unknown.contains("explode") && unknown.contains("set-target"),
+            "{unknown}"
+        );
+        let missing = parse_request(br#"{"cmd":"set-target"}"#).unwrap_err();
+        assert!(missing.contains("bytes"), "{missing}");
+        let negative = parse_request(br#"{"cmd":"set-target","bytes":-1}"#).unwrap_err();
+        assert!(negative.contains("-1"), "{negative}");
+        let extra = parse_request(br#"{"cmd":"status","x":1}"#).unwrap_err();
+        assert!(extra.contains('x'), "{extra}");
+        assert!(parse_request(b"not json").is_err());
+        assert!(parse_request(&[0xff, 0xfe]).is_err());
+    }
+}

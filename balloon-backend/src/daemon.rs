@@ -1,0 +1,159 @@
+//! The process: sockets prepared at start-up, the control server, the stats
+//! timer, and the vhost-user accept loop that serves one frontend after
+//! another on the same listener so that QEMU can reconnect.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::cli::BackendConfig;
+use crate::control;
+use crate::device::{BalloonDevice, DeviceSettings, STATS_TIMER_EVENT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{flag} {path}: another process is listening there")]
+    InUse { flag: &'static str, path: PathBuf },
+    #[error("{flag} {path}: {source}")]
+    Bind {
+        flag: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("creating the device: {0}")]
+    Device(io::Error),
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+}
+
+/// Removes a stale socket file, refusing if something still listens on it.
+fn claim_socket_path(flag: &'static str, path: &Path) -> Result<(), DaemonError> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(DaemonError::InUse {
+            flag,
+            path: path.to_path_buf(),
+        });
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DaemonError::Bind {
+            flag,
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Everything bound and ready; `run` serves until the process ends.
+pub struct Backend {
+    config: BackendConfig,
+    device: Arc<BalloonDevice>,
+    listener: Listener,
+}
+
+impl Backend {
+    /// Binds both sockets, so start-up problems surface before serving.
+    pub fn bind(config: BackendConfig) -> Result<Self, DaemonError> {
+        claim_socket_path("--socket", &config.socket)?;
+        if let Some(control) = &config.control {
+            claim_socket_path("--control", control)?;
+        }
+        let device = Arc::new(
+            BalloonDevice::new(DeviceSettings {
+                switches: config.switches,
+                max_reclaim_percent: config.max_reclaim_percent,
+            })
+            .map_err(DaemonError::Device)?,
+        );
+        let listener = Listener::new(&config.socket, false).map_err(|e| DaemonError::Bind {
+            flag: "--socket",
+            path: config.socket.clone(),
+            source: io::Error::other(e),
+        })?;
+        if let Some(path) = &config.control {
+            let control = control::bind(path).map_err(|source| DaemonError::Bind {
+                flag: "--control",
+                path: path.clone(),
+                source,
+            })?;
+            let device = device.clone();
+            let percent = config.max_reclaim_percent;
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || control::serve(control, device, percent))
+                .map_err(DaemonError::Device)?;
+        }
+        Ok(Backend {
+            config,
+            device,
+            listener,
+        })
+    }
+
+    pub fn device(&self) -> &Arc<BalloonDevice> {
+        &self.device
+    }
+
+    /// Serves frontends one after another, forever.
+    pub fn run(mut self) -> Result<(), DaemonError> {
+        if self.config.stats_interval_s > 0 {
+            let device = self.device.clone();
+            let interval = Duration::from_secs(self.config.stats_interval_s);
+            std::thread::Builder::new()
+                .name("stats-timer".into())
+                .spawn(move || loop {
+                    std::thread::sleep(interval);
+                    device.request_stats();
+                })
+                .map_err(DaemonError::Device)?;
+        }
+        info!("waiting for a frontend on {}", self.config.socket.display());
+        loop {
+            self.serve_one()?;
+            self.device.disconnected();
+            info!("frontend disconnected; waiting for it to reconnect");
+        }
+    }
+
+    fn serve_one(&mut self) -> Result<(), DaemonError> {
+        let mut daemon = VhostUserDaemon::new(
+            "balloon".into(),
+            self.device.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        for handler in &handlers {
+            if let Err(error) = handler.register_listener(
+                self.device.stats_timer().as_raw_fd(),
+                EventSet::IN,
+                u64::from(STATS_TIMER_EVENT),
+            ) {
+                warn!("stats timer not registered; statistics refresh only when the guest kicks: {error}");
+            }
+        }
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        info!("frontend connected");
+        if let Err(error) = daemon.wait() {
+            warn!("frontend connection ended with an error: {error}");
+        }
+        // The worker threads exit only on their exit events; a daemon
+        // dropped without them hangs on join.
+        for handler in handlers {
+            handler.send_exit_event();
+        }
+        Ok(())
+    }
+}

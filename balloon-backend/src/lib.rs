@@ -1,0 +1,15 @@
+//! A vhost-user virtio-balloon device that returns inflated and reported
+//! guest pages to the host by punching holes in guest RAM.
+
+pub mod cli;
+pub mod config_notify;
+pub mod config_space;
+pub mod control;
+pub mod daemon;
+pub mod device;
+pub mod faults;
+pub mod features;
+pub mod host_memory;
+pub mod pfn;
+pub mod stats;
+pub mod tracker;

@@ -1,0 +1,55 @@
+//! balloon-backend: parses flags, binds the sockets, serves until signalled.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use balloon_backend::cli::{Args, BackendConfig};
+use balloon_backend::daemon::Backend;
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::io::Read;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("balloon-backend: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let config = BackendConfig::try_from(Args::parse())?;
+    let sockets: Vec<_> = std::iter::once(config.socket.clone())
+        .chain(config.control.clone())
+        .collect();
+    let backend = Backend::bind(config)?;
+    // On SIGINT/SIGTERM remove our socket files and exit, leaving nothing
+    // behind. A pipe, not a socketpair: the backend request channel is found
+    // as the process's only unnamed socket pair (see config_notify).
+    let (mut wake_reader, wake_writer) = std::io::pipe().context("creating the signal pipe")?;
+    for signal in [SIGINT, SIGTERM] {
+        let writer = wake_writer.try_clone().context("cloning the signal pipe")?;
+        signal_hook::low_level::pipe::register(signal, writer)
+            .context("installing signal handlers")?;
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut byte = [0u8; 1];
+            if wake_reader.read(&mut byte).is_ok() {
+                log::info!("signal received: removing sockets and exiting");
+                for path in &sockets {
+                    if let Err(error) = std::fs::remove_file(path) {
+                        log::warn!("removing {}: {error}", path.display());
+                    }
+                }
+                std::process::exit(0);
+            }
+        })
+        .context("starting the signal thread")?;
+    backend.run()?;
+    Ok(())
+}

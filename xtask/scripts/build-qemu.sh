@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Builds qemu-system-x86_64 >= 10.2 from Debian's source package into the
+# prefix given as $1. Called by `cargo xtask qemu`, which keys the cache on a
+# hash of this file, so any change to the recipe rebuilds.
+#
+# Why from source: bookworm ships QEMU 7.2 and bookworm-backports 10.0, and
+# neither can create a user-made generic vhost-user device; Debian unstable's
+# source package (10.2+) can. The Debian patch series is applied because it
+# removes the firmware-blob steps that the +ds tarball cannot satisfy.
+set -euo pipefail
+
+prefix=${1:?usage: build-qemu.sh PREFIX}
+work="$prefix.work"
+rm -rf "$work"
+mkdir -p "$work"
+
+step() { printf '[qemu] %s\n' "$*"; }
+
+# Reuse the machine's configured Debian mirror: never name one here.
+mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources)
+if [ -z "$mirror" ]; then
+  echo "build-qemu: no URIs: line in /etc/apt/sources.list.d/debian.sources" >&2
+  exit 1
+fi
+step "adding deb-src for unstable from $mirror"
+cat > /etc/apt/sources.list.d/balloon-qemu-src.sources <<SRC
+Types: deb-src
+URIs: $mirror
+Suites: unstable
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+apt-get update -qq
+
+step "installing build dependencies"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  libglib2.0-dev ninja-build pkg-config flex bison libpixman-1-dev zlib1g-dev \
+  libfdt-dev seabios qemu-system-data dpkg-dev xz-utils >/dev/null
+python3 -m pip install -q --disable-pip-version-check 'meson>=1.5' pycotap
+
+step "fetching the qemu source package"
+cd "$work"
+# The index can list versions the mirror no longer serves: try each one of
+# 10.2 or newer, newest first, until one downloads.
+fetched=""
+for version in $(apt-cache showsrc qemu | awk '/^Version:/ { print $2 }' | sort -rV); do
+  if dpkg --compare-versions "$version" lt 1:10.2; then continue; fi
+  if apt-get source -d -qq "qemu=$version" >/dev/null 2>&1; then fetched=$version; break; fi
+  step "qemu $version is listed but not served; trying an older one"
+  rm -f qemu_*
+done
+if [ -z "$fetched" ]; then
+  echo "build-qemu: no qemu >= 10.2 source package could be downloaded" >&2
+  exit 1
+fi
+step "using qemu $fetched"
+dsc=$(ls qemu_*.dsc | head -n 1)
+dpkg-source -x "$dsc" src >/dev/null
+
+step "configuring"
+mkdir -p src/build
+cd src/build
+../configure --target-list=x86_64-softmmu --without-default-features \
+  --enable-kvm --enable-tcg --enable-vhost-user --enable-vhost-kernel \
+  --enable-pixman --disable-docs --disable-werror --disable-download \
+  --disable-install-blobs >configure.log 2>&1 || { tail -n 40 configure.log >&2; exit 1; }
+
+step "compiling qemu-system-x86_64 (about 4 minutes on 2 cores)"
+ninja qemu-system-x86_64 | awk 'NR % 200 == 0 { print "[qemu]   " $0; fflush() }'
+
+mkdir -p "$prefix/bin"
+cp qemu-system-x86_64 "$prefix/bin/"
+"$prefix/bin/qemu-system-x86_64" --version | head -n 1
+cd /
+rm -rf "$work"
+step "done: $prefix/bin/qemu-system-x86_64"

@@ -140,7 +140,12 @@ mod tests {
         assert!(error.to_string().contains("0 and 75"));
         assert!(parse(&["--stats-interval", "86401"]).is_err());
         assert!(parse(&["--control", "/run/b.sock"]).is_err());
-        assert!(parse(&["--control", ""]).is_err());
+        let mut args = Args::try_parse_from(["balloon-backend", "--socket", "s"]).unwrap();
+        args.control = Some(PathBuf::new());
+        assert_eq!(
+            BackendConfig::try_from(args).unwrap_err(),
+            ConfigError::EmptyPath { flag: "--control" }
+        );
     }
 
     #[test]

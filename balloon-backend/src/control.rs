@@ -30,7 +30,7 @@ const MAX_REFRESH_TIMEOUT_MS: u64 = 60_000;
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    Status,
+    Status {},
     SetTarget { bytes: u64 },
     RefreshStats { timeout_ms: Option<u64> },
 }
@@ -73,7 +73,7 @@ pub fn status_json(status: &DeviceStatus, max_reclaim_percent: u8) -> Value {
 /// Answers one request.
 pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request) -> Value {
     match request {
-        Request::Status => status_json(&device.status(), max_reclaim_percent),
+        Request::Status {} => status_json(&device.status(), max_reclaim_percent),
         Request::SetTarget { bytes } => match device.set_target(bytes) {
             Ok(outcome) => json!({
                 "ok": true,
@@ -223,7 +223,10 @@ mod tests {
 
     #[test]
     fn parses_the_documented_requests() {
-        assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(br#"{"cmd":"status"}"#),
+            Ok(Request::Status {})
+        );
         assert_eq!(
             parse_request(br#"{"cmd":"set-target","bytes":268435456}"#),
             Ok(Request::SetTarget { bytes: 268435456 })

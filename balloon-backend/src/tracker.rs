@@ -212,7 +212,7 @@ mod tests {
                 len_bytes: 3 * 4096
             }]
         );
-        let again = tracker.inflate(&run(5, 2));
+        let again = tracker.inflate(&run(6, 2));
         assert_eq!((again.added_pages, again.already_ballooned), (1, 1));
         assert_eq!(tracker.discarded_bytes(), 4 * 4096);
         let back = tracker.deflate(&run(0, 8));

@@ -1,0 +1,422 @@
+//! An in-process vhost-user frontend for driving the real `balloon-backend`
+//! binary: memfd guest RAM with a hole, split virtqueues laid out in that
+//! RAM, the backend request channel, and the control socket.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const MIB: u64 = 1 << 20;
+/// Region 0: GPA [0, 32 MiB) at file offset 0.
+pub const REGION0_BYTES: u64 = 32 * MIB;
+/// Region 1: GPA [48 MiB, 64 MiB) at file offset 40 MiB. GPA [32, 48) MiB is a hole.
+pub const REGION1_GPA: u64 = 48 * MIB;
+pub const REGION1_FILE_OFFSET: u64 = 40 * MIB;
+pub const REGION1_BYTES: u64 = 16 * MIB;
+/// The memfd: bytes [32, 40) MiB and [56, 72) MiB are *not* guest RAM.
+pub const MEMFD_BYTES: u64 = 72 * MIB;
+pub const GUEST_RAM_BYTES: u64 = REGION0_BYTES + REGION1_BYTES;
+/// Queues and request buffers live at the top of region 1.
+const QUEUE_AREA_GPA: u64 = 60 * MIB;
+pub const BUFFER_AREA_GPA: u64 = 62 * MIB;
+pub const QUEUE_SIZE: u16 = 64;
+const SENTINEL: u8 = 0x5a;
+
+pub const INFLATE: usize = 0;
+pub const DEFLATE: usize = 1;
+pub const STATS: usize = 2;
+pub const REPORTING: usize = 3;
+
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+
+/// Feature bits the test driver acks (all the device offers but PAGE_POISON).
+pub const DRIVER_FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 5) | (1 << 29) | (1 << 30) | (1 << 32);
+
+pub fn memfd(name: &str, bytes: u64) -> File {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: name is a valid C string; the returned fd is checked and then
+    // owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(bytes).unwrap();
+    file
+}
+
+pub fn allocated(file: &File, start: u64, len: u64) -> u64 {
+    balloon_backend::host_memory::allocated_bytes(file, start, len).unwrap()
+}
+
+/// One split virtqueue driven from the test.
+pub struct TestQueue {
+    base: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+    pub kick: EventFd,
+    pub call: EventFd,
+}
+
+impl TestQueue {
+    fn desc_addr(&self) -> u64 {
+        self.base
+    }
+    fn avail_addr(&self) -> u64 {
+        self.base + 16 * u64::from(QUEUE_SIZE)
+    }
+    fn used_addr(&self) -> u64 {
+        (self.avail_addr() + 6 + 2 * u64::from(QUEUE_SIZE) + 3) & !3
+    }
+}
+
+pub struct Harness {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub frontend: Frontend,
+    pub memfd: File,
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<TestQueue>,
+    pub channel: UnixStream,
+    control: BufReader<UnixStream>,
+    control_writer: UnixStream,
+    buffer_cursor: u64,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ignored = self.child.kill();
+        let _reaped = self.child.wait();
+    }
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Harness {
+    pub fn start(extra_args: &[&str]) -> Harness {
+        Self::start_with_features(extra_args, DRIVER_FEATURES)
+    }
+
+    pub fn start_with_features(extra_args: &[&str], driver_features: u64) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("balloon.sock");
+        let control = dir.path().join("control.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_balloon-backend"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control)
+            .args(["--stats-interval", "0"])
+            .args(extra_args)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let control_stream = wait_for("the control socket", Duration::from_secs(20), || {
+            UnixStream::connect(&control).ok()
+        });
+        let mut frontend = wait_for("the vhost-user socket", Duration::from_secs(20), || {
+            Frontend::connect(&socket, 5).ok()
+        });
+
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        let acked = offered & driver_features;
+        frontend.set_features(acked).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend.set_protocol_features(protocol).unwrap();
+        let (channel, backend_end) = UnixStream::pair().unwrap();
+        frontend.set_backend_request_fd(&backend_end).unwrap();
+        drop(backend_end);
+
+        let memfd = memfd("guest-ram", MEMFD_BYTES);
+        // Fill everything: guest RAM with data, the rest with a sentinel.
+        memfd
+            .write_all_at(&vec![SENTINEL; MEMFD_BYTES as usize], 0)
+            .unwrap();
+        let mem = GuestMemoryMmap::from_ranges_with_files([
+            (
+                GuestAddress(0),
+                REGION0_BYTES as usize,
+                Some(FileOffset::new(memfd.try_clone().unwrap(), 0)),
+            ),
+            (
+                GuestAddress(REGION1_GPA),
+                REGION1_BYTES as usize,
+                Some(FileOffset::new(
+                    memfd.try_clone().unwrap(),
+                    REGION1_FILE_OFFSET,
+                )),
+            ),
+        ])
+        .unwrap();
+        let regions: Vec<VhostUserMemoryRegionInfo> = [
+            (0, REGION0_BYTES, 0),
+            (REGION1_GPA, REGION1_BYTES, REGION1_FILE_OFFSET),
+        ]
+        .iter()
+        .map(|&(gpa, size, offset)| VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: mem.get_host_address(GuestAddress(gpa)).unwrap() as u64,
+            mmap_offset: offset,
+            mmap_handle: memfd.as_raw_fd(),
+        })
+        .collect();
+        frontend.set_mem_table(&regions).unwrap();
+
+        let queue_count = balloon_backend::features::queue_roles(acked).len();
+        let mut queues = Vec::new();
+        for index in 0..queue_count {
+            let queue = TestQueue {
+                base: QUEUE_AREA_GPA + index as u64 * 0x10000,
+                next_desc: 0,
+                avail_idx: 0,
+                used_seen: 0,
+                kick: EventFd::new(0).unwrap(),
+                call: EventFd::new(0).unwrap(),
+            };
+            // Zero the rings.
+            mem.write_slice(&[0u8; 0x10000], GuestAddress(queue.base))
+                .unwrap();
+            let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+            frontend.set_vring_num(index, QUEUE_SIZE).unwrap();
+            frontend
+                .set_vring_addr(
+                    index,
+                    &VringConfigData {
+                        queue_max_size: QUEUE_SIZE,
+                        queue_size: QUEUE_SIZE,
+                        flags: 0,
+                        desc_table_addr: host(queue.desc_addr()),
+                        used_ring_addr: host(queue.used_addr()),
+                        avail_ring_addr: host(queue.avail_addr()),
+                        log_addr: None,
+                    },
+                )
+                .unwrap();
+            frontend.set_vring_base(index, 0).unwrap();
+            frontend.set_vring_call(index, &queue.call).unwrap();
+            frontend.set_vring_kick(index, &queue.kick).unwrap();
+            frontend.set_vring_enable(index, true).unwrap();
+            queues.push(queue);
+        }
+        let control_writer = control_stream.try_clone().unwrap();
+        Harness {
+            child,
+            dir,
+            frontend,
+            memfd,
+            mem,
+            queues,
+            channel,
+            control: BufReader::new(control_stream),
+            control_writer,
+            buffer_cursor: BUFFER_AREA_GPA,
+        }
+    }
+
+    /// Copies bytes into the buffer area and returns their guest address.
+    pub fn buffer(&mut self, bytes: &[u8]) -> u64 {
+        let gpa = self.buffer_cursor;
+        self.buffer_cursor += (bytes.len() as u64).max(1).next_multiple_of(64);
+        assert!(self.buffer_cursor < REGION1_GPA + REGION1_BYTES);
+        self.mem.write_slice(bytes, GuestAddress(gpa)).unwrap();
+        gpa
+    }
+
+    /// Puts a chain of (gpa, len, device-writable) descriptors on a queue and kicks.
+    pub fn push(&mut self, queue: usize, descs: &[(u64, u32, bool)]) -> u16 {
+        let q = &mut self.queues[queue];
+        let head = q.next_desc;
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let index = (head + i as u16) % QUEUE_SIZE;
+            let last = i + 1 == descs.len();
+            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+            let next = if last { 0 } else { (index + 1) % QUEUE_SIZE };
+            if !last {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            let at = q.desc_addr() + 16 * u64::from(index);
+            self.mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
+            self.mem
+                .write_obj(len.to_le(), GuestAddress(at + 8))
+                .unwrap();
+            self.mem
+                .write_obj(flags.to_le(), GuestAddress(at + 12))
+                .unwrap();
+            self.mem
+                .write_obj(next.to_le(), GuestAddress(at + 14))
+                .unwrap();
+        }
+        q.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
+        let slot = q.avail_addr() + 4 + 2 * u64::from(q.avail_idx % QUEUE_SIZE);
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(slot))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        q.avail_idx = q.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(q.avail_idx.to_le(), GuestAddress(q.avail_addr() + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        q.kick.write(1).unwrap();
+        head
+    }
+
+    /// Waits until the device has used `count` more chains; returns (head, len).
+    pub fn wait_used(&mut self, queue: usize, count: u16) -> Vec<(u32, u32)> {
+        let used_addr = self.queues[queue].used_addr();
+        let seen = self.queues[queue].used_seen;
+        let mem = &self.mem;
+        wait_for("used buffers", Duration::from_secs(20), || {
+            let idx: u16 = mem.read_obj(GuestAddress(used_addr + 2)).unwrap();
+            (idx.wrapping_sub(seen) >= count).then_some(())
+        });
+        let entries = (0..count)
+            .map(|i| {
+                let slot = used_addr + 4 + 8 * u64::from(seen.wrapping_add(i) % QUEUE_SIZE);
+                let id: u32 = self.mem.read_obj(GuestAddress(slot)).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(slot + 4)).unwrap();
+                (id, len)
+            })
+            .collect();
+        self.queues[queue].used_seen = seen.wrapping_add(count);
+        entries
+    }
+
+    pub fn used_idx(&self, queue: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(self.queues[queue].used_addr() + 2))
+            .unwrap()
+    }
+
+    /// Sends PFNs as one readable buffer and waits for the device to use it.
+    pub fn send_pfns(&mut self, queue: usize, pfns: &[u32]) {
+        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        let gpa = self.buffer(&bytes);
+        self.push(queue, &[(gpa, bytes.len() as u32, false)]);
+        self.wait_used(queue, 1);
+    }
+
+    /// A second control connection, usable from another thread.
+    pub fn control_clone(&self) -> Control {
+        let control = self.dir.path().join("control.sock");
+        let stream = UnixStream::connect(control).unwrap();
+        Control {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn request(&mut self, request: &str) -> Value {
+        writeln!(self.control_writer, "{request}").unwrap();
+        let mut line = String::new();
+        self.control.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    pub fn status(&mut self) -> Value {
+        let status = self.request(r#"{"cmd":"status"}"#);
+        assert_eq!(status["ok"], true, "{status}");
+        status
+    }
+
+    pub fn error_count(&mut self, name: &str) -> u64 {
+        self.status()["errors"][name].as_u64().unwrap_or(0)
+    }
+
+    /// Answers one config-change message on the backend channel; returns its flags.
+    pub fn answer_config_change(&mut self) -> u32 {
+        let mut header = [0u8; 12];
+        self.channel
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        self.channel.read_exact(&mut header).unwrap();
+        let request = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
+        assert_eq!(request, 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&2u32.to_le_bytes());
+        reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        self.channel.write_all(&reply).unwrap();
+        flags
+    }
+
+    pub fn get_config(&mut self) -> [u8; 16] {
+        let (_, payload) = self
+            .frontend
+            .get_config(0, 16, VhostUserConfigFlags::WRITABLE, &[0u8; 16])
+            .unwrap();
+        payload.as_slice().try_into().unwrap()
+    }
+
+    pub fn resident(&self) -> u64 {
+        allocated(&self.memfd, 0, MEMFD_BYTES)
+    }
+
+    /// Asserts the bytes of the memfd that are not guest RAM are untouched.
+    pub fn assert_outside_ram_intact(&self) {
+        for (start, len) in [
+            (REGION0_BYTES, REGION1_FILE_OFFSET - REGION0_BYTES),
+            (
+                REGION1_FILE_OFFSET + REGION1_BYTES,
+                MEMFD_BYTES - REGION1_FILE_OFFSET - REGION1_BYTES,
+            ),
+        ] {
+            assert_eq!(
+                allocated(&self.memfd, start, len),
+                len,
+                "memory outside guest RAM was freed"
+            );
+            let mut bytes = vec![0u8; len as usize];
+            self.memfd.read_exact_at(&mut bytes, start).unwrap();
+            assert!(
+                bytes.iter().all(|b| *b == SENTINEL),
+                "memory outside guest RAM changed"
+            );
+        }
+    }
+}
+
+/// A control socket connection.
+pub struct Control {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Control {
+    pub fn request(&mut self, request: &str) -> Value {
+        writeln!(self.writer, "{request}").unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+}

@@ -626,9 +626,11 @@ impl VhostUserBackend for BalloonDevice {
                 Ok(())
             }
             Err(error) => {
+                // Counted, not returned: an error here makes the vhost crate
+                // drop the whole frontend connection.
                 self.faults
                     .record(Fault::ConfigOutOfRange, 1, || error.to_string());
-                Err(io::Error::new(io::ErrorKind::InvalidInput, error))
+                Ok(())
             }
         }
     }

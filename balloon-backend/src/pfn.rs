@@ -95,7 +95,7 @@ pub fn locate_range(
     if len_bytes == 0 {
         return Err(RangeError::Empty);
     }
-    if gpa % PAGE_SIZE_BYTES != 0 || len_bytes % PAGE_SIZE_BYTES != 0 {
+    if !gpa.is_multiple_of(PAGE_SIZE_BYTES) || !len_bytes.is_multiple_of(PAGE_SIZE_BYTES) {
         return Err(RangeError::Unaligned);
     }
     let (region, first_page) = locate_page(regions, gpa).ok_or(RangeError::OutsideRam)?;
@@ -230,7 +230,7 @@ mod tests {
             Err(RangeError::OutsideRam)
         );
         assert_eq!(
-            locate_range(&regions, u64::MAX & !0xfff, 4096),
+            locate_range(&regions, !0xfff, 4096),
             Err(RangeError::OutsideRam)
         );
         assert_eq!(

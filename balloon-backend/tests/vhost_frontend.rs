@@ -131,7 +131,7 @@ fn set_target_notifies_the_frontend_and_clamps_to_the_limit() {
     h.frontend
         .set_config(0, VhostUserConfigFlags::WRITABLE, &write)
         .unwrap();
-    let status = h.status();
+    let status = h.wait_status("actual written", |s| s["actual_bytes"] != 0);
     assert_eq!(status["actual_bytes"], 1234 * PAGE);
     assert_eq!(status["target_bytes"], GUEST_RAM_BYTES / 2);
 }
@@ -194,15 +194,7 @@ fn statistics_are_held_and_refreshed_on_request() {
     };
     let buffer = h.buffer(&records(20 * MIB));
     h.push(STATS, &[(buffer, 70, false)]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let stats = loop {
-        let status = h.status();
-        if !status["stats"].is_null() {
-            break status["stats"].clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "no stats");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let stats = h.wait_status("statistics", |s| !s["stats"].is_null())["stats"].clone();
     assert_eq!(stats["free_bytes"], 20 * MIB);
     assert_eq!(stats["total_bytes"], GUEST_RAM_BYTES);
     assert_eq!(stats["oom_kills"], 2);
@@ -292,7 +284,13 @@ fn hostile_requests_are_counted_and_the_queues_keep_working() {
             eprintln!("set_config refused as expected: {error}");
         }
     }
-    assert_eq!(h.error_count("config_out_of_range"), 1);
+    let status = h.wait_status("config fault counted", |s| {
+        s["errors"]["config_out_of_range"] == 1
+    });
+    assert_eq!(
+        status["connected"], true,
+        "a bad config write must not drop the frontend"
+    );
 
     // Nothing was freed so far, and nothing outside RAM ever.
     assert_eq!(h.resident(), before);

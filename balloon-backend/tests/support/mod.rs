@@ -347,6 +347,22 @@ impl Harness {
         status
     }
 
+    /// Polls status until `done` holds (deadline 10 s).
+    pub fn wait_status(&mut self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn error_count(&mut self, name: &str) -> u64 {
         self.status()["errors"][name].as_u64().unwrap_or(0)
     }

@@ -1,1 +1,73 @@
-fn main() {}
+//! Project tasks: provision QEMU and the guest image, run the demo VM, run
+//! every test, run the benchmarks. `cargo xtask --help` lists them.
+
+mod demo;
+mod provision;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Provisioning, demo, tests and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Find or build a QEMU >= 10.2 with vhost-user-test-device-pci.
+    Qemu,
+    /// Build (or reuse) the test guest: kernel, busybox, balloon module.
+    Guest,
+    /// Boot a 1 GiB guest and show its memory being reclaimed and given back.
+    Demo,
+    /// Provision everything, then run every test in the workspace.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.task {
+        Task::Qemu => {
+            let qemu = provision::ensure_qemu()?;
+            println!("{}", qemu.display());
+            Ok(())
+        }
+        Task::Guest => {
+            let guest = provision::ensure_guest()?;
+            println!("{}", guest.display());
+            Ok(())
+        }
+        Task::Demo => {
+            let env = provision::ensure_all()?;
+            demo::run(&env)
+        }
+        Task::Test { cargo_args } => {
+            provision::ensure_all()?;
+            let status = Command::new(provision::cargo())
+                .current_dir(provision::workspace_root())
+                .args(["test", "--workspace", "--release"])
+                .args(&cargo_args)
+                .status()
+                .context("running cargo test")?;
+            anyhow::ensure!(status.success(), "cargo test failed ({status})");
+            Ok(())
+        }
+    }
+}

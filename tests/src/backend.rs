@@ -1,0 +1,149 @@
+//! A `balloon-backend` process and a client for its control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::env::TestEnv;
+use crate::wait_for;
+
+pub struct BackendProcess {
+    child: Child,
+    binary: PathBuf,
+    args: Vec<String>,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+}
+
+impl BackendProcess {
+    /// Starts the backend with sockets in `dir` and extra flags.
+    pub fn start(env: &TestEnv, dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let socket = dir.join("balloon.sock");
+        let control = dir.join("control.sock");
+        let mut args = vec![
+            "--socket".to_string(),
+            socket.display().to_string(),
+            "--control".to_string(),
+            control.display().to_string(),
+        ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        let child = Self::spawn(&env.backend_binary, &args)?;
+        let backend = BackendProcess {
+            child,
+            binary: env.backend_binary.clone(),
+            args,
+            socket,
+            control,
+        };
+        backend.wait_ready()?;
+        Ok(backend)
+    }
+
+    fn spawn(binary: &Path, args: &[String]) -> anyhow::Result<Child> {
+        Command::new(binary)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        wait_for("the backend's control socket", Duration::from_secs(20), || {
+            Ok(UnixStream::connect(&self.control).ok().map(drop))
+        })
+    }
+
+    /// kill -9 the backend, then start it again with the same flags.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.child = Self::spawn(&self.binary, &self.args)?;
+        self.wait_ready()
+    }
+
+    pub fn client(&self) -> anyhow::Result<ControlClient> {
+        ControlClient::connect(&self.control)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        let signalled = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        if signalled != 0 || wait_for("the backend to exit", Duration::from_secs(5), || {
+            Ok(self.child.try_wait()?.map(drop))
+        })
+        .is_err()
+        {
+            if let Err(error) = self.child.kill() {
+                eprintln!("killing the backend: {error}");
+            }
+        }
+        if let Err(error) = self.child.wait() {
+            eprintln!("reaping the backend: {error}");
+        }
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.stop();
+        }
+    }
+}
+
+/// One connection to the control socket.
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ControlClient {
+    pub fn connect(path: &Path) -> anyhow::Result<Self> {
+        let stream = UnixStream::connect(path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(70)))?;
+        Ok(ControlClient {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    pub fn request(&mut self, request: &Value) -> anyhow::Result<Value> {
+        writeln!(self.writer, "{request}")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))
+    }
+
+    pub fn status(&mut self) -> anyhow::Result<Value> {
+        let status = self.request(&serde_json::json!({"cmd": "status"}))?;
+        anyhow::ensure!(status["ok"] == true, "status failed: {status}");
+        Ok(status)
+    }
+
+    pub fn set_target(&mut self, bytes: u64) -> anyhow::Result<Value> {
+        let reply = self.request(&serde_json::json!({"cmd": "set-target", "bytes": bytes}))?;
+        anyhow::ensure!(reply["ok"] == true, "set-target failed: {reply}");
+        Ok(reply)
+    }
+
+    /// Waits until the guest's `actual` equals the target.
+    pub fn wait_actual(&mut self, bytes: u64, timeout: Duration) -> anyhow::Result<Value> {
+        wait_for(&format!("actual = {bytes} bytes"), timeout, || {
+            let status = self.status()?;
+            Ok((status["actual_bytes"] == bytes).then_some(status))
+        })
+    }
+}

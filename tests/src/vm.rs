@@ -1,0 +1,272 @@
+//! A QEMU virtual machine running the test guest, driven over its serial
+//! console: the guest's /init runs each line as a shell command and frames
+//! the output between `@@B<id>` and `@@E<id> <status>`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::env::TestEnv;
+use crate::host;
+
+/// How the balloon device is attached.
+#[derive(Clone, Debug)]
+pub enum Balloon {
+    None,
+    /// Our vhost-user backend on this socket.
+    VhostUser { socket: PathBuf, reconnect_ms: Option<u32> },
+    /// QEMU's built-in virtio-balloon-pci (for comparisons).
+    BuiltIn { free_page_reporting: bool },
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub mem_mib: u64,
+    pub balloon: Balloon,
+    /// Back guest RAM with 2 MiB hugetlbfs pages.
+    pub hugetlb: bool,
+    /// QMP socket, for the built-in balloon.
+    pub qmp_socket: Option<PathBuf>,
+}
+
+impl VmConfig {
+    pub fn with_backend(mem_mib: u64, socket: PathBuf) -> Self {
+        VmConfig {
+            mem_mib,
+            balloon: Balloon::VhostUser { socket, reconnect_ms: None },
+            hugetlb: false,
+            qmp_socket: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Console {
+    lines: Mutex<Vec<String>>,
+    /// Set when QEMU's stdout closed (the VM is gone).
+    closed: std::sync::atomic::AtomicBool,
+    changed: Condvar,
+}
+
+pub struct Vm {
+    child: Child,
+    stdin: ChildStdin,
+    console: Arc<Console>,
+    next_id: u64,
+}
+
+/// The QEMU command line for a config (also shown by `cargo xtask demo`).
+pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
+    let mem = config.mem_mib;
+    let mut backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
+    if config.hugetlb {
+        backend.push_str(",hugetlb=on,hugetlbsize=2M");
+    }
+    let mut args: Vec<String> = vec![
+        "-machine".into(),
+        "pc".into(),
+        "-accel".into(),
+        env.accel.clone(),
+        "-m".into(),
+        format!("{mem}M"),
+        "-object".into(),
+        backend,
+        "-numa".into(),
+        "node,memdev=mem".into(),
+        "-kernel".into(),
+        env.kernel().display().to_string(),
+        "-initrd".into(),
+        env.initramfs().display().to_string(),
+        "-append".into(),
+        "console=ttyS0 quiet loglevel=1 panic=-1".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-no-reboot".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-serial".into(),
+        "stdio".into(),
+    ];
+    for dir in &env.firmware_dirs {
+        args.push("-L".into());
+        args.push(dir.display().to_string());
+    }
+    match &config.balloon {
+        Balloon::None => {}
+        Balloon::VhostUser { socket, reconnect_ms } => {
+            let mut chardev = format!("socket,id=bal0,path={}", socket.display());
+            if let Some(ms) = reconnect_ms {
+                chardev.push_str(&format!(",reconnect-ms={ms}"));
+            }
+            args.extend([
+                "-chardev".into(),
+                chardev,
+                "-device".into(),
+                "vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16".into(),
+            ]);
+        }
+        Balloon::BuiltIn { free_page_reporting } => {
+            let reporting = if *free_page_reporting { "on" } else { "off" };
+            args.extend([
+                "-device".into(),
+                format!("virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting={reporting}"),
+            ]);
+        }
+    }
+    if let Some(qmp) = &config.qmp_socket {
+        args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
+    }
+    args
+}
+
+impl Vm {
+    /// Starts QEMU and waits until the guest's shell is ready.
+    pub fn boot(env: &TestEnv, config: &VmConfig) -> anyhow::Result<Vm> {
+        let mut child = Command::new(&env.qemu)
+            .args(qemu_args(env, config))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", env.qemu.display()))?;
+        let stdin = child.stdin.take().context("QEMU stdin")?;
+        let stdout = child.stdout.take().context("QEMU stdout")?;
+        let console = Arc::new(Console::default());
+        let reader_console = console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                if std::env::var_os("BALLOON_SHOW_CONSOLE").is_some() {
+                    eprintln!("[guest] {text}");
+                }
+                if let Ok(mut lines) = reader_console.lines.lock() {
+                    lines.push(text);
+                }
+                reader_console.changed.notify_all();
+            }
+            reader_console.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            reader_console.changed.notify_all();
+        });
+        let vm = Vm {
+            child,
+            stdin,
+            console,
+            next_id: 1,
+        };
+        let started = Instant::now();
+        vm.wait_line(|l| l == "@@READY", Duration::from_secs(180))
+            .context("the guest did not boot to its shell")?;
+        eprintln!(
+            "[guest-tests] guest booted in {:.1} s ({})",
+            started.elapsed().as_secs_f64(),
+            env.accel
+        );
+        Ok(vm)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a console line matching `matches`; returns it.
+    pub fn wait_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.console.lines.lock().map_err(|_| anyhow::anyhow!("console lock"))?;
+        loop {
+            if let Some(line) = lines.iter().find(|l| matches(l)) {
+                return Ok(line.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let closed = self.console.closed.load(std::sync::atomic::Ordering::SeqCst);
+            if left.is_zero() || closed {
+                let tail: Vec<&String> = lines.iter().rev().take(30).collect();
+                let why = if closed { "QEMU exited".to_string() } else { format!("timed out after {timeout:?}") };
+                anyhow::bail!("{why}; last console lines (newest first): {tail:#?}");
+            }
+            lines = self
+                .console
+                .changed
+                .wait_timeout(lines, left.min(Duration::from_millis(500)))
+                .map_err(|_| anyhow::anyhow!("console lock"))?
+                .0;
+        }
+    }
+
+    /// Runs a shell command in the guest; returns its exit status and output.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> anyhow::Result<(i32, String)> {
+        anyhow::ensure!(!command.contains('\n'), "one line per command");
+        let id = self.next_id;
+        self.next_id += 1;
+        writeln!(self.stdin, "{id} {command}")?;
+        self.stdin.flush()?;
+        let end_prefix = format!("@@E{id} ");
+        let end = self
+            .wait_line(|l| l.starts_with(&end_prefix), timeout)
+            .with_context(|| format!("guest command `{command}`"))?;
+        let status: i32 = end[end_prefix.len()..].trim().parse().unwrap_or(-1);
+        let begin = format!("@@B{id}");
+        let lines = self.console.lines.lock().map_err(|_| anyhow::anyhow!("console lock"))?;
+        let output = lines
+            .iter()
+            .skip_while(|l| **l != begin)
+            .skip(1)
+            .take_while(|l| !l.starts_with(&end_prefix))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok((status, output))
+    }
+
+    /// Runs a command that must succeed; returns its output.
+    pub fn sh(&mut self, command: &str) -> anyhow::Result<String> {
+        let (status, output) = self.run(command, Duration::from_secs(300))?;
+        anyhow::ensure!(status == 0, "guest command `{command}` exited {status}: {output}");
+        Ok(output)
+    }
+
+    /// The guest's /proc/meminfo, in bytes.
+    pub fn meminfo(&mut self) -> anyhow::Result<HashMap<String, u64>> {
+        let text = self.sh("cat /proc/meminfo")?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let (key, rest) = line.split_once(':')?;
+                let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
+                Some((key.to_string(), kib * 1024))
+            })
+            .collect())
+    }
+
+    /// Bytes of guest RAM allocated on the host, measured on QEMU's memfd.
+    pub fn host_resident_bytes(&self) -> anyhow::Result<u64> {
+        host::allocated_bytes(&host::guest_ram_memfd(self.pid())?)
+    }
+
+    /// Every console line so far.
+    pub fn console(&self) -> Vec<String> {
+        self.console.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Err(error) = self.child.kill() {
+            eprintln!("stopping QEMU: {error}");
+        }
+        if let Err(error) = self.child.wait() {
+            eprintln!("reaping QEMU: {error}");
+        }
+    }
+}

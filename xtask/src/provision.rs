@@ -1,0 +1,180 @@
+//! Finding or building what the real-guest tests and the demo need: a QEMU
+//! with the generic vhost-user device, the guest image, the accelerator that
+//! really works here, and the release backend binary. Slow artefacts are
+//! cached outside the checkout, keyed by a hash of the recipe that made them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use guest_tests::env::TestEnv;
+use guest_tests::vm::{Balloon, Vm, VmConfig};
+use sha2::{Digest, Sha256};
+
+pub fn workspace_root() -> PathBuf {
+    guest_tests::env::workspace_root()
+}
+
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// `$XDG_CACHE_HOME/balloon-stack`, or `~/.cache/balloon-stack`.
+fn cache_root() -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(base.join("balloon-stack"))
+}
+
+/// A short hash of the files that make an artefact.
+fn recipe_hash(files: &[PathBuf]) -> anyhow::Result<String> {
+    let mut hasher = Sha256::new();
+    for file in files {
+        hasher.update(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);
+    }
+    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+const QEMU_DEVICE: &str = "vhost-user-test-device-pci";
+const QEMU_APT_PACKAGES: &str = "libglib2.0-dev ninja-build pkg-config flex bison libpixman-1-dev zlib1g-dev libfdt-dev seabios qemu-system-data dpkg-dev xz-utils";
+
+fn has_balloon_device(qemu: &Path) -> bool {
+    Command::new(qemu)
+        .args(["-device", "help"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains(QEMU_DEVICE))
+        .unwrap_or(false)
+}
+
+/// A QEMU that can attach the backend: `$BALLOON_QEMU`, then `PATH`, then
+/// the cache, building it there from Debian's source package if needed.
+pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
+    if let Some(qemu) = std::env::var_os("BALLOON_QEMU") {
+        let qemu = PathBuf::from(qemu);
+        anyhow::ensure!(
+            has_balloon_device(&qemu),
+            "BALLOON_QEMU={} has no {QEMU_DEVICE} (QEMU >= 10.2 is needed)",
+            qemu.display()
+        );
+        return Ok(qemu);
+    }
+    let on_path = PathBuf::from("qemu-system-x86_64");
+    if has_balloon_device(&on_path) {
+        return Ok(on_path);
+    }
+    let script = workspace_root().join("xtask/scripts/build-qemu.sh");
+    let prefix = cache_root()?.join(format!("qemu-{}", recipe_hash(std::slice::from_ref(&script))?));
+    let qemu = prefix.join("bin/qemu-system-x86_64");
+    if has_balloon_device(&qemu) {
+        eprintln!("[xtask] QEMU: {} (cached)", qemu.display());
+        return Ok(qemu);
+    }
+    if !is_root() {
+        anyhow::bail!(
+            "no QEMU with {QEMU_DEVICE} found and building one needs root.\n\
+             As root run: apt-get install -y {QEMU_APT_PACKAGES} && pip install 'meson>=1.5' pycotap\n\
+             then `cargo xtask qemu` again, or point BALLOON_QEMU at a QEMU >= 10.2."
+        );
+    }
+    eprintln!("[xtask] building QEMU into {} (about 5 minutes)", prefix.display());
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&prefix)
+        .status()
+        .context("running build-qemu.sh")?;
+    anyhow::ensure!(status.success() && has_balloon_device(&qemu), "building QEMU failed ({status})");
+    Ok(qemu)
+}
+
+/// The guest image directory (vmlinuz, initramfs.gz), built if needed.
+pub fn ensure_guest() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let script = root.join("xtask/scripts/build-guest.sh");
+    let init = root.join("xtask/guest/init.sh");
+    let dir = cache_root()?.join(format!("guest-{}", recipe_hash(&[script.clone(), init])?));
+    if dir.join("initramfs.gz").is_file() && dir.join("vmlinuz").is_file() {
+        eprintln!("[xtask] guest image: {} (cached)", dir.display());
+        return Ok(dir);
+    }
+    anyhow::ensure!(
+        is_root(),
+        "building the guest image needs root (apt-get install busybox-static cpio; apt-get download of the kernel)"
+    );
+    eprintln!("[xtask] building the guest image into {}", dir.display());
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .status()
+        .context("running build-guest.sh")?;
+    anyhow::ensure!(status.success(), "building the guest image failed ({status})");
+    Ok(dir)
+}
+
+fn firmware_dirs() -> Vec<PathBuf> {
+    ["/usr/share/seabios", "/usr/share/qemu"]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_dir())
+        .collect()
+}
+
+/// KVM only when a guest really boots with it; `BALLOON_ACCEL` forces one.
+fn choose_accel(env: &TestEnv) -> String {
+    if let Ok(accel) = std::env::var("BALLOON_ACCEL") {
+        eprintln!("[xtask] accelerator: {accel} (BALLOON_ACCEL)");
+        return accel;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("[xtask] accelerator: tcg (no /dev/kvm)");
+        return "tcg".into();
+    }
+    let mut probe_env = env.clone();
+    probe_env.accel = "kvm".into();
+    let config = VmConfig {
+        mem_mib: 256,
+        balloon: Balloon::None,
+        hugetlb: false,
+        qmp_socket: None,
+    };
+    let works = Vm::boot(&probe_env, &config)
+        .and_then(|mut vm| vm.sh("echo probe").map(|out| out.contains("probe")))
+        .unwrap_or(false);
+    let accel = if works { "kvm" } else { "tcg" };
+    eprintln!("[xtask] accelerator: {accel} (KVM probe boot {})", if works { "succeeded" } else { "failed" });
+    accel.into()
+}
+
+fn build_backend() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let status = Command::new(cargo())
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "-p", "balloon-backend"])
+        .status()
+        .context("building balloon-backend")?;
+    anyhow::ensure!(status.success(), "building balloon-backend failed");
+    Ok(root.join("target/release/balloon-backend"))
+}
+
+/// Everything, recorded in `target/balloon-env.json` for the tests.
+pub fn ensure_all() -> anyhow::Result<TestEnv> {
+    let qemu = ensure_qemu()?;
+    let guest_dir = ensure_guest()?;
+    let backend_binary = build_backend()?;
+    let mut env = TestEnv {
+        qemu,
+        guest_dir,
+        accel: "tcg".into(),
+        backend_binary,
+        firmware_dirs: firmware_dirs(),
+    };
+    env.accel = choose_accel(&env);
+    env.save(&workspace_root())?;
+    Ok(env)
+}

@@ -47,7 +47,10 @@ impl BackendProcess {
     fn spawn(binary: &Path, args: &[String]) -> anyhow::Result<Child> {
         Command::new(binary)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -56,9 +59,11 @@ impl BackendProcess {
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {
-        wait_for("the backend's control socket", Duration::from_secs(20), || {
-            Ok(UnixStream::connect(&self.control).ok().map(drop))
-        })
+        wait_for(
+            "the backend's control socket",
+            Duration::from_secs(20),
+            || Ok(UnixStream::connect(&self.control).ok().map(drop)),
+        )
     }
 
     /// kill -9 the backend, then start it again with the same flags.
@@ -80,10 +85,11 @@ impl BackendProcess {
     pub fn stop(&mut self) {
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         let signalled = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        if signalled != 0 || wait_for("the backend to exit", Duration::from_secs(5), || {
-            Ok(self.child.try_wait()?.map(drop))
-        })
-        .is_err()
+        if signalled != 0
+            || wait_for("the backend to exit", Duration::from_secs(5), || {
+                Ok(self.child.try_wait()?.map(drop))
+            })
+            .is_err()
         {
             if let Err(error) = self.child.kill() {
                 eprintln!("killing the backend: {error}");

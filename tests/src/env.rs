@@ -37,8 +37,8 @@ impl TestEnv {
                 path.display()
             )
         })?;
-        let mut env: TestEnv = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", path.display()))?;
+        let mut env: TestEnv =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if let Ok(accel) = std::env::var("BALLOON_ACCEL") {
             env.accel = accel;
         }

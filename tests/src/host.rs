@@ -14,7 +14,9 @@ pub fn guest_ram_memfd(pid: u32) -> anyhow::Result<PathBuf> {
     let mut best: Option<(u64, PathBuf)> = None;
     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
-        let Ok(target) = std::fs::read_link(&path) else { continue };
+        let Ok(target) = std::fs::read_link(&path) else {
+            continue;
+        };
         if !target.to_string_lossy().starts_with("/memfd:") {
             continue;
         }
@@ -34,7 +36,9 @@ pub fn allocated_bytes(path: &PathBuf) -> anyhow::Result<u64> {
     let mut total = 0;
     let mut position = 0;
     while position < end {
-        let Some(data) = file.seek_data(position)? else { break };
+        let Some(data) = file.seek_data(position)? else {
+            break;
+        };
         let hole = file.seek_hole(data)?.unwrap_or(end).min(end);
         total += hole.saturating_sub(data);
         position = hole.max(data + 1);

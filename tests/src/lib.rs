@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
 
+/// Deadline for the balloon to reach a target under TCG.
+pub const TARGET_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Polls `probe` until it returns `Some`, or fails after `timeout`.
 pub fn wait_for<T>(
     what: &str,
@@ -27,5 +30,49 @@ pub fn wait_for<T>(
             anyhow::bail!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A backend process and a guest attached to it, in a private directory.
+pub struct Stack {
+    pub env: env::TestEnv,
+    pub vm: vm::Vm,
+    pub control: backend::ControlClient,
+    pub backend: backend::BackendProcess,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts the backend with `backend_args`, boots a guest of `mem_mib`
+    /// (adjusted by `tweak`), and waits for the driver to negotiate.
+    pub fn start(
+        mem_mib: u64,
+        backend_args: &[&str],
+        tweak: impl FnOnce(&mut vm::VmConfig),
+    ) -> anyhow::Result<Stack> {
+        let env = env::TestEnv::load()?;
+        let dir = tempfile::tempdir()?;
+        let backend = backend::BackendProcess::start(&env, dir.path(), backend_args)?;
+        let mut config = vm::VmConfig::with_backend(mem_mib, backend.socket.clone());
+        tweak(&mut config);
+        let vm = vm::Vm::boot(&env, &config)?;
+        let mut control = backend.client()?;
+        wait_for(
+            "the guest driver to negotiate",
+            Duration::from_secs(60),
+            || {
+                let status = control.status()?;
+                let negotiated = status["connected"] == true
+                    && status["features"].as_array().is_some_and(|f| !f.is_empty());
+                Ok(negotiated.then_some(()))
+            },
+        )?;
+        Ok(Stack {
+            env,
+            vm,
+            control,
+            backend,
+            dir,
+        })
     }
 }

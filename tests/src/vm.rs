@@ -19,9 +19,14 @@ use crate::host;
 pub enum Balloon {
     None,
     /// Our vhost-user backend on this socket.
-    VhostUser { socket: PathBuf, reconnect_ms: Option<u32> },
+    VhostUser {
+        socket: PathBuf,
+        reconnect_ms: Option<u32>,
+    },
     /// QEMU's built-in virtio-balloon-pci (for comparisons).
-    BuiltIn { free_page_reporting: bool },
+    BuiltIn {
+        free_page_reporting: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -30,6 +35,8 @@ pub struct VmConfig {
     pub balloon: Balloon,
     /// Back guest RAM with 2 MiB hugetlbfs pages.
     pub hugetlb: bool,
+    /// Allocate all guest RAM on the host up front (QEMU prealloc=on).
+    pub prealloc: bool,
     /// QMP socket, for the built-in balloon.
     pub qmp_socket: Option<PathBuf>,
 }
@@ -38,8 +45,12 @@ impl VmConfig {
     pub fn with_backend(mem_mib: u64, socket: PathBuf) -> Self {
         VmConfig {
             mem_mib,
-            balloon: Balloon::VhostUser { socket, reconnect_ms: None },
+            balloon: Balloon::VhostUser {
+                socket,
+                reconnect_ms: None,
+            },
             hugetlb: false,
+            prealloc: false,
             qmp_socket: None,
         }
     }
@@ -66,6 +77,9 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
     let mut backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
     if config.hugetlb {
         backend.push_str(",hugetlb=on,hugetlbsize=2M");
+    }
+    if config.prealloc {
+        backend.push_str(",prealloc=on");
     }
     let mut args: Vec<String> = vec![
         "-machine".into(),
@@ -100,7 +114,10 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
     }
     match &config.balloon {
         Balloon::None => {}
-        Balloon::VhostUser { socket, reconnect_ms } => {
+        Balloon::VhostUser {
+            socket,
+            reconnect_ms,
+        } => {
             let mut chardev = format!("socket,id=bal0,path={}", socket.display());
             if let Some(ms) = reconnect_ms {
                 chardev.push_str(&format!(",reconnect-ms={ms}"));
@@ -109,10 +126,13 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
                 "-chardev".into(),
                 chardev,
                 "-device".into(),
-                "vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16".into(),
+                "vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16"
+                    .into(),
             ]);
         }
-        Balloon::BuiltIn { free_page_reporting } => {
+        Balloon::BuiltIn {
+            free_page_reporting,
+        } => {
             let reporting = if *free_page_reporting { "on" } else { "off" };
             args.extend([
                 "-device".into(),
@@ -121,7 +141,10 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
         }
     }
     if let Some(qmp) = &config.qmp_socket {
-        args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
+        args.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ]);
     }
     args
 }
@@ -143,7 +166,9 @@ impl Vm {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).split(b'\n') {
                 let Ok(line) = line else { break };
-                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                let text = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_string();
                 if std::env::var_os("BALLOON_SHOW_CONSOLE").is_some() {
                     eprintln!("[guest] {text}");
                 }
@@ -152,7 +177,9 @@ impl Vm {
                 }
                 reader_console.changed.notify_all();
             }
-            reader_console.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            reader_console
+                .closed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             reader_console.changed.notify_all();
         });
         let vm = Vm {
@@ -177,18 +204,33 @@ impl Vm {
     }
 
     /// Waits for a console line matching `matches`; returns it.
-    pub fn wait_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> anyhow::Result<String> {
+    pub fn wait_line(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
-        let mut lines = self.console.lines.lock().map_err(|_| anyhow::anyhow!("console lock"))?;
+        let mut lines = self
+            .console
+            .lines
+            .lock()
+            .map_err(|_| anyhow::anyhow!("console lock"))?;
         loop {
             if let Some(line) = lines.iter().find(|l| matches(l)) {
                 return Ok(line.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let closed = self.console.closed.load(std::sync::atomic::Ordering::SeqCst);
+            let closed = self
+                .console
+                .closed
+                .load(std::sync::atomic::Ordering::SeqCst);
             if left.is_zero() || closed {
                 let tail: Vec<&String> = lines.iter().rev().take(30).collect();
-                let why = if closed { "QEMU exited".to_string() } else { format!("timed out after {timeout:?}") };
+                let why = if closed {
+                    "QEMU exited".to_string()
+                } else {
+                    format!("timed out after {timeout:?}")
+                };
                 anyhow::bail!("{why}; last console lines (newest first): {tail:#?}");
             }
             lines = self
@@ -213,7 +255,11 @@ impl Vm {
             .with_context(|| format!("guest command `{command}`"))?;
         let status: i32 = end[end_prefix.len()..].trim().parse().unwrap_or(-1);
         let begin = format!("@@B{id}");
-        let lines = self.console.lines.lock().map_err(|_| anyhow::anyhow!("console lock"))?;
+        let lines = self
+            .console
+            .lines
+            .lock()
+            .map_err(|_| anyhow::anyhow!("console lock"))?;
         let output = lines
             .iter()
             .skip_while(|l| **l != begin)
@@ -228,7 +274,10 @@ impl Vm {
     /// Runs a command that must succeed; returns its output.
     pub fn sh(&mut self, command: &str) -> anyhow::Result<String> {
         let (status, output) = self.run(command, Duration::from_secs(300))?;
-        anyhow::ensure!(status == 0, "guest command `{command}` exited {status}: {output}");
+        anyhow::ensure!(
+            status == 0,
+            "guest command `{command}` exited {status}: {output}"
+        );
         Ok(output)
     }
 
@@ -252,7 +301,11 @@ impl Vm {
 
     /// Every console line so far.
     pub fn console(&self) -> Vec<String> {
-        self.console.lines.lock().map(|l| l.clone()).unwrap_or_default()
+        self.console
+            .lines
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     pub fn is_running(&mut self) -> bool {

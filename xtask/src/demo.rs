@@ -1,1 +1,3 @@
-pub fn run(_env: &guest_tests::env::TestEnv) -> anyhow::Result<()> { Ok(()) }
+pub fn run(_env: &guest_tests::env::TestEnv) -> anyhow::Result<()> {
+    Ok(())
+}

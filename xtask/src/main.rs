@@ -10,7 +10,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Provisioning, demo, tests and benchmarks")]
+#[command(
+    name = "cargo xtask",
+    about = "Provisioning, demo, tests and benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,

@@ -34,7 +34,12 @@ fn recipe_hash(files: &[PathBuf]) -> anyhow::Result<String> {
     for file in files {
         hasher.update(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);
     }
-    Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn is_root() -> bool {
@@ -70,7 +75,10 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
         return Ok(on_path);
     }
     let script = workspace_root().join("xtask/scripts/build-qemu.sh");
-    let prefix = cache_root()?.join(format!("qemu-{}", recipe_hash(std::slice::from_ref(&script))?));
+    let prefix = cache_root()?.join(format!(
+        "qemu-{}",
+        recipe_hash(std::slice::from_ref(&script))?
+    ));
     let qemu = prefix.join("bin/qemu-system-x86_64");
     if has_balloon_device(&qemu) {
         eprintln!("[xtask] QEMU: {} (cached)", qemu.display());
@@ -83,13 +91,19 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
              then `cargo xtask qemu` again, or point BALLOON_QEMU at a QEMU >= 10.2."
         );
     }
-    eprintln!("[xtask] building QEMU into {} (about 5 minutes)", prefix.display());
+    eprintln!(
+        "[xtask] building QEMU into {} (about 5 minutes)",
+        prefix.display()
+    );
     let status = Command::new("bash")
         .arg(&script)
         .arg(&prefix)
         .status()
         .context("running build-qemu.sh")?;
-    anyhow::ensure!(status.success() && has_balloon_device(&qemu), "building QEMU failed ({status})");
+    anyhow::ensure!(
+        status.success() && has_balloon_device(&qemu),
+        "building QEMU failed ({status})"
+    );
     Ok(qemu)
 }
 
@@ -113,7 +127,10 @@ pub fn ensure_guest() -> anyhow::Result<PathBuf> {
         .arg(&dir)
         .status()
         .context("running build-guest.sh")?;
-    anyhow::ensure!(status.success(), "building the guest image failed ({status})");
+    anyhow::ensure!(
+        status.success(),
+        "building the guest image failed ({status})"
+    );
     Ok(dir)
 }
 
@@ -141,13 +158,17 @@ fn choose_accel(env: &TestEnv) -> String {
         mem_mib: 256,
         balloon: Balloon::None,
         hugetlb: false,
+        prealloc: false,
         qmp_socket: None,
     };
     let works = Vm::boot(&probe_env, &config)
         .and_then(|mut vm| vm.sh("echo probe").map(|out| out.contains("probe")))
         .unwrap_or(false);
     let accel = if works { "kvm" } else { "tcg" };
-    eprintln!("[xtask] accelerator: {accel} (KVM probe boot {})", if works { "succeeded" } else { "failed" });
+    eprintln!(
+        "[xtask] accelerator: {accel} (KVM probe boot {})",
+        if works { "succeeded" } else { "failed" }
+    );
     accel.into()
 }
 

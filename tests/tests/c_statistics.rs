@@ -1,0 +1,56 @@
+//! (c) Guest statistics arrive and agree within 5 % with the guest's own
+//! /proc/meminfo at the same moment.
+
+use guest_tests::Stack;
+use serde_json::json;
+
+fn within_5_percent(reported: u64, truth: u64) -> bool {
+    reported.abs_diff(truth) * 20 <= truth
+}
+
+#[test]
+fn statistics_match_the_guest_meminfo() -> anyhow::Result<()> {
+    let mut stack = Stack::start(512, &["--stats-interval", "1"], |_| {})?;
+    let reply = stack
+        .control
+        .request(&json!({"cmd": "refresh-stats", "timeout_ms": 20000}))?;
+    let meminfo = stack.vm.meminfo()?;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let stats = &reply["stats"];
+    let free = stats["free_bytes"].as_u64().unwrap_or(0);
+    let total = stats["total_bytes"].as_u64().unwrap_or(0);
+    let guest_free = meminfo.get("MemFree").copied().unwrap_or(0);
+    let guest_total = meminfo.get("MemTotal").copied().unwrap_or(0);
+    eprintln!("[c] stats free {free} total {total}; meminfo free {guest_free} total {guest_total}");
+    assert!(
+        within_5_percent(free, guest_free),
+        "free {free} vs MemFree {guest_free}"
+    );
+    assert!(
+        within_5_percent(total, guest_total),
+        "total {total} vs MemTotal {guest_total}"
+    );
+    assert!(stats["available_bytes"].as_u64().is_some());
+    // Linux 6.12 sends tags 10-15 as well.
+    assert!(
+        stats["oom_kills"].is_u64(),
+        "no OOM-kill counter from the 6.12 driver: {stats}"
+    );
+    assert!(stats["updated_unix_ms"].as_u64().unwrap_or(0) > 0);
+
+    // The timer keeps them fresh without asking.
+    let first = stack.control.status()?["stats"]["updated_unix_ms"]
+        .as_u64()
+        .unwrap_or(0);
+    guest_tests::wait_for(
+        "a timer-driven refresh",
+        std::time::Duration::from_secs(30),
+        || {
+            let now = stack.control.status()?["stats"]["updated_unix_ms"]
+                .as_u64()
+                .unwrap_or(0);
+            Ok((now > first).then_some(()))
+        },
+    )?;
+    Ok(())
+}

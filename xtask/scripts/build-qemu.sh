@@ -15,6 +15,7 @@ rm -rf "$work"
 mkdir -p "$work"
 
 step() { printf '[qemu] %s\n' "$*"; }
+here=$(cd "$(dirname "$0")" && pwd)
 
 # Reuse the machine's configured Debian mirror: never name one here.
 mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources)
@@ -56,6 +57,12 @@ fi
 step "using qemu $fetched"
 dsc=$(ls qemu_*.dsc | head -n 1)
 dpkg-source -x "$dsc" src >/dev/null
+# Our own fixes on top of Debian's series (see each patch's header).
+patches_dir="$here/../qemu-patches"
+for patch_file in "$patches_dir"/*.patch; do
+  step "applying $(basename "$patch_file")"
+  patch -d src -p1 --quiet < "$patch_file"
+done
 
 step "configuring"
 mkdir -p src/build

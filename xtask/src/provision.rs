@@ -74,11 +74,16 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
     if has_balloon_device(&on_path) {
         return Ok(on_path);
     }
-    let script = workspace_root().join("xtask/scripts/build-qemu.sh");
-    let prefix = cache_root()?.join(format!(
-        "qemu-{}",
-        recipe_hash(std::slice::from_ref(&script))?
-    ));
+    let root = workspace_root();
+    let script = root.join("xtask/scripts/build-qemu.sh");
+    // The recipe: the build script and every patch it applies.
+    let mut recipe: Vec<PathBuf> = std::fs::read_dir(root.join("xtask/qemu-patches"))
+        .context("listing xtask/qemu-patches")?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .collect();
+    recipe.sort();
+    recipe.insert(0, script.clone());
+    let prefix = cache_root()?.join(format!("qemu-{}", recipe_hash(&recipe)?));
     let qemu = prefix.join("bin/qemu-system-x86_64");
     if has_balloon_device(&qemu) {
         eprintln!("[xtask] QEMU: {} (cached)", qemu.display());

@@ -1,0 +1,172 @@
+//! The binary as an operator meets it: start-up errors, the control socket's
+//! handling of bad input and of several clients, and a clean exit.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_balloon-backend");
+
+fn run_to_exit(args: &[&str]) -> (i32, String) {
+    let output = Command::new(BINARY)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_flags_exit_non_zero_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s").display().to_string();
+    let (code, stderr) = run_to_exit(&["--socket", &socket, "--max-reclaim-percent", "80"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--max-reclaim-percent") && stderr.contains("0 and 75"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    let (code, stderr) = run_to_exit(&["--socket", &socket, "--stats-interval", "soon"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--stats-interval"), "{stderr}");
+    let (code, stderr) = run_to_exit(&["--socket", "/proc/no-such-dir/b.sock"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--socket") && stderr.contains("/proc/no-such-dir/b.sock"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("s").exists(),
+        "nothing created on a bad start"
+    );
+}
+
+#[test]
+fn a_socket_in_use_is_refused() {
+    let h = support::Harness::start(&[]);
+    let socket = h.dir.path().join("balloon.sock").display().to_string();
+    let other_control = h.dir.path().join("other.ctl").display().to_string();
+    let (code, stderr) = run_to_exit(&["--socket", &socket, "--control", &other_control]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--socket") && stderr.contains("another process"),
+        "{stderr}"
+    );
+    let control = h.dir.path().join("control.sock").display().to_string();
+    let other_socket = h.dir.path().join("other.sock").display().to_string();
+    let (code, stderr) = run_to_exit(&["--socket", &other_socket, "--control", &control]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--control") && stderr.contains("another process"),
+        "{stderr}"
+    );
+}
+
+fn connect(path: &std::path::Path) -> (UnixStream, BufReader<UnixStream>) {
+    let stream = UnixStream::connect(path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    (stream.try_clone().unwrap(), BufReader::new(stream))
+}
+
+fn ask(
+    writer: &mut UnixStream,
+    reader: &mut BufReader<UnixStream>,
+    line: &[u8],
+) -> serde_json::Value {
+    writer.write_all(line).unwrap();
+    writer.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+#[test]
+fn the_control_socket_survives_bad_input_and_serves_many_clients() {
+    let h = support::Harness::start(&[]);
+    let control = h.dir.path().join("control.sock");
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let (mut w, mut r) = connect(&control);
+    for (bad, expected) in [
+        (&b"{\"cmd\":\"explode\"}"[..], "explode"),
+        (b"{\"cmd\":\"set-target\"}", "bytes"),
+        (b"{\"cmd\":\"set-target\",\"bytes\":-5}", "-5"),
+        (b"{\"cmd\":\"status\",\"extra\":1}", "extra"),
+        (b"{\"cmd\":\"refresh-stats\",\"timeout_ms\":99999}", "60000"),
+        (b"not json at all", "bad request"),
+        (b"\xff\xfe\x00", "bad request"),
+        (b"{\"cmd\":\"set-target\",\"bytes\":", "bad request"),
+    ] {
+        let reply = ask(&mut w, &mut r, bad);
+        assert_eq!(reply["ok"], false, "{reply}");
+        let error = reply["error"].as_str().unwrap();
+        assert!(
+            error.contains(expected),
+            "{error} should mention {expected}"
+        );
+    }
+    // Nothing changed, and the same connection still works.
+    let status = ask(&mut w, &mut r, br#"{"cmd":"status"}"#);
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["target_bytes"], 0);
+
+    // Several clients at once, each answered.
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                let (mut w, mut r) = connect(&control);
+                (0..20).all(|_| ask(&mut w, &mut r, br#"{"cmd":"status"}"#)["ok"] == true)
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert!(thread.join().unwrap());
+    }
+
+    // An oversized line gets an error and that connection is closed; others are not affected.
+    let (mut big_w, mut big_r) = connect(&control);
+    let huge = vec![b' '; 70 * 1024];
+    let reply = ask(&mut big_w, &mut big_r, &huge);
+    assert_eq!(reply["ok"], false);
+    assert!(reply["error"].as_str().unwrap().contains("longer than"));
+    assert_eq!(ask(&mut w, &mut r, br#"{"cmd":"status"}"#)["ok"], true);
+}
+
+#[test]
+fn sigterm_removes_the_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("b.sock");
+    let control = dir.path().join("c.sock");
+    let mut child = Command::new(BINARY)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--control")
+        .arg(&control)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&control).is_err() {
+        assert!(Instant::now() < deadline, "backend did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists() && !control.exists());
+}

@@ -1,5 +1,6 @@
 //! Where the provisioned QEMU, guest image and binaries are. `cargo xtask`
-//! writes them to `target/balloon-env.json`; environment variables override.
+//! chooses them (honouring `BALLOON_QEMU` and `BALLOON_ACCEL`) and writes
+//! them to `target/balloon-env.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -37,14 +38,8 @@ impl TestEnv {
                 path.display()
             )
         })?;
-        let mut env: TestEnv =
+        let env: TestEnv =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        if let Ok(accel) = std::env::var("BALLOON_ACCEL") {
-            env.accel = accel;
-        }
-        if let Ok(qemu) = std::env::var("BALLOON_QEMU") {
-            env.qemu = qemu.into();
-        }
         eprintln!("[guest-tests] accelerator: {}", env.accel);
         Ok(env)
     }

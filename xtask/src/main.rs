@@ -1,6 +1,7 @@
 //! Project tasks: provision QEMU and the guest image, run the demo VM, run
 //! every test, run the benchmarks. `cargo xtask --help` lists them.
 
+mod bench;
 mod demo;
 mod provision;
 
@@ -27,6 +28,8 @@ enum Task {
     Guest,
     /// Boot a 1 GiB guest and show its memory being reclaimed and given back.
     Demo,
+    /// Run the benchmarks and write docs/performance.md.
+    Bench,
     /// Provision everything, then run every test in the workspace.
     Test {
         /// Extra arguments for `cargo test`.
@@ -61,6 +64,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = provision::ensure_all()?;
             demo::run(&env)
         }
+        Task::Bench => bench::run(),
         Task::Test { cargo_args } => {
             provision::ensure_all()?;
             let status = Command::new(provision::cargo())

@@ -148,14 +148,18 @@ fn firmware_dirs() -> Vec<PathBuf> {
 }
 
 /// KVM only when a guest really boots with it; `BALLOON_ACCEL` forces one.
-fn choose_accel(env: &TestEnv) -> String {
-    if let Ok(accel) = std::env::var("BALLOON_ACCEL") {
-        eprintln!("[xtask] accelerator: {accel} (BALLOON_ACCEL)");
-        return accel;
+fn choose_accel(env: &TestEnv) -> anyhow::Result<String> {
+    match std::env::var("BALLOON_ACCEL").unwrap_or_default().as_str() {
+        "" => {}
+        forced @ ("kvm" | "tcg") => {
+            eprintln!("[xtask] accelerator: {forced} (BALLOON_ACCEL)");
+            return Ok(forced.to_string());
+        }
+        other => anyhow::bail!("BALLOON_ACCEL must be kvm or tcg, got {other:?}"),
     }
     if !Path::new("/dev/kvm").exists() {
         eprintln!("[xtask] accelerator: tcg (no /dev/kvm)");
-        return "tcg".into();
+        return Ok("tcg".into());
     }
     let mut probe_env = env.clone();
     probe_env.accel = "kvm".into();
@@ -174,7 +178,7 @@ fn choose_accel(env: &TestEnv) -> String {
         "[xtask] accelerator: {accel} (KVM probe boot {})",
         if works { "succeeded" } else { "failed" }
     );
-    accel.into()
+    Ok(accel.into())
 }
 
 fn build_backend() -> anyhow::Result<PathBuf> {
@@ -200,7 +204,7 @@ pub fn ensure_all() -> anyhow::Result<TestEnv> {
         backend_binary,
         firmware_dirs: firmware_dirs(),
     };
-    env.accel = choose_accel(&env);
+    env.accel = choose_accel(&env)?;
     env.save(&workspace_root())?;
     Ok(env)
 }

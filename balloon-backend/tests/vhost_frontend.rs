@@ -292,6 +292,19 @@ fn hostile_requests_are_counted_and_the_queues_keep_working() {
         "a bad config write must not drop the frontend"
     );
 
+    // A descriptor that chains to itself forever, and a chain longer than
+    // the queue: the request is cut and completed, the queue goes on.
+    let looped = h.next_desc(INFLATE);
+    let gpa = h.buffer(&pfn(40 * MIB).to_le_bytes());
+    h.push_raw(INFLATE, &[(gpa, 4, 1, looped)]);
+    h.wait_used(INFLATE, 1);
+    let start = h.next_desc(INFLATE);
+    let long: Vec<(u64, u32, u16, u16)> = (0..QUEUE_SIZE)
+        .map(|i| (gpa, 4, 1, (start + i + 1) % QUEUE_SIZE))
+        .collect();
+    h.push_raw(INFLATE, &long);
+    h.wait_used(INFLATE, 1);
+
     // Nothing was freed so far, and nothing outside RAM ever.
     assert_eq!(h.resident(), before);
     h.assert_outside_ram_intact();
@@ -327,4 +340,89 @@ fn the_backend_accepts_a_new_frontend_after_a_disconnect() {
     use vhost::VhostBackend;
     frontend.set_owner().unwrap();
     assert_ne!(frontend.get_features().unwrap() & (1 << 32), 0);
+}
+
+#[test]
+fn reports_are_not_discarded_while_the_guest_poisons_free_pages() {
+    let mut h = Harness::start_with_features(&[], DRIVER_FEATURES | (1 << 4));
+    assert!(h.status()["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "PAGE_POISON"));
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend;
+    h.frontend
+        .set_config(
+            12,
+            VhostUserConfigFlags::WRITABLE,
+            &0xaaaa_aaaau32.to_le_bytes(),
+        )
+        .unwrap();
+    // GET_CONFIG is answered after the earlier SET_CONFIG: the value is in.
+    assert_eq!(h.get_config()[12..16], 0xaaaa_aaaau32.to_le_bytes());
+    let before = h.resident();
+    h.push(REPORTING, &[(2 * MIB, 2 * MIB as u32, true)]);
+    h.wait_used(REPORTING, 1);
+    assert_eq!(
+        h.resident(),
+        before,
+        "a poisoned free page must keep its contents"
+    );
+    assert_eq!(h.status()["reported_bytes_total"], 0);
+
+    // Poison value 0 reads back as zeros after a punch: discarding is safe again.
+    h.frontend
+        .set_config(12, VhostUserConfigFlags::WRITABLE, &0u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(h.get_config()[12..16], [0; 4]);
+    h.push(REPORTING, &[(4 * MIB, 2 * MIB as u32, true)]);
+    h.wait_used(REPORTING, 1);
+    assert_eq!(before - h.resident(), 2 * MIB);
+}
+
+#[test]
+fn the_held_stats_buffer_survives_a_ring_stop_and_start() {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+    let mut h = Harness::start(&[]);
+    let buffer = h.buffer(&[4, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+    h.push(STATS, &[(buffer, 10, false)]);
+    h.wait_status("statistics", |s| s["stats"]["free_bytes"] == 1u64 << 24);
+    // Stopping the ring hands back the position before the held buffer.
+    let base = h.frontend.get_vring_base(STATS).unwrap();
+    assert_eq!(
+        base, 0,
+        "the held buffer must be popped again after a restart"
+    );
+    // The guest's buffer now holds new values; restart the ring where the
+    // device said and kick: the device pops the same buffer again.
+    use vm_memory::{Bytes, GuestAddress};
+    h.mem
+        .write_slice(&[4, 0, 0, 0, 0, 2, 0, 0, 0, 0], GuestAddress(buffer))
+        .unwrap();
+    h.frontend.set_vring_base(STATS, base as u16).unwrap();
+    h.frontend
+        .set_vring_call(STATS, &h.queues[STATS].call)
+        .unwrap();
+    h.frontend
+        .set_vring_kick(STATS, &h.queues[STATS].kick)
+        .unwrap();
+    h.frontend.set_vring_enable(STATS, true).unwrap();
+    h.queues[STATS].kick.write(1).unwrap();
+    h.wait_status("the re-popped buffer", |s| {
+        s["stats"]["free_bytes"] == 2u64 << 24
+    });
+    // And holds it: a refresh returns it, the "driver" refills it.
+    let mut control = h.control_clone();
+    let refresh = std::thread::spawn(move || {
+        control.request(r#"{"cmd":"refresh-stats","timeout_ms":10000}"#)
+    });
+    h.wait_used(STATS, 1);
+    h.mem
+        .write_slice(&[4, 0, 0, 0, 0, 3, 0, 0, 0, 0], GuestAddress(buffer))
+        .unwrap();
+    h.push(STATS, &[(buffer, 10, false)]);
+    let reply = refresh.join().unwrap();
+    assert_eq!(reply["stats"]["free_bytes"], 3u64 << 24, "{reply}");
 }

@@ -15,8 +15,9 @@ use crate::env::TestEnv;
 use crate::host;
 
 /// How the balloon device is attached.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub enum Balloon {
+    #[default]
     None,
     /// Our vhost-user backend on this socket.
     VhostUser {
@@ -24,12 +25,10 @@ pub enum Balloon {
         reconnect_ms: Option<u32>,
     },
     /// QEMU's built-in virtio-balloon-pci (for comparisons).
-    BuiltIn {
-        free_page_reporting: bool,
-    },
+    BuiltIn { free_page_reporting: bool },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct VmConfig {
     pub mem_mib: u64,
     pub balloon: Balloon,
@@ -39,6 +38,8 @@ pub struct VmConfig {
     pub prealloc: bool,
     /// QMP socket, for the built-in balloon.
     pub qmp_socket: Option<PathBuf>,
+    /// Discard QEMU's stderr (the KVM probe, whose failure dumps registers).
+    pub quiet: bool,
 }
 
 impl VmConfig {
@@ -49,9 +50,7 @@ impl VmConfig {
                 socket,
                 reconnect_ms: None,
             },
-            hugetlb: false,
-            prealloc: false,
-            qmp_socket: None,
+            ..VmConfig::default()
         }
     }
 }
@@ -156,7 +155,11 @@ impl Vm {
             .args(qemu_args(env, config))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if config.quiet {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .with_context(|| format!("starting {}", env.qemu.display()))?;
         let stdin = child.stdin.take().context("QEMU stdin")?;

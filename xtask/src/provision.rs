@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::Context;
 use guest_tests::env::TestEnv;
-use guest_tests::vm::{Balloon, Vm, VmConfig};
+use guest_tests::vm::{Vm, VmConfig};
 use sha2::{Digest, Sha256};
 
 pub fn workspace_root() -> PathBuf {
@@ -165,10 +165,8 @@ fn choose_accel(env: &TestEnv) -> anyhow::Result<String> {
     probe_env.accel = "kvm".into();
     let config = VmConfig {
         mem_mib: 256,
-        balloon: Balloon::None,
-        hugetlb: false,
-        prealloc: false,
-        qmp_socket: None,
+        quiet: true,
+        ..VmConfig::default()
     };
     let works = Vm::boot(&probe_env, &config)
         .and_then(|mut vm| vm.sh("echo probe").map(|out| out.contains("probe")))

@@ -227,7 +227,7 @@ impl Harness {
             queues.push(queue);
         }
         let control_writer = control_stream.try_clone().unwrap();
-        Harness {
+        let mut harness = Harness {
             child,
             dir,
             frontend,
@@ -238,7 +238,13 @@ impl Harness {
             control: BufReader::new(control_stream),
             control_writer,
             buffer_cursor: BUFFER_AREA_GPA,
-        }
+        };
+        // Set-up messages are not acknowledged: wait until the backend has
+        // taken the memory table and every ring.
+        harness.wait_status("the memory table", |s| {
+            s["guest_ram_bytes"] == GUEST_RAM_BYTES
+        });
+        harness
     }
 
     /// Copies bytes into the buffer area and returns their guest address.
@@ -287,6 +293,46 @@ impl Harness {
         fence(Ordering::SeqCst);
         q.kick.write(1).unwrap();
         head
+    }
+
+    /// Puts raw descriptors (addr, len, flags, next) at the queue's next
+    /// free slots, makes the first one available and kicks. Nothing is fixed
+    /// up: this is for malformed chains.
+    pub fn push_raw(&mut self, queue: usize, descs: &[(u64, u32, u16, u16)]) -> u16 {
+        let q = &mut self.queues[queue];
+        let head = q.next_desc;
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let index = (head + i as u16) % QUEUE_SIZE;
+            let at = q.desc_addr() + 16 * u64::from(index);
+            self.mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
+            self.mem
+                .write_obj(len.to_le(), GuestAddress(at + 8))
+                .unwrap();
+            self.mem
+                .write_obj(flags.to_le(), GuestAddress(at + 12))
+                .unwrap();
+            self.mem
+                .write_obj(next.to_le(), GuestAddress(at + 14))
+                .unwrap();
+        }
+        q.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
+        let slot = q.avail_addr() + 4 + 2 * u64::from(q.avail_idx % QUEUE_SIZE);
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(slot))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        q.avail_idx = q.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(q.avail_idx.to_le(), GuestAddress(q.avail_addr() + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        q.kick.write(1).unwrap();
+        head
+    }
+
+    /// Where the next pushed chain's head descriptor will go.
+    pub fn next_desc(&self, queue: usize) -> u16 {
+        self.queues[queue].next_desc
     }
 
     /// Waits until the device has used `count` more chains; returns (head, len).

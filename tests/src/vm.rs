@@ -151,6 +151,11 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
 impl Vm {
     /// Starts QEMU and waits until the guest's shell is ready.
     pub fn boot(env: &TestEnv, config: &VmConfig) -> anyhow::Result<Vm> {
+        Self::boot_within(env, config, Duration::from_secs(180))
+    }
+
+    /// Like `boot`, with a deadline for the guest's shell to appear.
+    pub fn boot_within(env: &TestEnv, config: &VmConfig, timeout: Duration) -> anyhow::Result<Vm> {
         let mut child = Command::new(&env.qemu)
             .args(qemu_args(env, config))
             .stdin(Stdio::piped())
@@ -192,7 +197,7 @@ impl Vm {
             next_id: 1,
         };
         let started = Instant::now();
-        vm.wait_line(|l| l == "@@READY", Duration::from_secs(180))
+        vm.wait_line(|l| l == "@@READY", timeout)
             .context("the guest did not boot to its shell")?;
         eprintln!(
             "[guest-tests] guest booted in {:.1} s ({})",

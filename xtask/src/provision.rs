@@ -168,7 +168,9 @@ fn choose_accel(env: &TestEnv) -> anyhow::Result<String> {
         quiet: true,
         ..VmConfig::default()
     };
-    let works = Vm::boot(&probe_env, &config)
+    // A working KVM boots this guest in well under a second; a broken one
+    // stops the VM with an emulation failure and QEMU waits forever.
+    let works = Vm::boot_within(&probe_env, &config, std::time::Duration::from_secs(30))
         .and_then(|mut vm| vm.sh("echo probe").map(|out| out.contains("probe")))
         .unwrap_or(false);
     let accel = if works { "kvm" } else { "tcg" };

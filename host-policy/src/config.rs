@@ -1,0 +1,503 @@
+//! `host-policy.toml`: parsing and validation. Range checks run inside
+//! deserialisation, so the TOML parser reports them with file, line, column
+//! and key; unknown keys are errors; relations between keys are checked
+//! afterwards and name both keys.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+/// An integer that must lie in `MIN..=MAX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bounded<const MIN: u64, const MAX: u64>(pub u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = i64::deserialize(deserializer)?;
+        match u64::try_from(value) {
+            Ok(v) if (MIN..=MAX).contains(&v) => Ok(Bounded(v)),
+            _ => Err(serde::de::Error::custom(format!(
+                "must be between {MIN} and {MAX}, got {value}"
+            ))),
+        }
+    }
+}
+
+impl<const MIN: u64, const MAX: u64> fmt::Display for Bounded<MIN, MAX> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+pub const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    /// Seconds between policy ticks.
+    #[serde(default = "defaults::interval_s")]
+    pub interval_s: Bounded<1, 3600>,
+    /// Where host memory is read (a file makes tests and simulations possible).
+    #[serde(default = "defaults::meminfo")]
+    pub meminfo: PathBuf,
+    /// Host MemAvailable below this percent of MemTotal: start reclaiming.
+    #[serde(default = "defaults::reclaim_start_percent")]
+    pub reclaim_start_percent: Bounded<1, 99>,
+    /// Below this percent: reclaim with the larger (hard) steps.
+    #[serde(default = "defaults::reclaim_hard_percent")]
+    pub reclaim_hard_percent: Bounded<0, 98>,
+    /// Above this percent: give memory back gradually.
+    #[serde(default = "defaults::give_back_percent")]
+    pub give_back_percent: Bounded<2, 100>,
+    /// Where `run` writes its last decisions for `status`.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+}
+
+/// Per-VM settings; `[defaults]` gives them for every VM, `[[vm]]` may
+/// override. One type for both tables (rather than `serde(flatten)`, which
+/// would cost the parser its line numbers); `name`, `control` and `agent`
+/// belong to `[[vm]]` only, which `Config::parse` enforces.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmSettings {
+    pub name: Option<String>,
+    pub control: Option<PathBuf>,
+    pub agent: Option<PathBuf>,
+    /// The largest balloon, in percent of guest RAM (VMware's vmmemctl limit).
+    pub max_reclaim_percent: Option<Bounded<0, 75>>,
+    /// The guest keeps at least this much available memory (MiB)...
+    pub min_free_mib: Option<Bounded<0, 1048576>>,
+    /// ...and at least this percent of its RAM, whichever is larger.
+    pub min_free_percent: Option<Bounded<0, 90>>,
+    /// Relative priority: a VM with twice the shares gives half as much.
+    pub shares: Option<Bounded<1, 100000>>,
+    /// Largest inflate per tick (MiB).
+    pub inflate_step_mib: Option<Bounded<1, 1048576>>,
+    /// Largest inflate per tick when the host is below the hard threshold (MiB).
+    pub hard_inflate_step_mib: Option<Bounded<1, 1048576>>,
+    /// Deflate per tick when giving back or under guest pressure (MiB).
+    pub deflate_step_mib: Option<Bounded<1, 1048576>>,
+    /// After guest pressure, no inflation for this long (seconds).
+    pub pressure_cooldown_s: Option<Bounded<0, 86400>>,
+    /// Statistics older than this are stale: the VM is not inflated (seconds).
+    pub stats_max_age_s: Option<Bounded<1, 86400>>,
+    /// Target changes smaller than this are not applied (MiB).
+    pub min_change_mib: Option<Bounded<0, 65536>>,
+    /// Major faults per tick above which the guest counts as under pressure.
+    pub major_faults_per_tick: Option<Bounded<1, 100000000>>,
+    /// Guest PSI memory `some` avg10 (percent) above which it is under pressure.
+    pub psi_some_avg10: Option<Bounded<1, 100>>,
+}
+
+/// Resolved settings of one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmPolicy {
+    pub max_reclaim_percent: u64,
+    pub min_free_bytes: u64,
+    pub min_free_percent: u64,
+    pub shares: u64,
+    pub inflate_step_bytes: u64,
+    pub hard_inflate_step_bytes: u64,
+    pub deflate_step_bytes: u64,
+    pub pressure_cooldown_s: u64,
+    pub stats_max_age_s: u64,
+    pub min_change_bytes: u64,
+    pub major_faults_per_tick: u64,
+    pub psi_some_avg10: u64,
+}
+
+impl Default for VmPolicy {
+    fn default() -> Self {
+        VmPolicy {
+            max_reclaim_percent: 65,
+            min_free_bytes: 128 * MIB,
+            min_free_percent: 10,
+            shares: 1000,
+            inflate_step_bytes: 64 * MIB,
+            hard_inflate_step_bytes: 256 * MIB,
+            deflate_step_bytes: 256 * MIB,
+            pressure_cooldown_s: 60,
+            stats_max_age_s: 30,
+            min_change_bytes: 8 * MIB,
+            major_faults_per_tick: 1000,
+            psi_some_avg10: 10,
+        }
+    }
+}
+
+/// `settings` over `base`.
+pub fn resolve(settings: &VmSettings, base: &VmPolicy) -> VmPolicy {
+    settings.resolve(base)
+}
+
+impl VmSettings {
+    /// `self` over `base`.
+    fn resolve(&self, base: &VmPolicy) -> VmPolicy {
+        let mib = |v: Option<Bounded<0, 1048576>>, d: u64| v.map_or(d, |b| b.0 * MIB);
+        let step = |v: Option<Bounded<1, 1048576>>, d: u64| v.map_or(d, |b| b.0 * MIB);
+        VmPolicy {
+            max_reclaim_percent: self
+                .max_reclaim_percent
+                .map_or(base.max_reclaim_percent, |b| b.0),
+            min_free_bytes: mib(self.min_free_mib, base.min_free_bytes),
+            min_free_percent: self.min_free_percent.map_or(base.min_free_percent, |b| b.0),
+            shares: self.shares.map_or(base.shares, |b| b.0),
+            inflate_step_bytes: step(self.inflate_step_mib, base.inflate_step_bytes),
+            hard_inflate_step_bytes: step(self.hard_inflate_step_mib, base.hard_inflate_step_bytes),
+            deflate_step_bytes: step(self.deflate_step_mib, base.deflate_step_bytes),
+            pressure_cooldown_s: self
+                .pressure_cooldown_s
+                .map_or(base.pressure_cooldown_s, |b| b.0),
+            stats_max_age_s: self.stats_max_age_s.map_or(base.stats_max_age_s, |b| b.0),
+            min_change_bytes: self
+                .min_change_mib
+                .map_or(base.min_change_bytes, |b| b.0 * MIB),
+            major_faults_per_tick: self
+                .major_faults_per_tick
+                .map_or(base.major_faults_per_tick, |b| b.0),
+            psi_some_avg10: self.psi_some_avg10.map_or(base.psi_some_avg10, |b| b.0),
+        }
+    }
+}
+
+/// One VM of the configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmEntry {
+    pub name: String,
+    /// The VM's balloon-backend control socket.
+    pub control: PathBuf,
+    /// The VM's guest-agent socket, when it has one.
+    pub agent: Option<PathBuf>,
+    pub settings: VmSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverSection {
+    /// Every `*.ctl` socket here is a VM named after the file.
+    pub directory: PathBuf,
+    #[serde(default = "defaults::suffix")]
+    pub suffix: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    host: Option<HostSection>,
+    #[serde(default)]
+    defaults: VmSettings,
+    #[serde(default)]
+    vm: Vec<toml::Spanned<VmSettings>>,
+    discover: Option<DiscoverSection>,
+}
+
+mod defaults {
+    use super::Bounded;
+    use std::path::PathBuf;
+
+    pub fn interval_s() -> Bounded<1, 3600> {
+        Bounded(5)
+    }
+    pub fn meminfo() -> PathBuf {
+        PathBuf::from("/proc/meminfo")
+    }
+    pub fn reclaim_start_percent() -> Bounded<1, 99> {
+        Bounded(20)
+    }
+    pub fn reclaim_hard_percent() -> Bounded<0, 98> {
+        Bounded(10)
+    }
+    pub fn give_back_percent() -> Bounded<2, 100> {
+        Bounded(35)
+    }
+    pub fn suffix() -> String {
+        ".ctl".into()
+    }
+}
+
+impl Default for HostSection {
+    fn default() -> Self {
+        HostSection {
+            interval_s: defaults::interval_s(),
+            meminfo: defaults::meminfo(),
+            reclaim_start_percent: defaults::reclaim_start_percent(),
+            reclaim_hard_percent: defaults::reclaim_hard_percent(),
+            give_back_percent: defaults::give_back_percent(),
+            state_file: None,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub host: HostSection,
+    pub defaults: VmPolicy,
+    pub vms: Vec<VmEntry>,
+    pub discover: Option<DiscoverSection>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Syntax, type, range and unknown-key errors, with line and column.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// The 1-based line where `key = ` first appears, for errors without a span.
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(0, |index| index + 1)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: error.to_string().trim_end().to_string(),
+        })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(text, key),
+            message,
+        };
+        let host = raw.host.unwrap_or_default();
+        let (hard, start, give_back) = (
+            host.reclaim_hard_percent.0,
+            host.reclaim_start_percent.0,
+            host.give_back_percent.0,
+        );
+        if hard >= start {
+            return Err(invalid(
+                "reclaim_hard_percent",
+                format!("host.reclaim_hard_percent ({hard}) must be below host.reclaim_start_percent ({start})"),
+            ));
+        }
+        if start >= give_back {
+            return Err(invalid(
+                "give_back_percent",
+                format!("host.give_back_percent ({give_back}) must be above host.reclaim_start_percent ({start}), leaving a dead band between them"),
+            ));
+        }
+        if raw.defaults.name.is_some()
+            || raw.defaults.control.is_some()
+            || raw.defaults.agent.is_some()
+        {
+            return Err(invalid(
+                "name",
+                "[defaults] cannot set name, control or agent: those belong to a [[vm]]".into(),
+            ));
+        }
+        let defaults = raw.defaults.resolve(&VmPolicy::default());
+        check_steps("defaults", &defaults).map_err(|m| invalid("deflate_step_mib", m))?;
+        let mut names = std::collections::BTreeSet::new();
+        let mut vms = Vec::new();
+        for spanned in &raw.vm {
+            let line = text
+                .get(..spanned.span().start)
+                .map_or(0, |before| before.lines().count().max(1));
+            let at_line = |message: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                message,
+            };
+            let settings = spanned.get_ref();
+            let name = settings
+                .name
+                .clone()
+                .ok_or_else(|| at_line("[[vm]] needs a name".into()))?;
+            let control = settings.control.clone().ok_or_else(|| {
+                at_line(format!(
+                    "vm {name:?} needs control (its balloon-backend control socket)"
+                ))
+            })?;
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(at_line(format!(
+                    "vm name {name:?} must be non-empty without spaces"
+                )));
+            }
+            if !names.insert(name.clone()) {
+                return Err(at_line(format!("vm name {name:?} appears twice")));
+            }
+            check_steps(&format!("vm {name:?}"), &settings.resolve(&defaults)).map_err(at_line)?;
+            vms.push(VmEntry {
+                name,
+                control,
+                agent: settings.agent.clone(),
+                settings: settings.clone(),
+            });
+        }
+        if raw.vm.is_empty() && raw.discover.is_none() {
+            return Err(invalid(
+                "vm",
+                "no VMs: add [[vm]] entries (name, control) or a [discover] directory".into(),
+            ));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            host,
+            defaults,
+            vms,
+            discover: raw.discover,
+        })
+    }
+
+    /// Settings of a VM: its own entry over `[defaults]`.
+    pub fn policy_for(&self, name: &str) -> VmPolicy {
+        self.vms.iter().find(|vm| vm.name == name).map_or_else(
+            || self.defaults.clone(),
+            |vm| vm.settings.resolve(&self.defaults),
+        )
+    }
+}
+
+/// Deflate must be at least as fast as inflate (giving back is urgent).
+fn check_steps(what: &str, policy: &VmPolicy) -> Result<(), String> {
+    if policy.deflate_step_bytes < policy.inflate_step_bytes {
+        return Err(format!(
+            "{what}: deflate_step_mib ({}) must be at least inflate_step_mib ({}): deflating is the urgent direction",
+            policy.deflate_step_bytes / MIB,
+            policy.inflate_step_bytes / MIB
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("host-policy.toml"), text)
+    }
+
+    const MINIMAL: &str = "[[vm]]\nname = \"web1\"\ncontrol = \"/run/balloon/web1.ctl\"\n";
+
+    #[test]
+    fn defaults_apply_and_vm_settings_override_them() {
+        let config = parse(&format!(
+            "[defaults]\nshares = 500\n{MINIMAL}max_reclaim_percent = 40\n"
+        ))
+        .unwrap();
+        assert_eq!(config.host.interval_s.0, 5);
+        let policy = config.policy_for("web1");
+        assert_eq!(policy.max_reclaim_percent, 40);
+        assert_eq!(policy.shares, 500);
+        assert_eq!(policy.min_free_bytes, 128 * MIB);
+        assert_eq!(config.policy_for("other").max_reclaim_percent, 65);
+    }
+
+    #[test]
+    fn out_of_range_values_name_line_column_key_and_range() {
+        let error = parse(&format!("{MINIMAL}max_reclaim_percent = 80\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("host-policy.toml"), "{error}");
+        assert!(error.contains("line 4"), "{error}");
+        assert!(error.contains("column"), "{error}");
+        assert!(error.contains("max_reclaim_percent"), "{error}");
+        assert!(error.contains("between 0 and 75, got 80"), "{error}");
+        let error = parse(&format!("[host]\ninterval_s = 0\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("line 2") && error.contains("between 1 and 3600"),
+            "{error}"
+        );
+        let error = parse(&format!("[defaults]\nshares = -3\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("got -3"), "{error}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_errors() {
+        let error = parse(&format!("[host]\nintervall_s = 5\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("intervall_s") && error.contains("line 2"),
+            "{error}"
+        );
+        let error = parse(&format!("{MINIMAL}colour = \"red\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("colour"), "{error}");
+        let error = parse(&format!("[host]\ninterval_s = \"5\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("interval_s") || error.contains("line 2"),
+            "{error}"
+        );
+        let error = parse("[[vm]]\nname = \"a\"\n").unwrap_err().to_string();
+        assert!(
+            error.contains("control") && error.contains(":1:"),
+            "{error}"
+        );
+        let error = parse(&format!("[defaults]\nname = \"x\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("[defaults] cannot set name"), "{error}");
+        assert!(parse("this is not toml").is_err());
+    }
+
+    #[test]
+    fn relations_between_keys_are_checked() {
+        let error = parse(&format!(
+            "[host]\nreclaim_hard_percent = 30\nreclaim_start_percent = 20\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("host-policy.toml:2:") && error.contains("reclaim_start_percent"),
+            "{error}"
+        );
+        let error = parse(&format!(
+            "[host]\nreclaim_start_percent = 40\ngive_back_percent = 40\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("give_back_percent (40)"), "{error}");
+        let error = parse(&format!(
+            "[defaults]\ninflate_step_mib = 512\ndeflate_step_mib = 64\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("deflate_step_mib (64)"), "{error}");
+        let error = parse(&format!("{MINIMAL}{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("appears twice"), "{error}");
+        let error = parse("[host]\ninterval_s = 5\n").unwrap_err().to_string();
+        assert!(error.contains("no VMs"), "{error}");
+        assert!(parse("[discover]\ndirectory = \"/run/balloon\"\n").is_ok());
+    }
+}

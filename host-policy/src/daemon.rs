@@ -1,0 +1,265 @@
+//! The daemon: every tick, read the host, ask every VM's backend for its
+//! state, run the policy, apply and log the changes, and record them for
+//! `host-policy status`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, error, info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{BackendClient, BackendStatus};
+use crate::config::{Config, VmPolicy};
+use crate::host::read_host;
+use crate::policy::{
+    decide, Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput,
+};
+
+/// A VM the daemon manages: from `[[vm]]` or found in `[discover]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagedVm {
+    pub name: String,
+    pub control: PathBuf,
+    pub agent: Option<PathBuf>,
+    pub policy: VmPolicy,
+}
+
+/// Configured VMs, then discovered sockets whose names are not configured.
+pub fn managed_vms(config: &Config) -> Vec<ManagedVm> {
+    let mut vms: Vec<ManagedVm> = config
+        .vms
+        .iter()
+        .map(|vm| ManagedVm {
+            name: vm.name.clone(),
+            control: vm.control.clone(),
+            agent: vm.agent.clone(),
+            policy: config.policy_for(&vm.name),
+        })
+        .collect();
+    if let Some(discover) = &config.discover {
+        let mut found: Vec<ManagedVm> = std::fs::read_dir(&discover.directory)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|entry| {
+                        let file = entry.file_name().to_string_lossy().to_string();
+                        let name = file.strip_suffix(&discover.suffix)?.to_string();
+                        (!name.is_empty()).then_some((name, entry.path()))
+                    })
+                    .filter(|(name, _)| !vms.iter().any(|vm| vm.name == *name))
+                    .map(|(name, control)| ManagedVm {
+                        policy: config.policy_for(&name),
+                        name,
+                        control,
+                        agent: None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        vms.extend(found);
+    }
+    vms
+}
+
+pub fn unix_now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The policy input for one VM from its backend's status.
+pub fn vm_input(vm: &ManagedVm, status: &BackendStatus, now_unix_s: u64) -> VmInput {
+    let sample = status.stats.as_ref().and_then(|stats| {
+        let available_bytes = stats.available_bytes.or(stats.free_bytes)?;
+        Some(GuestSample {
+            available_bytes,
+            counters: GuestCounters {
+                swap_in: stats.swap_in,
+                major_faults: stats.major_faults,
+                alloc_stalls: stats.alloc_stalls,
+                direct_reclaims: stats.direct_reclaims,
+                oom_kills: stats.oom_kills,
+            },
+            age_s: now_unix_s.saturating_sub(stats.updated_unix_ms / 1000),
+            psi_some_avg10: None,
+        })
+    });
+    VmInput {
+        name: vm.name.clone(),
+        guest_ram_bytes: status.guest_ram_bytes,
+        target_bytes: status.target_bytes,
+        device_max_reclaim_bytes: status.max_reclaim_bytes,
+        sample,
+        policy: vm.policy.clone(),
+    }
+}
+
+/// What `run` leaves for `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateFile {
+    pub unix_s: u64,
+    pub dry_run: bool,
+    pub decision: Decision,
+}
+
+pub struct Daemon {
+    config: Config,
+    memory: PolicyMemory,
+    dry_run: bool,
+    started: Instant,
+}
+
+impl Daemon {
+    pub fn new(config: Config, dry_run: bool) -> Self {
+        Daemon {
+            config,
+            memory: PolicyMemory::default(),
+            dry_run,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Swaps in a new configuration, keeping what the policy remembered.
+    pub fn reload(&mut self, config: Config) {
+        self.config = config;
+    }
+
+    /// One tick. Backends that cannot be reached are skipped this tick.
+    pub fn tick(&mut self) -> anyhow::Result<Decision> {
+        let host = read_host(&self.config.host.meminfo)?;
+        let now_unix_s = unix_now_s();
+        let mut inputs = Vec::new();
+        let mut clients = Vec::new();
+        for vm in managed_vms(&self.config) {
+            let status = BackendClient::connect(&vm.control).and_then(|mut client| {
+                let status = client.status()?;
+                Ok((client, status))
+            });
+            match status {
+                Ok((_, status)) if !status.connected => {
+                    debug!("vm {}: no guest attached yet", vm.name)
+                }
+                Ok((client, status)) => {
+                    inputs.push(vm_input(&vm, &status, now_unix_s));
+                    clients.push(client);
+                }
+                Err(error) => warn!("vm {}: skipped this tick: {error}", vm.name),
+            }
+        }
+        let thresholds = HostThresholds {
+            reclaim_start_percent: self.config.host.reclaim_start_percent.0,
+            reclaim_hard_percent: self.config.host.reclaim_hard_percent.0,
+            give_back_percent: self.config.host.give_back_percent.0,
+        };
+        let now_s = self.started.elapsed().as_secs();
+        let decision = decide(now_s, &host, &thresholds, &inputs, &self.memory);
+        if decision.mode != self.memory.mode {
+            info!(
+                "host mode {:?} -> {:?} ({:.1}% available)",
+                self.memory.mode, decision.mode, decision.host_available_percent
+            );
+        }
+        for (vm, client) in decision.vms.iter().zip(clients.iter_mut()) {
+            if vm.target_bytes == vm.previous_bytes {
+                debug!(
+                    "vm {}: holding {} MiB: {}",
+                    vm.name,
+                    vm.target_bytes >> 20,
+                    vm.reason
+                );
+                continue;
+            }
+            let prefix = if self.dry_run { "[dry-run] " } else { "" };
+            info!(
+                "{prefix}vm {}: balloon {} MiB -> {} MiB: {}",
+                vm.name,
+                vm.previous_bytes >> 20,
+                vm.target_bytes >> 20,
+                vm.reason
+            );
+            if !self.dry_run {
+                if let Err(error) = client.set_target(vm.target_bytes) {
+                    error!("vm {}: setting the target failed: {error}", vm.name);
+                }
+            }
+        }
+        self.memory = decision.memory.clone();
+        if let Some(path) = &self.config.host.state_file {
+            write_state(
+                path,
+                &StateFile {
+                    unix_s: now_unix_s,
+                    dry_run: self.dry_run,
+                    decision: decision.clone(),
+                },
+            );
+        }
+        Ok(decision)
+    }
+}
+
+fn write_state(path: &Path, state: &StateFile) {
+    let written = serde_json::to_vec_pretty(state)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| {
+            let temporary = path.with_extension("tmp");
+            std::fs::write(&temporary, bytes)?;
+            std::fs::rename(&temporary, path)
+        });
+    if let Err(error) = written {
+        warn!("writing the state file {}: {error}", path.display());
+    }
+}
+
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads the configuration, keeping
+/// the old one when the new file is invalid.
+pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let reload = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    info!(
+        "managing {} VM(s) every {} s{}",
+        managed_vms(&config).len(),
+        config.host.interval_s.0,
+        if dry_run {
+            " (dry run: deciding and logging only)"
+        } else {
+            ""
+        }
+    );
+    let mut daemon = Daemon::new(config, dry_run);
+    while !stop.load(Ordering::SeqCst) {
+        if reload.swap(false, Ordering::SeqCst) {
+            match Config::load(config_path) {
+                Ok(config) => {
+                    info!("configuration reloaded from {}", config_path.display());
+                    daemon.reload(config);
+                }
+                Err(error) => error!("configuration not reloaded, keeping the old one: {error}"),
+            }
+        }
+        if let Err(error) = daemon.tick() {
+            error!("tick failed: {error:#}");
+        }
+        // Sleep the interval, waking early for signals.
+        let deadline = Instant::now() + Duration::from_secs(daemon.config().host.interval_s.0);
+        while Instant::now() < deadline
+            && !stop.load(Ordering::SeqCst)
+            && !reload.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    info!("stopping");
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! host-policy: sets balloon targets for every VM on a host from the host's
+//! memory state and each guest's statistics, within each VM's limit.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod host;
+pub mod policy;
+pub mod simulate;
+pub mod status;

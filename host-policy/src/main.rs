@@ -1,0 +1,100 @@
+//! host-policy: run, check, status, simulate.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use host_policy::config::Config;
+use host_policy::daemon::managed_vms;
+
+/// Sets balloon targets for the VMs on this host.
+#[derive(Parser)]
+#[command(name = "host-policy", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Poll every backend and apply targets until SIGTERM; SIGHUP reloads.
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Decide and log, but set no targets.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Validate a configuration and show what each VM gets.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// A table of every VM's balloon and the last decision.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the policy on a synthetic host; write OUT.csv and OUT.svg.
+    Simulate {
+        #[arg(long, value_name = "FILE")]
+        scenario: PathBuf,
+        #[arg(long, value_name = "OUT", default_value = "simulation")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("host-policy: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, dry_run } => host_policy::daemon::run(&config, dry_run),
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            println!("{}: valid", config.path.display());
+            println!(
+                "host: every {} s from {}; reclaim below {}% available, hard below {}%, give back above {}%",
+                config.host.interval_s,
+                config.host.meminfo.display(),
+                config.host.reclaim_start_percent,
+                config.host.reclaim_hard_percent,
+                config.host.give_back_percent
+            );
+            for vm in managed_vms(&config) {
+                let p = &vm.policy;
+                println!(
+                    "vm {}: {} (limit {}%, floor max({} MiB, {}%), shares {}, inflate {} MiB/tick (hard {}), deflate {} MiB/tick)",
+                    vm.name,
+                    vm.control.display(),
+                    p.max_reclaim_percent,
+                    p.min_free_bytes >> 20,
+                    p.min_free_percent,
+                    p.shares,
+                    p.inflate_step_bytes >> 20,
+                    p.hard_inflate_step_bytes >> 20,
+                    p.deflate_step_bytes >> 20
+                );
+            }
+            Ok(())
+        }
+        Command::Status { config } => {
+            print!("{}", host_policy::status::render(&Config::load(&config)?));
+            Ok(())
+        }
+        Command::Simulate { scenario, out } => {
+            println!("{}", host_policy::simulate::simulate(&scenario, &out)?);
+            Ok(())
+        }
+    }
+}

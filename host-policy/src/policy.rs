@@ -1,0 +1,678 @@
+//! The policy: a pure function from the host's memory, every VM's state, the
+//! configuration and what the previous tick remembered, to a balloon target
+//! and a reason for each VM. No I/O here, so it is property-tested and the
+//! simulator runs exactly the code the daemon runs.
+//!
+//! - Host modes with hysteresis: `Reclaim` below `reclaim_start_percent`,
+//!   `Hard` below `reclaim_hard_percent`, back to `Normal` only at or above
+//!   `give_back_percent`.
+//! - Reclaim takes at most the shortfall to the middle of the dead band, from
+//!   VMs in proportion to idle memory (guest available above its floor)
+//!   divided by shares (shares are a claim to keep memory, as in ESX), one
+//!   step per tick, never past a VM's limit or below its floor. Give-back
+//!   goes first to VMs with larger balloons times shares.
+//! - Give-back (Normal, at or above `give_back_percent`) returns at most the
+//!   excess above that threshold, so it cannot push the host back into
+//!   reclaim: no oscillation.
+//! - Guest pressure deflates that VM at once by its deflate step and blocks
+//!   inflation for a cool-down; stale or missing statistics never inflate.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmPolicy;
+
+pub const PAGE_BYTES: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostMode {
+    #[default]
+    Normal,
+    Reclaim,
+    Hard,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostState {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostThresholds {
+    pub reclaim_start_percent: u64,
+    pub reclaim_hard_percent: u64,
+    pub give_back_percent: u64,
+}
+
+/// Guest counters that only grow; a rise means the guest works to find memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestCounters {
+    pub swap_in: Option<u64>,
+    pub major_faults: Option<u64>,
+    pub alloc_stalls: Option<u64>,
+    pub direct_reclaims: Option<u64>,
+    pub oom_kills: Option<u64>,
+}
+
+/// What the VM's statistics (and guest agent, when present) said.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuestSample {
+    pub available_bytes: u64,
+    pub counters: GuestCounters,
+    /// Seconds since the guest last sent statistics.
+    pub age_s: u64,
+    /// PSI memory `some` avg10 from the guest agent.
+    pub psi_some_avg10: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmInput {
+    pub name: String,
+    pub guest_ram_bytes: u64,
+    /// The balloon size now asked of the guest.
+    pub target_bytes: u64,
+    /// The device's own limit (its `--max-reclaim-percent`).
+    pub device_max_reclaim_bytes: u64,
+    pub sample: Option<GuestSample>,
+    pub policy: VmPolicy,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmMemory {
+    pub counters: Option<GuestCounters>,
+    pub cooldown_until_s: u64,
+}
+
+/// What one tick hands to the next.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyMemory {
+    pub mode: HostMode,
+    pub vms: BTreeMap<String, VmMemory>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmDecision {
+    pub name: String,
+    pub previous_bytes: u64,
+    pub target_bytes: u64,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub mode: HostMode,
+    pub host_available_percent: f64,
+    pub vms: Vec<VmDecision>,
+    pub memory: PolicyMemory,
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+fn page_floor(bytes: u64) -> u64 {
+    bytes - bytes % PAGE_BYTES
+}
+
+/// The host mode after this tick, with hysteresis.
+pub fn next_mode(previous: HostMode, available_percent: f64, t: &HostThresholds) -> HostMode {
+    let below = |p: u64| available_percent < p as f64;
+    if below(t.reclaim_hard_percent) {
+        return HostMode::Hard;
+    }
+    match previous {
+        HostMode::Normal if below(t.reclaim_start_percent) => HostMode::Reclaim,
+        HostMode::Normal => HostMode::Normal,
+        _ if !below(t.give_back_percent) => HostMode::Normal,
+        HostMode::Hard if !below(t.reclaim_start_percent) => HostMode::Reclaim,
+        HostMode::Hard => HostMode::Hard,
+        HostMode::Reclaim => HostMode::Reclaim,
+    }
+}
+
+/// The largest balloon of a VM: the smaller of the device's and the policy's.
+pub fn limit_bytes(vm: &VmInput) -> u64 {
+    let policy_limit = vm.guest_ram_bytes * vm.policy.max_reclaim_percent / 100;
+    page_floor(policy_limit.min(vm.device_max_reclaim_bytes))
+}
+
+/// The guest memory a VM always keeps available.
+pub fn floor_bytes(vm: &VmInput) -> u64 {
+    vm.policy
+        .min_free_bytes
+        .max(vm.guest_ram_bytes * vm.policy.min_free_percent / 100)
+}
+
+/// Splits `total` in proportion to `weights`, each share at most its cap.
+fn share_out(total: u64, weights: &[(u128, u64)]) -> Vec<u64> {
+    let sum: u128 = weights.iter().map(|(w, _)| *w).sum();
+    weights
+        .iter()
+        .map(|&(weight, cap)| {
+            if sum == 0 {
+                return 0;
+            }
+            let share = (u128::from(total) * weight / sum) as u64;
+            page_floor(share.min(cap))
+        })
+        .collect()
+}
+
+/// Why a VM is under pressure, if it is.
+fn pressure(vm: &VmInput, sample: &GuestSample, before: Option<&GuestCounters>) -> Option<String> {
+    let floor = floor_bytes(vm);
+    if sample.available_bytes < floor && vm.target_bytes > 0 {
+        return Some(format!(
+            "guest available {} MiB is below its floor of {} MiB",
+            sample.available_bytes / MIB,
+            floor / MIB
+        ));
+    }
+    if let Some(psi) = sample.psi_some_avg10 {
+        if psi > vm.policy.psi_some_avg10 as f64 {
+            return Some(format!(
+                "guest agent: PSI memory some avg10 {psi:.1}% (threshold {}%)",
+                vm.policy.psi_some_avg10
+            ));
+        }
+    }
+    let before = before?;
+    let now = &sample.counters;
+    let rise = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    };
+    for (name, delta) in [
+        ("OOM kills", rise(before.oom_kills, now.oom_kills)),
+        (
+            "allocation stalls",
+            rise(before.alloc_stalls, now.alloc_stalls),
+        ),
+        (
+            "direct reclaims",
+            rise(before.direct_reclaims, now.direct_reclaims),
+        ),
+        ("swap-ins", rise(before.swap_in, now.swap_in)),
+    ] {
+        if delta > 0 {
+            return Some(format!("guest {name} rose by {delta}"));
+        }
+    }
+    let faults = rise(before.major_faults, now.major_faults);
+    (faults > vm.policy.major_faults_per_tick).then(|| {
+        format!(
+            "guest major faults rose by {faults} (threshold {})",
+            vm.policy.major_faults_per_tick
+        )
+    })
+}
+
+/// One policy tick.
+pub fn decide(
+    now_s: u64,
+    host: &HostState,
+    thresholds: &HostThresholds,
+    vms: &[VmInput],
+    memory: &PolicyMemory,
+) -> Decision {
+    let available_percent = percent(host.available_bytes, host.total_bytes);
+    let mode = next_mode(memory.mode, available_percent, thresholds);
+    let mut next_memory = PolicyMemory {
+        mode,
+        vms: BTreeMap::new(),
+    };
+
+    // First pass: limits, pressure, and who may take part in reclaim or give-back.
+    struct Plan {
+        current: u64,
+        target: u64,
+        reason: Option<String>,
+        may_inflate: bool,
+    }
+    let mut plans: Vec<Plan> = Vec::with_capacity(vms.len());
+    for vm in vms {
+        let limit = limit_bytes(vm);
+        let current = vm.target_bytes.min(limit);
+        let remembered = memory.vms.get(&vm.name);
+        let mut vm_memory = remembered.cloned().unwrap_or_default();
+        let fresh = vm.sample.filter(|s| s.age_s <= vm.policy.stats_max_age_s);
+        let mut plan = Plan {
+            current,
+            target: current,
+            reason: (current < vm.target_bytes)
+                .then(|| format!("above the VM's limit of {} MiB", limit / MIB)),
+            may_inflate: false,
+        };
+        match fresh {
+            None => {
+                plan.reason.get_or_insert_with(|| {
+                    "statistics missing or stale: not inflating".to_string()
+                });
+            }
+            Some(sample) => {
+                if let Some(why) =
+                    pressure(vm, &sample, remembered.and_then(|m| m.counters.as_ref()))
+                {
+                    plan.target = current.saturating_sub(vm.policy.deflate_step_bytes);
+                    vm_memory.cooldown_until_s = now_s + vm.policy.pressure_cooldown_s;
+                    plan.reason = Some(format!(
+                        "{why}: deflating at once, no inflation for {} s",
+                        vm.policy.pressure_cooldown_s
+                    ));
+                } else if now_s < vm_memory.cooldown_until_s {
+                    plan.reason.get_or_insert_with(|| {
+                        format!(
+                            "cooling down after guest pressure ({} s left)",
+                            vm_memory.cooldown_until_s - now_s
+                        )
+                    });
+                } else {
+                    plan.may_inflate = true;
+                }
+                vm_memory.counters = Some(sample.counters);
+            }
+        }
+        next_memory.vms.insert(vm.name.clone(), vm_memory);
+        plans.push(plan);
+    }
+
+    match mode {
+        HostMode::Reclaim | HostMode::Hard => {
+            let goal_percent =
+                (thresholds.reclaim_start_percent + thresholds.give_back_percent) as f64 / 2.0;
+            let goal = (host.total_bytes as f64 * goal_percent / 100.0) as u64;
+            let shortfall = goal.saturating_sub(host.available_bytes);
+            let weights: Vec<(u128, u64)> = vms
+                .iter()
+                .zip(&plans)
+                .map(|(vm, plan)| {
+                    let Some(sample) = vm.sample.filter(|_| plan.may_inflate) else {
+                        return (0, 0);
+                    };
+                    let idle = sample.available_bytes.saturating_sub(floor_bytes(vm));
+                    let step = if mode == HostMode::Hard {
+                        vm.policy.hard_inflate_step_bytes
+                    } else {
+                        vm.policy.inflate_step_bytes
+                    };
+                    let cap = idle
+                        .min(step)
+                        .min(limit_bytes(vm).saturating_sub(plan.current));
+                    // Shares are a claim to keep memory: more shares, less taken.
+                    (
+                        u128::from(idle) * 1_000_000 / u128::from(vm.policy.shares.max(1)),
+                        cap,
+                    )
+                })
+                .collect();
+            let shares = share_out(shortfall, &weights);
+            for ((plan, add), vm) in plans.iter_mut().zip(shares).zip(vms) {
+                if plan.may_inflate && add > 0 {
+                    plan.target = plan.current + add;
+                    plan.reason = Some(format!(
+                        "host {available_percent:.1}% available, below {}% ({}): taking {} MiB of idle guest memory",
+                        if mode == HostMode::Hard { thresholds.reclaim_hard_percent } else { thresholds.reclaim_start_percent },
+                        if mode == HostMode::Hard { "hard" } else { "reclaim" },
+                        add / MIB
+                    ));
+                } else if plan.may_inflate {
+                    plan.reason.get_or_insert_with(|| {
+                        if shortfall == 0 {
+                            format!("host {available_percent:.1}% available: reclaim goal of {goal_percent:.1}% met")
+                        } else {
+                            format!("no idle memory above the floor or at the limit of {} MiB", limit_bytes(vm) / MIB)
+                        }
+                    });
+                }
+            }
+        }
+        HostMode::Normal => {
+            let threshold =
+                (host.total_bytes as f64 * thresholds.give_back_percent as f64 / 100.0) as u64;
+            let excess = host.available_bytes.saturating_sub(threshold);
+            let weights: Vec<(u128, u64)> = vms
+                .iter()
+                .zip(&plans)
+                .map(|(vm, plan)| {
+                    let deflating = plan.target < plan.current;
+                    if deflating || plan.current == 0 {
+                        return (0, 0);
+                    }
+                    let cap = plan.current.min(vm.policy.deflate_step_bytes);
+                    (u128::from(plan.current) * u128::from(vm.policy.shares), cap)
+                })
+                .collect();
+            let returns = share_out(excess, &weights);
+            for (plan, back) in plans.iter_mut().zip(returns) {
+                if back > 0 {
+                    plan.target = plan.current - back;
+                    plan.reason = Some(format!(
+                        "host {available_percent:.1}% available, above the give-back threshold of {}%: returning {} MiB",
+                        thresholds.give_back_percent,
+                        back / MIB
+                    ));
+                } else if plan.target == plan.current && plan.current > 0 {
+                    plan.reason.get_or_insert_with(|| {
+                        format!(
+                            "host {available_percent:.1}% available, inside the dead band: holding"
+                        )
+                    });
+                }
+            }
+        }
+    }
+
+    let decisions = vms
+        .iter()
+        .zip(plans)
+        .map(|(vm, plan)| {
+            let mut target = page_floor(plan.target.min(limit_bytes(vm)));
+            let change = target.abs_diff(plan.current);
+            let mut reason = plan.reason.unwrap_or_else(|| "nothing to do".to_string());
+            if change > 0
+                && change < vm.policy.min_change_bytes
+                && target != 0
+                && plan.current == vm.target_bytes
+            {
+                reason = format!(
+                    "change of {change} bytes is inside the dead band of {} MiB: holding",
+                    vm.policy.min_change_bytes / MIB
+                );
+                target = plan.current;
+            }
+            VmDecision {
+                name: vm.name.clone(),
+                previous_bytes: vm.target_bytes,
+                target_bytes: target,
+                reason,
+            }
+        })
+        .collect();
+    Decision {
+        mode,
+        host_available_percent: available_percent,
+        vms: decisions,
+        memory: next_memory,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn thresholds() -> HostThresholds {
+        HostThresholds {
+            reclaim_start_percent: 20,
+            reclaim_hard_percent: 10,
+            give_back_percent: 35,
+        }
+    }
+
+    fn vm(name: &str, ram: u64, target: u64, available: Option<u64>) -> VmInput {
+        VmInput {
+            name: name.into(),
+            guest_ram_bytes: ram,
+            target_bytes: target,
+            device_max_reclaim_bytes: ram * 75 / 100,
+            sample: available.map(|a| GuestSample {
+                available_bytes: a,
+                counters: GuestCounters::default(),
+                age_s: 1,
+                psi_some_avg10: None,
+            }),
+            policy: VmPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn modes_have_hysteresis() {
+        let t = thresholds();
+        assert_eq!(next_mode(HostMode::Normal, 25.0, &t), HostMode::Normal);
+        assert_eq!(next_mode(HostMode::Normal, 19.0, &t), HostMode::Reclaim);
+        assert_eq!(next_mode(HostMode::Reclaim, 25.0, &t), HostMode::Reclaim);
+        assert_eq!(next_mode(HostMode::Reclaim, 9.0, &t), HostMode::Hard);
+        assert_eq!(next_mode(HostMode::Hard, 15.0, &t), HostMode::Hard);
+        assert_eq!(next_mode(HostMode::Hard, 21.0, &t), HostMode::Reclaim);
+        assert_eq!(next_mode(HostMode::Reclaim, 35.0, &t), HostMode::Normal);
+    }
+
+    #[test]
+    fn reclaim_takes_idle_memory_weighted_by_shares() {
+        // 64 MiB short of the reclaim goal (27.5 % of 64 GiB), already reclaiming.
+        let goal = 64 * GIB * 275 / 1000;
+        let host = HostState {
+            total_bytes: 64 * GIB,
+            available_bytes: goal - 64 * MIB,
+        };
+        let memory = PolicyMemory {
+            mode: HostMode::Reclaim,
+            ..Default::default()
+        };
+        let busy = vm("busy", 8 * GIB, 0, Some(GIB));
+        let idle = vm("idle", 8 * GIB, 0, Some(6 * GIB));
+        let decision = decide(100, &host, &thresholds(), &[busy, idle], &memory);
+        assert_eq!(decision.mode, HostMode::Reclaim);
+        let (busy, idle) = (&decision.vms[0], &decision.vms[1]);
+        assert!(idle.target_bytes > 10 * busy.target_bytes, "{decision:?}");
+        assert!(
+            idle.target_bytes + busy.target_bytes <= 64 * MIB,
+            "no more than the shortfall"
+        );
+        assert!(idle.reason.contains("idle guest memory"), "{}", idle.reason);
+
+        // Shares are a claim to keep memory: the same VMs, the idle one with
+        // far more shares, now give more evenly.
+        let mut privileged = vm("idle", 8 * GIB, 0, Some(6 * GIB));
+        privileged.policy.shares = 100_000;
+        let weighted = decide(
+            100,
+            &host,
+            &thresholds(),
+            &[vm("busy", 8 * GIB, 0, Some(GIB)), privileged],
+            &memory,
+        );
+        assert!(
+            weighted.vms[1].target_bytes < idle.target_bytes,
+            "{weighted:?}"
+        );
+        assert!(
+            weighted.vms[0].target_bytes > busy.target_bytes,
+            "{weighted:?}"
+        );
+    }
+
+    #[test]
+    fn pressure_deflates_at_once_and_blocks_inflation() {
+        let host = HostState {
+            total_bytes: 64 * GIB,
+            available_bytes: 5 * GIB,
+        };
+        let mut input = vm("web", 8 * GIB, 2 * GIB, Some(4 * GIB));
+        let mut memory = PolicyMemory::default();
+        memory.vms.insert(
+            "web".into(),
+            VmMemory {
+                counters: Some(GuestCounters {
+                    alloc_stalls: Some(5),
+                    ..Default::default()
+                }),
+                cooldown_until_s: 0,
+            },
+        );
+        if let Some(sample) = input.sample.as_mut() {
+            sample.counters.alloc_stalls = Some(9);
+        }
+        let decision = decide(
+            100,
+            &host,
+            &thresholds(),
+            std::slice::from_ref(&input),
+            &memory,
+        );
+        assert_eq!(decision.vms[0].target_bytes, 2 * GIB - 256 * MIB);
+        assert!(
+            decision.vms[0]
+                .reason
+                .contains("allocation stalls rose by 4"),
+            "{}",
+            decision.vms[0].reason
+        );
+        // Next tick: no new pressure, the host still short, but cooling down.
+        input.target_bytes = decision.vms[0].target_bytes;
+        let next = decide(110, &host, &thresholds(), &[input], &decision.memory);
+        assert_eq!(next.vms[0].target_bytes, 2 * GIB - 256 * MIB);
+        assert!(
+            next.vms[0].reason.contains("cooling down"),
+            "{}",
+            next.vms[0].reason
+        );
+    }
+
+    #[test]
+    fn give_back_returns_only_the_excess() {
+        let host = HostState {
+            total_bytes: 10 * GIB,
+            available_bytes: 3584 * MIB + 100 * MIB,
+        };
+        let input = vm("web", 8 * GIB, 2 * GIB, Some(4 * GIB));
+        let decision = decide(0, &host, &thresholds(), &[input], &PolicyMemory::default());
+        assert_eq!(decision.mode, HostMode::Normal);
+        let back = 2 * GIB - decision.vms[0].target_bytes;
+        assert!(
+            back > 0 && back <= 100 * MIB + PAGE_BYTES,
+            "returned {back}"
+        );
+    }
+
+    #[test]
+    fn agent_psi_counts_as_pressure() {
+        let host = HostState {
+            total_bytes: 64 * GIB,
+            available_bytes: 5 * GIB,
+        };
+        let mut input = vm("web", 8 * GIB, GIB, Some(4 * GIB));
+        if let Some(sample) = input.sample.as_mut() {
+            sample.psi_some_avg10 = Some(42.0);
+        }
+        let decision = decide(0, &host, &thresholds(), &[input], &PolicyMemory::default());
+        assert!(decision.vms[0].target_bytes < GIB);
+        assert!(
+            decision.vms[0].reason.contains("guest agent"),
+            "{}",
+            decision.vms[0].reason
+        );
+    }
+
+    fn arbitrary_vm() -> impl Strategy<Value = VmInput> {
+        (
+            1u64..64,
+            0u64..100,
+            proptest::option::of((0u64..100, 0u64..120, 0u64..3)),
+            0u64..=75,
+            1u64..5000,
+        )
+            .prop_map(|(ram_gib, target_pct, sample, max_pct, shares)| {
+                let ram = ram_gib * GIB;
+                let mut input = vm(
+                    "x",
+                    ram,
+                    ram * target_pct / 100 / PAGE_BYTES * PAGE_BYTES,
+                    None,
+                );
+                input.policy.max_reclaim_percent = max_pct;
+                input.policy.shares = shares;
+                input.sample = sample.map(|(avail_pct, age_s, stalls)| GuestSample {
+                    available_bytes: ram * avail_pct / 100,
+                    counters: GuestCounters {
+                        alloc_stalls: Some(stalls),
+                        ..Default::default()
+                    },
+                    age_s,
+                    psi_some_avg10: None,
+                });
+                input
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn limits_floors_and_staleness_are_respected(
+            vms in proptest::collection::vec(arbitrary_vm(), 1..8),
+            total_gib in 1u64..512,
+            avail_pct in 0u64..100,
+            mode in 0u8..3,
+            now_s in 0u64..1000,
+        ) {
+            let mut vms = vms;
+            for (i, vm) in vms.iter_mut().enumerate() {
+                vm.name = format!("vm{i}");
+            }
+            let host = HostState { total_bytes: total_gib * GIB, available_bytes: total_gib * GIB * avail_pct / 100 };
+            let memory = PolicyMemory {
+                mode: [HostMode::Normal, HostMode::Reclaim, HostMode::Hard][mode as usize],
+                vms: BTreeMap::new(),
+            };
+            let decision = decide(now_s, &host, &thresholds(), &vms, &memory);
+            prop_assert_eq!(decision.vms.len(), vms.len());
+            for (vm, d) in vms.iter().zip(&decision.vms) {
+                // Never past the limit.
+                prop_assert!(d.target_bytes <= limit_bytes(vm), "{:?}", d);
+                prop_assert_eq!(d.target_bytes % PAGE_BYTES, 0);
+                if d.target_bytes > vm.target_bytes {
+                    // Only with fresh statistics, and never below the floor.
+                    let sample = vm.sample.expect("inflated without statistics");
+                    prop_assert!(sample.age_s <= vm.policy.stats_max_age_s, "stale stats inflated: {:?}", d);
+                    let taken = d.target_bytes - vm.target_bytes;
+                    prop_assert!(sample.available_bytes.saturating_sub(taken) >= floor_bytes(vm), "floor broken: {:?}", d);
+                    prop_assert!(taken <= vm.policy.hard_inflate_step_bytes);
+                }
+            }
+        }
+
+        #[test]
+        fn a_steady_host_never_oscillates(
+            guests in proptest::collection::vec((1u64..32, 10u64..95, 1u64..4000), 1..6),
+            total_gib in 16u64..256,
+            other_use_pct in 30u64..99,
+        ) {
+            // A closed loop: ballooned memory leaves the guest and returns to the host.
+            let total = total_gib * GIB;
+            let host_base = total.saturating_sub(total * other_use_pct / 100);
+            let mut targets = vec![0u64; guests.len()];
+            let mut history: Vec<Vec<u64>> = Vec::new();
+            let mut memory = PolicyMemory::default();
+            for tick in 0..400u64 {
+                let vms: Vec<VmInput> = guests.iter().enumerate().map(|(i, &(ram_gib, avail_pct, shares))| {
+                    let ram = ram_gib * GIB;
+                    let mut input = vm(&format!("vm{i}"), ram, targets[i], Some((ram * avail_pct / 100).saturating_sub(targets[i])));
+                    input.policy.shares = shares;
+                    input
+                }).collect();
+                let host = HostState { total_bytes: total, available_bytes: (host_base + targets.iter().sum::<u64>()).min(total) };
+                let decision = decide(tick * 5, &host, &thresholds(), &vms, &memory);
+                memory = decision.memory;
+                targets = decision.vms.iter().map(|d| d.target_bytes).collect();
+                history.push(targets.clone());
+            }
+            for i in 0..guests.len() {
+                let series: Vec<u64> = history.iter().map(|t| t[i]).collect();
+                let ups = series.windows(2).filter(|w| w[1] > w[0]).count();
+                let downs = series.windows(2).filter(|w| w[1] < w[0]).count();
+                prop_assert!(ups == 0 || downs == 0, "vm{} oscillates: {:?}", i, series);
+                let tail = &series[series.len() - 20..];
+                prop_assert!(tail.windows(2).all(|w| w[0] == w[1]), "vm{} never settles: {:?}", i, tail);
+            }
+        }
+    }
+}

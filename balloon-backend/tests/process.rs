@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use test_frontend as support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -53,7 +53,7 @@ fn bad_flags_exit_non_zero_naming_the_flag() {
 
 #[test]
 fn a_socket_in_use_is_refused() {
-    let h = support::Harness::start(&[]);
+    let h = support::Harness::start(std::path::Path::new(BINARY), &[]);
     let socket = h.dir.path().join("balloon.sock").display().to_string();
     let other_control = h.dir.path().join("other.ctl").display().to_string();
     let (code, stderr) = run_to_exit(&["--socket", &socket, "--control", &other_control]);
@@ -94,7 +94,7 @@ fn ask(
 
 #[test]
 fn the_control_socket_survives_bad_input_and_serves_many_clients() {
-    let h = support::Harness::start(&[]);
+    let h = support::Harness::start(std::path::Path::new(BINARY), &[]);
     let control = h.dir.path().join("control.sock");
     let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);

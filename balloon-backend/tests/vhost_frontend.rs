@@ -4,9 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use test_frontend::*;
 
-use support::*;
+fn backend() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_balloon-backend"))
+}
 
 const PAGE: u64 = 4096;
 
@@ -16,7 +18,7 @@ fn pfn(gpa: u64) -> u32 {
 
 #[test]
 fn negotiates_features_and_finds_the_backend_channel() {
-    let mut h = Harness::start(&[]);
+    let mut h = Harness::start(backend(), &[]);
     let status = h.status();
     assert_eq!(status["guest_ram_bytes"], GUEST_RAM_BYTES);
     assert_eq!(status["config_notify"], true, "{status}");
@@ -43,12 +45,15 @@ fn negotiates_features_and_finds_the_backend_channel() {
 
 #[test]
 fn feature_switches_remove_features_from_the_offer() {
-    let h = Harness::start(&[
-        "--no-stats",
-        "--no-reporting",
-        "--no-deflate-on-oom",
-        "--no-page-poison",
-    ]);
+    let h = Harness::start(
+        backend(),
+        &[
+            "--no-stats",
+            "--no-reporting",
+            "--no-deflate-on-oom",
+            "--no-page-poison",
+        ],
+    );
     let offered = {
         use vhost::VhostBackend;
         h.frontend.get_features().unwrap()
@@ -61,7 +66,7 @@ fn feature_switches_remove_features_from_the_offer() {
 
 #[test]
 fn inflate_punches_holes_and_deflate_tracks() {
-    let mut h = Harness::start(&[]);
+    let mut h = Harness::start(backend(), &[]);
     let before = h.resident();
     // 8 MiB in region 0 and 2 MiB in region 1, shuffled, with duplicates.
     let mut pfns: Vec<u32> = (pfn(4 * MIB)..pfn(12 * MIB)).collect();
@@ -97,7 +102,7 @@ fn inflate_punches_holes_and_deflate_tracks() {
 
 #[test]
 fn set_target_notifies_the_frontend_and_clamps_to_the_limit() {
-    let mut h = Harness::start(&["--max-reclaim-percent", "50"]);
+    let mut h = Harness::start(backend(), &["--max-reclaim-percent", "50"]);
     let channel = h.channel.try_clone().unwrap();
     let answer = std::thread::spawn(move || {
         let mut h2 = ChannelAnswerer { channel };
@@ -158,7 +163,7 @@ impl ChannelAnswerer {
 
 #[test]
 fn reported_free_ranges_are_returned_to_the_host() {
-    let mut h = Harness::start(&[]);
+    let mut h = Harness::start(backend(), &[]);
     let before = h.resident();
     let ranges = [
         (2 * MIB, 2 * MIB as u32, true),
@@ -175,7 +180,7 @@ fn reported_free_ranges_are_returned_to_the_host() {
 
 #[test]
 fn statistics_are_held_and_refreshed_on_request() {
-    let mut h = Harness::start(&[]);
+    let mut h = Harness::start(backend(), &[]);
     let records = |free: u64| {
         let mut bytes = Vec::new();
         for (tag, value) in [
@@ -225,7 +230,7 @@ fn statistics_are_held_and_refreshed_on_request() {
 
 #[test]
 fn hostile_requests_are_counted_and_the_queues_keep_working() {
-    let mut h = Harness::start(&[]);
+    let mut h = Harness::start(backend(), &[]);
     let before = h.resident();
     // PFNs in the hole, beyond RAM, and the largest u32.
     h.send_pfns(INFLATE, &[pfn(40 * MIB), pfn(100 * MIB), u32::MAX]);
@@ -319,7 +324,7 @@ fn hostile_requests_are_counted_and_the_queues_keep_working() {
 
 #[test]
 fn the_backend_accepts_a_new_frontend_after_a_disconnect() {
-    let mut h = Harness::start(&[]);
+    let mut h = Harness::start(backend(), &[]);
     h.send_pfns(INFLATE, &(0..256).collect::<Vec<u32>>());
     let socket = h.dir.path().join("balloon.sock");
     // Drop the frontend connection, then connect a new one to the same listener.
@@ -344,7 +349,7 @@ fn the_backend_accepts_a_new_frontend_after_a_disconnect() {
 
 #[test]
 fn reports_are_not_discarded_while_the_guest_poisons_free_pages() {
-    let mut h = Harness::start_with_features(&[], DRIVER_FEATURES | (1 << 4));
+    let mut h = Harness::start_with_features(backend(), &[], DRIVER_FEATURES | (1 << 4));
     assert!(h.status()["features"]
         .as_array()
         .unwrap()
@@ -385,7 +390,7 @@ fn reports_are_not_discarded_while_the_guest_poisons_free_pages() {
 fn the_held_stats_buffer_survives_a_ring_stop_and_start() {
     use vhost::vhost_user::VhostUserFrontend;
     use vhost::VhostBackend;
-    let mut h = Harness::start(&[]);
+    let mut h = Harness::start(backend(), &[]);
     let buffer = h.buffer(&[4, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
     h.push(STATS, &[(buffer, 10, false)]);
     h.wait_status("statistics", |s| s["stats"]["free_bytes"] == 1u64 << 24);

@@ -1,14 +1,16 @@
 //! An in-process vhost-user frontend for driving the real `balloon-backend`
 //! binary: memfd guest RAM with a hole, split virtqueues laid out in that
-//! RAM, the backend request channel, and the control socket.
+//! RAM, the backend request channel, and the control socket. Test code:
+//! failures panic with the reason.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -96,6 +98,7 @@ pub struct Harness {
     control: BufReader<UnixStream>,
     control_writer: UnixStream,
     buffer_cursor: u64,
+    stats_buffer: Option<u64>,
 }
 
 impl Drop for Harness {
@@ -117,15 +120,21 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
 }
 
 impl Harness {
-    pub fn start(extra_args: &[&str]) -> Harness {
-        Self::start_with_features(extra_args, DRIVER_FEATURES)
+    pub fn start(binary: &Path, extra_args: &[&str]) -> Harness {
+        Self::start_with_features(binary, extra_args, DRIVER_FEATURES)
     }
 
-    pub fn start_with_features(extra_args: &[&str], driver_features: u64) -> Harness {
+    /// Starts `binary` (a balloon-backend) with sockets in a new temporary
+    /// directory and attaches to it, acking `driver_features` of its offer.
+    pub fn start_with_features(
+        binary: &Path,
+        extra_args: &[&str],
+        driver_features: u64,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("balloon.sock");
         let control = dir.path().join("control.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_balloon-backend"))
+        let child = Command::new(binary)
             .arg("--socket")
             .arg(&socket)
             .arg("--control")
@@ -238,6 +247,7 @@ impl Harness {
             control: BufReader::new(control_stream),
             control_writer,
             buffer_cursor: BUFFER_AREA_GPA,
+            stats_buffer: None,
         };
         // Set-up messages are not acknowledged: wait until the backend has
         // taken the memory table and every ring.
@@ -411,6 +421,57 @@ impl Harness {
 
     pub fn error_count(&mut self, name: &str) -> u64 {
         self.status()["errors"][name].as_u64().unwrap_or(0)
+    }
+
+    /// Acknowledges every config-change message from now on, as QEMU does,
+    /// on a thread that ends when the backend closes the channel.
+    pub fn answer_config_changes(&self) -> std::thread::JoinHandle<u32> {
+        let mut channel = self.channel.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut answered = 0;
+            let mut header = [0u8; 12];
+            while channel.read_exact(&mut header).is_ok() {
+                let mut reply = header[0..4].to_vec();
+                reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+                reply.extend_from_slice(&8u32.to_le_bytes());
+                reply.extend_from_slice(&0u64.to_le_bytes());
+                if channel.write_all(&reply).is_err() {
+                    break;
+                }
+                answered += 1;
+            }
+            answered
+        })
+    }
+
+    /// Plays the guest driver's part for statistics: the first call queues
+    /// a stats buffer; later calls wait for the device to hand it back
+    /// (asking with refresh-stats), refill it and queue it again.
+    pub fn send_stats(&mut self, records: &[(u16, u64)]) {
+        let bytes = balloon_backend::stats::encode(records);
+        match self.stats_buffer {
+            None => {
+                let gpa = self.buffer(&[0u8; 16 * 10]);
+                self.mem.write_slice(&bytes, GuestAddress(gpa)).unwrap();
+                self.stats_buffer = Some(gpa);
+                self.push(STATS, &[(gpa, bytes.len() as u32, false)]);
+            }
+            Some(gpa) => {
+                let mut control = self.control_clone();
+                let refresh = std::thread::spawn(move || {
+                    control.request(r#"{"cmd":"refresh-stats","timeout_ms":10000}"#)
+                });
+                self.wait_used(STATS, 1);
+                self.mem.write_slice(&bytes, GuestAddress(gpa)).unwrap();
+                self.push(STATS, &[(gpa, bytes.len() as u32, false)]);
+                let reply = refresh.join().unwrap();
+                assert_eq!(reply["ok"], true, "{reply}");
+            }
+        }
+        let free = records.iter().find(|(tag, _)| *tag == 4).map(|r| r.1);
+        self.wait_status("the statistics", |s| {
+            free.is_none() || s["stats"]["free_bytes"] == free.unwrap_or(0)
+        });
     }
 
     /// Answers one config-change message on the backend channel; returns its flags.

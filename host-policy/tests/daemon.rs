@@ -1,0 +1,223 @@
+//! The daemon against real balloon-backend processes (each driven by the
+//! in-process vhost-user frontend), with host memory read from a file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use host_policy::config::Config;
+use host_policy::daemon::Daemon;
+use host_policy::policy::HostMode;
+use test_frontend::{Harness, GUEST_RAM_BYTES, MIB};
+
+/// The balloon-backend binary built next to this test (same profile).
+fn backend_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = dir.join("balloon-backend");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo xtask test` or `cargo test --workspace`",
+        binary.display()
+    );
+    binary
+}
+
+/// Guest statistics: free and available memory, allocation stalls.
+fn stats(available_mib: u64, stalls: u64) -> Vec<(u16, u64)> {
+    vec![
+        (4, available_mib * MIB),
+        (5, GUEST_RAM_BYTES),
+        (6, available_mib * MIB),
+        (11, stalls),
+    ]
+}
+
+fn write_host(path: &Path, total_mib: u64, available_mib: u64) {
+    std::fs::write(
+        path,
+        format!(
+            "MemTotal: {} kB\nMemFree: 0 kB\nMemAvailable: {} kB\n",
+            total_mib * 1024,
+            available_mib * 1024
+        ),
+    )
+    .unwrap();
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    vms: Vec<Harness>,
+    meminfo: PathBuf,
+}
+
+fn setup(count: usize, extra_config: &str) -> (Setup, Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let meminfo = dir.path().join("meminfo");
+    write_host(&meminfo, 1024, 512);
+    let vms: Vec<Harness> = (0..count)
+        .map(|_| Harness::start(&backend_binary(), &[]))
+        .collect();
+    let mut text = format!(
+        "[host]\nmeminfo = {:?}\nstate_file = {:?}\n\n[defaults]\nmin_free_mib = 4\nmin_free_percent = 0\ninflate_step_mib = 8\nhard_inflate_step_mib = 16\ndeflate_step_mib = 16\nmin_change_mib = 0\n{extra_config}\n",
+        meminfo,
+        dir.path().join("state.json"),
+    );
+    for (i, vm) in vms.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[vm]]\nname = \"vm{i}\"\ncontrol = {:?}\n",
+            vm.dir.path().join("control.sock")
+        ));
+    }
+    let path = dir.path().join("host-policy.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    (Setup { dir, vms, meminfo }, config)
+}
+
+#[test]
+fn host_pressure_inflates_idle_guests_and_relief_gives_it_back() {
+    let (mut s, config) = setup(2, "");
+    let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
+    s.vms[0].send_stats(&stats(40, 0));
+    s.vms[1].send_stats(&stats(10, 0));
+    let mut daemon = Daemon::new(config, false);
+
+    // Host at 15 % available: reclaim, more from the idler guest.
+    write_host(&s.meminfo, 1024, 150);
+    let decision = daemon.tick().unwrap();
+    assert_eq!(decision.mode, HostMode::Reclaim);
+    let t0 = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    let t1 = s.vms[1].status()["target_bytes"].as_u64().unwrap();
+    assert!(t0 > t1 && t1 > 0, "idle guest gives more: {t0} vs {t1}");
+    assert!(t0 <= 8 * MIB, "one inflate step per tick");
+    assert!(
+        decision.vms[0].reason.contains("idle guest memory"),
+        "{}",
+        decision.vms[0].reason
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["decision"]["vms"][0]["target_bytes"], t0);
+
+    // Keep reclaiming: never past a VM's limit (65 % of 48 MiB).
+    for _ in 0..20 {
+        daemon.tick().unwrap();
+    }
+    let limit = s.vms[0].status()["max_reclaim_bytes"].as_u64().unwrap();
+    let big = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    assert!(big <= limit && big > t0, "{big} within {limit}");
+
+    // Relief: 60 % available, above give-back at 35 %: targets come down.
+    write_host(&s.meminfo, 1024, 614);
+    let decision = daemon.tick().unwrap();
+    assert_eq!(decision.mode, HostMode::Normal);
+    let after = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    assert!(after < big, "gave back: {big} -> {after}");
+    assert!(
+        decision.vms[0].reason.contains("give-back"),
+        "{}",
+        decision.vms[0].reason
+    );
+    for _ in 0..20 {
+        daemon.tick().unwrap();
+    }
+    assert_eq!(s.vms[0].status()["target_bytes"], 0);
+}
+
+#[test]
+fn guest_pressure_deflates_and_stale_statistics_never_inflate() {
+    let (mut s, config) = setup(2, "pressure_cooldown_s = 3600");
+    let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
+    s.vms[0].send_stats(&stats(40, 0));
+    // vms[1] never sends statistics.
+    let mut daemon = Daemon::new(config, false);
+    write_host(&s.meminfo, 1024, 150);
+    for _ in 0..3 {
+        daemon.tick().unwrap();
+    }
+    let before = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    assert!(before >= 16 * MIB, "{before}");
+    assert_eq!(
+        s.vms[1].status()["target_bytes"],
+        0,
+        "no statistics, no inflation"
+    );
+
+    // Allocation stalls in the guest: deflate at once, then hold.
+    s.vms[0].send_stats(&stats(30, 7));
+    let decision = daemon.tick().unwrap();
+    let after = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    assert_eq!(after, before.saturating_sub(16 * MIB));
+    assert!(
+        decision.vms[0]
+            .reason
+            .contains("allocation stalls rose by 7"),
+        "{}",
+        decision.vms[0].reason
+    );
+    let decision = daemon.tick().unwrap();
+    assert_eq!(s.vms[0].status()["target_bytes"], after);
+    assert!(
+        decision.vms[0].reason.contains("cooling down"),
+        "{}",
+        decision.vms[0].reason
+    );
+    assert!(
+        decision.vms[1].reason.contains("stale"),
+        "{}",
+        decision.vms[1].reason
+    );
+}
+
+#[test]
+fn dry_run_decides_without_applying_and_missing_backends_are_skipped() {
+    let (mut s, config) = setup(2, "");
+    s.vms[0].send_stats(&stats(40, 0));
+    s.vms[1].send_stats(&stats(40, 0));
+    write_host(&s.meminfo, 1024, 150);
+    let mut daemon = Daemon::new(config.clone(), true);
+    let decision = daemon.tick().unwrap();
+    assert!(decision.vms[0].target_bytes > 0);
+    assert_eq!(
+        s.vms[0].status()["target_bytes"],
+        0,
+        "dry run applied a target"
+    );
+
+    // One backend disappears: the daemon keeps managing the other.
+    let _answer = s.vms[0].answer_config_changes();
+    s.vms.truncate(1);
+    let mut daemon = Daemon::new(config, false);
+    let decision = daemon.tick().unwrap();
+    assert_eq!(decision.vms.len(), 1);
+    assert!(s.vms[0].status()["target_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn control_sockets_in_a_directory_are_discovered() {
+    let (mut s, _) = setup(1, "");
+    let _answer = s.vms[0].answer_config_changes();
+    s.vms[0].send_stats(&stats(40, 0));
+    let sockets = s.dir.path().join("sockets");
+    std::fs::create_dir(&sockets).unwrap();
+    std::os::unix::fs::symlink(
+        s.vms[0].dir.path().join("control.sock"),
+        sockets.join("web.ctl"),
+    )
+    .unwrap();
+    let path = s.dir.path().join("discover.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[host]\nmeminfo = {:?}\n[defaults]\nmin_free_mib = 4\nmin_free_percent = 0\n[discover]\ndirectory = {:?}\n",
+            s.meminfo, sockets
+        ),
+    )
+    .unwrap();
+    write_host(&s.meminfo, 1024, 150);
+    let mut daemon = Daemon::new(Config::load(&path).unwrap(), false);
+    let decision = daemon.tick().unwrap();
+    assert_eq!(decision.vms[0].name, "web");
+    assert!(s.vms[0].status()["target_bytes"].as_u64().unwrap() > 0);
+}

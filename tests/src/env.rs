@@ -14,6 +14,7 @@ pub struct TestEnv {
     /// `kvm` or `tcg`.
     pub accel: String,
     pub backend_binary: PathBuf,
+    pub host_policy_binary: PathBuf,
     pub firmware_dirs: Vec<PathBuf>,
 }
 

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod env;
 pub mod host;
+pub mod policy;
 pub mod vm;
 
 use std::time::{Duration, Instant};

@@ -181,27 +181,41 @@ fn choose_accel(env: &TestEnv) -> anyhow::Result<String> {
     Ok(accel.into())
 }
 
-fn build_backend() -> anyhow::Result<PathBuf> {
+/// Release builds of the binaries the real-guest tests and the demo run.
+fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     let root = workspace_root();
     let status = Command::new(cargo())
         .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "balloon-backend"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "balloon-backend",
+            "-p",
+            "host-policy",
+        ])
         .status()
-        .context("building balloon-backend")?;
-    anyhow::ensure!(status.success(), "building balloon-backend failed");
-    Ok(root.join("target/release/balloon-backend"))
+        .context("building balloon-backend and host-policy")?;
+    anyhow::ensure!(
+        status.success(),
+        "building balloon-backend and host-policy failed"
+    );
+    let release = root.join("target/release");
+    Ok((release.join("balloon-backend"), release.join("host-policy")))
 }
 
 /// Everything, recorded in `target/balloon-env.json` for the tests.
 pub fn ensure_all() -> anyhow::Result<TestEnv> {
     let qemu = ensure_qemu()?;
     let guest_dir = ensure_guest()?;
-    let backend_binary = build_backend()?;
+    let (backend_binary, host_policy_binary) = build_binaries()?;
     let mut env = TestEnv {
         qemu,
         guest_dir,
         accel: "tcg".into(),
         backend_binary,
+        host_policy_binary,
         firmware_dirs: firmware_dirs(),
     };
     env.accel = choose_accel(&env)?;

@@ -1,0 +1,93 @@
+//! A `host-policy run` process for real-guest tests and the demo, with host
+//! memory read from a file the caller controls.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::env::TestEnv;
+use crate::wait_for;
+
+pub struct PolicyProcess {
+    child: Child,
+    pub meminfo: PathBuf,
+    pub config: PathBuf,
+}
+
+/// Writes a meminfo file with the given host size and available memory.
+pub fn write_meminfo(path: &Path, total_mib: u64, available_mib: u64) -> anyhow::Result<()> {
+    let text = format!(
+        "MemTotal: {} kB\nMemFree: {} kB\nMemAvailable: {} kB\n",
+        total_mib * 1024,
+        available_mib * 1024,
+        available_mib * 1024
+    );
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path).context("replacing the meminfo file")
+}
+
+impl PolicyProcess {
+    /// Starts `host-policy run` for one VM whose backend control socket is
+    /// `control`; `settings` are extra `[defaults]` lines.
+    pub fn start(
+        env: &TestEnv,
+        dir: &Path,
+        control: &Path,
+        settings: &str,
+    ) -> anyhow::Result<Self> {
+        let meminfo = dir.join("host-meminfo");
+        write_meminfo(&meminfo, 16384, 8192)?;
+        let config = dir.join("host-policy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[host]\ninterval_s = 1\nmeminfo = {meminfo:?}\nstate_file = {:?}\n\n[defaults]\n{settings}\n\n[[vm]]\nname = \"guest\"\ncontrol = {control:?}\n",
+                dir.join("host-policy.json")
+            ),
+        )?;
+        let child = Command::new(&env.host_policy_binary)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", env.host_policy_binary.display()))?;
+        Ok(PolicyProcess {
+            child,
+            meminfo,
+            config,
+        })
+    }
+
+    /// Pretends the host has `available_mib` of `total_mib` available.
+    pub fn set_host(&self, total_mib: u64, available_mib: u64) -> anyhow::Result<()> {
+        write_meminfo(&self.meminfo, total_mib, available_mib)
+    }
+
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        wait_for("host-policy to stop", Duration::from_secs(10), || {
+            Ok(self.child.try_wait()?.map(drop))
+        })
+    }
+}
+
+impl Drop for PolicyProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Err(error) = self.child.kill() {
+                eprintln!("stopping host-policy: {error}");
+            }
+            if let Err(error) = self.child.wait() {
+                eprintln!("reaping host-policy: {error}");
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! host-policy in charge of a real guest: host pressure (a meminfo file the
+//! test controls) makes the daemon inflate the guest's balloon; relieving it
+//! gives the memory back.
+
+use std::time::Duration;
+
+use guest_tests::policy::PolicyProcess;
+use guest_tests::{wait_for, Stack, MIB};
+
+#[test]
+fn host_pressure_inflates_and_relief_deflates() -> anyhow::Result<()> {
+    let mut stack = Stack::start(512, &["--stats-interval", "1"], |_| {})?;
+    let free_before = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
+    let mut policy = PolicyProcess::start(
+        &stack.env,
+        stack.dir.path(),
+        &stack.backend.control,
+        "inflate_step_mib = 64\nhard_inflate_step_mib = 128\ndeflate_step_mib = 128\nmin_free_mib = 64\nmin_free_percent = 0",
+    )?;
+    // 8 % of the host available: hard reclaim.
+    policy.set_host(16384, 1310)?;
+    let inflated = wait_for(
+        "the daemon to inflate the balloon",
+        Duration::from_secs(90),
+        || {
+            let status = stack.control.status()?;
+            let actual = status["actual_bytes"].as_u64().unwrap_or(0);
+            Ok(
+                (actual >= 256 * MIB && actual == status["target_bytes"].as_u64().unwrap_or(1))
+                    .then_some(actual),
+            )
+        },
+    )?;
+    let free_inflated = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
+    eprintln!(
+        "[j] host pressure: balloon {} MiB; guest MemFree {} -> {} MiB",
+        inflated / MIB,
+        free_before / MIB,
+        free_inflated / MIB
+    );
+    assert!(
+        free_before.saturating_sub(free_inflated) + 32 * MIB >= inflated,
+        "the guest did not give the memory"
+    );
+    let limit = stack.control.status()?["max_reclaim_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(inflated <= limit);
+
+    // 60 % available: give it all back.
+    policy.set_host(16384, 9830)?;
+    wait_for(
+        "the daemon to give the memory back",
+        Duration::from_secs(90),
+        || {
+            let status = stack.control.status()?;
+            Ok((status["actual_bytes"] == 0 && status["target_bytes"] == 0).then_some(()))
+        },
+    )?;
+    let free_after = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
+    eprintln!(
+        "[j] relieved: balloon 0; guest MemFree {} MiB",
+        free_after / MIB
+    );
+    assert!(
+        free_after + 64 * MIB >= free_before,
+        "the guest did not get its memory back"
+    );
+    let state = std::fs::read_to_string(stack.dir.path().join("host-policy.json"))?;
+    assert!(state.contains("give-back"), "{state}");
+    policy.stop()?;
+    Ok(())
+}

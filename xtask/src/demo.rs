@@ -2,19 +2,22 @@
 //! the guest's free memory (from the balloon statistics), the balloon target
 //! and actual size, and the host memory really backing the guest (allocated
 //! bytes of QEMU's guest-RAM memfd, measured on the host). The guest frees
-//! memory and free page reporting hands it back; then the host inflates the
-//! balloon and deflates it again; then everything is stopped and cleaned up.
+//! memory and free page reporting hands it back; then host-policy, seeing
+//! (simulated) host pressure, inflates the balloon, and gives the memory
+//! back when the pressure ends; then everything is stopped and cleaned up.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use guest_tests::backend::{BackendProcess, ControlClient};
 use guest_tests::env::TestEnv;
+use guest_tests::policy::PolicyProcess;
 use guest_tests::vm::{qemu_args, Vm, VmConfig};
 use guest_tests::MIB;
 use serde_json::Value;
 
 const GUEST_MIB: u64 = 1024;
+/// The demo waits until host-policy has ballooned at least this much.
 const BALLOON_MIB: u64 = 600;
 
 struct Screen {
@@ -101,21 +104,29 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
         r + 500 * MIB < peak
     })?;
 
-    println!("== the host sets the balloon to {BALLOON_MIB} MiB:");
-    control.set_target(BALLOON_MIB * MIB)?;
+    println!("== host-policy takes charge; the host comes under pressure (simulated: 8 % of a 16 GiB host available):");
+    let mut policy = PolicyProcess::start(
+        env,
+        dir.path(),
+        &backend.control,
+        "hard_inflate_step_mib = 256\ndeflate_step_mib = 256",
+    )?;
+    policy.set_host(16384, 1310)?;
     screen.watch(&mut control, &vm, Duration::from_secs(120), |s, _| {
-        s["actual_bytes"] == BALLOON_MIB * MIB
+        let actual = s["actual_bytes"].as_u64().unwrap_or(0);
+        actual >= BALLOON_MIB * MIB && s["actual_bytes"] == s["target_bytes"]
     })?;
     control.request(&serde_json::json!({"cmd": "refresh-stats"}))?;
     let (inflated, _) = screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
 
-    println!("== the host gives it back (target 0):");
-    control.set_target(0)?;
+    println!("== the pressure ends (60 % available): host-policy gives the memory back:");
+    policy.set_host(16384, 9830)?;
     screen.watch(&mut control, &vm, Duration::from_secs(120), |s, _| {
         s["actual_bytes"] == 0
     })?;
     control.request(&serde_json::json!({"cmd": "refresh-stats"}))?;
     let (deflated, _) = screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
+    policy.stop()?;
 
     drop(vm);
     backend.stop();
@@ -127,11 +138,12 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
     let free = |s: &Value| s["stats"]["free_bytes"].as_u64().unwrap_or(0) / MIB;
     println!(
         "\nSummary: reporting cut the host memory behind the guest from {} MiB to {} MiB; \
-         the balloon took {} MiB from the guest (free {} MiB while inflated, {} MiB after deflating). \
-         QEMU and the backend are stopped and their sockets removed.",
+         under host pressure host-policy ballooned {} MiB out of the guest (guest free {} MiB), \
+         then gave it back (guest free {} MiB). QEMU, host-policy and the backend are stopped \
+         and their sockets removed.",
         peak / MIB,
         low / MIB,
-        BALLOON_MIB,
+        inflated["actual_bytes"].as_u64().unwrap_or(0) / MIB,
         free(&inflated),
         free(&deflated)
     );

@@ -99,6 +99,8 @@ pub struct VmDecision {
     pub name: String,
     pub previous_bytes: u64,
     pub target_bytes: u64,
+    /// The guest showed memory pressure this tick.
+    pub pressure: bool,
     pub reason: String,
 }
 
@@ -236,6 +238,7 @@ pub fn decide(
         target: u64,
         reason: Option<String>,
         may_inflate: bool,
+        pressure: bool,
     }
     let mut plans: Vec<Plan> = Vec::with_capacity(vms.len());
     for vm in vms {
@@ -250,6 +253,7 @@ pub fn decide(
             reason: (current < vm.target_bytes)
                 .then(|| format!("above the VM's limit of {} MiB", limit / MIB)),
             may_inflate: false,
+            pressure: false,
         };
         match fresh {
             None => {
@@ -262,6 +266,7 @@ pub fn decide(
                     pressure(vm, &sample, remembered.and_then(|m| m.counters.as_ref()))
                 {
                     plan.target = current.saturating_sub(vm.policy.deflate_step_bytes);
+                    plan.pressure = true;
                     vm_memory.cooldown_until_s = now_s + vm.policy.pressure_cooldown_s;
                     plan.reason = Some(format!(
                         "{why}: deflating at once, no inflation for {} s",
@@ -392,6 +397,7 @@ pub fn decide(
                 name: vm.name.clone(),
                 previous_bytes: vm.target_bytes,
                 target_bytes: target,
+                pressure: plan.pressure,
                 reason,
             }
         })

@@ -50,15 +50,16 @@ pub fn render(config: &Config) -> String {
         let status = BackendClient::connect(&vm.control).and_then(|mut c| c.status());
         let last = state
             .as_ref()
-            .and_then(|s| s.decision.vms.iter().find(|d| d.name == vm.name))
-            .map_or("-".to_string(), |d| d.reason.clone());
+            .and_then(|s| s.decision.vms.iter().find(|d| d.name == vm.name));
+        let pressure = last.map_or("-", |d| if d.pressure { "yes" } else { "no" });
+        let last = last.map_or("-".to_string(), |d| d.reason.clone());
         match status {
             Ok(status) => {
                 let input = crate::daemon::vm_input(&vm, &status, crate::daemon::unix_now_s());
                 let stats = status.stats.as_ref();
                 push_line!(
                     out,
-                    "{:<12} {:>8} {:>9} {:>10} {:>10} {:>10} {:>11}  {}",
+                    "{:<12} {:>8} {:>9} {:>10} {:>10} {:>10} {:>11} {:>8}  {}",
                     vm.name,
                     mib(Some(status.guest_ram_bytes)),
                     mib(Some(limit_bytes(&input))),
@@ -66,6 +67,7 @@ pub fn render(config: &Config) -> String {
                     mib(Some(status.actual_bytes)),
                     mib(stats.and_then(|s| s.free_bytes)),
                     mib(stats.and_then(|s| s.available_bytes)),
+                    pressure,
                     last
                 );
             }

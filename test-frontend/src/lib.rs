@@ -268,41 +268,22 @@ impl Harness {
 
     /// Puts a chain of (gpa, len, device-writable) descriptors on a queue and kicks.
     pub fn push(&mut self, queue: usize, descs: &[(u64, u32, bool)]) -> u16 {
-        let q = &mut self.queues[queue];
-        let head = q.next_desc;
-        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
-            let index = (head + i as u16) % QUEUE_SIZE;
-            let last = i + 1 == descs.len();
-            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-            let next = if last { 0 } else { (index + 1) % QUEUE_SIZE };
-            if !last {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let at = q.desc_addr() + 16 * u64::from(index);
-            self.mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
-            self.mem
-                .write_obj(len.to_le(), GuestAddress(at + 8))
-                .unwrap();
-            self.mem
-                .write_obj(flags.to_le(), GuestAddress(at + 12))
-                .unwrap();
-            self.mem
-                .write_obj(next.to_le(), GuestAddress(at + 14))
-                .unwrap();
-        }
-        q.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
-        let slot = q.avail_addr() + 4 + 2 * u64::from(q.avail_idx % QUEUE_SIZE);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        q.avail_idx = q.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(q.avail_idx.to_le(), GuestAddress(q.avail_addr() + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        q.kick.write(1).unwrap();
-        head
+        let head = self.queues[queue].next_desc;
+        let raw: Vec<(u64, u32, u16, u16)> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, writable))| {
+                let index = (head + i as u16) % QUEUE_SIZE;
+                let last = i + 1 == descs.len();
+                let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+                if !last {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                let next = if last { 0 } else { (index + 1) % QUEUE_SIZE };
+                (addr, len, flags, next)
+            })
+            .collect();
+        self.push_raw(queue, &raw)
     }
 
     /// Puts raw descriptors (addr, len, flags, next) at the queue's next

@@ -62,11 +62,20 @@ fn psi_trigger(sources: &Sources, stall_us: u64, window_us: u64) -> io::Result<F
 pub fn run(settings: &Settings) -> ! {
     let mut waiting_logged = false;
     loop {
-        let device = settings.device.clone().or_else(|| find_port(&settings.port_name));
-        match device.as_deref().map(|d| OpenOptions::new().read(true).write(true).open(d)) {
+        let device = settings
+            .device
+            .clone()
+            .or_else(|| find_port(&settings.port_name));
+        match device
+            .as_deref()
+            .map(|d| OpenOptions::new().read(true).write(true).open(d))
+        {
             Some(Ok(port)) => {
                 waiting_logged = false;
-                info!("connected on {}", device.as_deref().unwrap_or(Path::new("?")).display());
+                info!(
+                    "connected on {}",
+                    device.as_deref().unwrap_or(Path::new("?")).display()
+                );
                 match serve(settings, port) {
                     Ok(()) => info!("the host side closed the port; reconnecting"),
                     Err(error) => warn!("port error: {error}; reconnecting"),
@@ -109,11 +118,23 @@ fn serve(settings: &Settings, mut port: File) -> io::Result<()> {
     let epoll = Epoll::new()?;
     let mut timer = TimerFd::new()?;
     timer.reset(settings.interval, Some(settings.interval))?;
-    epoll.ctl(ControlOperation::Add, timer.as_raw_fd(), EpollEvent::new(EventSet::IN, EVENT_TIMER))?;
+    epoll.ctl(
+        ControlOperation::Add,
+        timer.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, EVENT_TIMER),
+    )?;
     // Kept open for the whole connection: closing it removes the trigger.
-    let _psi_trigger = match psi_trigger(&settings.sources, settings.psi_stall_us, settings.psi_window_us) {
+    let _psi_trigger = match psi_trigger(
+        &settings.sources,
+        settings.psi_stall_us,
+        settings.psi_window_us,
+    ) {
         Ok(file) => {
-            epoll.ctl(ControlOperation::Add, file.as_raw_fd(), EpollEvent::new(EventSet::READ_HANG_UP | EventSet::PRIORITY, EVENT_PSI))?;
+            epoll.ctl(
+                ControlOperation::Add,
+                file.as_raw_fd(),
+                EpollEvent::new(EventSet::READ_HANG_UP | EventSet::PRIORITY, EVENT_PSI),
+            )?;
             Some(file)
         }
         Err(error) => {
@@ -121,7 +142,11 @@ fn serve(settings: &Settings, mut port: File) -> io::Result<()> {
             None
         }
     };
-    epoll.ctl(ControlOperation::Add, port.as_raw_fd(), EpollEvent::new(EventSet::IN | EventSet::HANG_UP, EVENT_PORT))?;
+    epoll.ctl(
+        ControlOperation::Add,
+        port.as_raw_fd(),
+        EpollEvent::new(EventSet::IN | EventSet::HANG_UP, EVENT_PORT),
+    )?;
 
     let mut seq = 0;
     let mut report = |port: &mut File, reason: ReportReason| {
@@ -144,12 +169,10 @@ fn serve(settings: &Settings, mut port: File) -> io::Result<()> {
                     timer.wait()?;
                     report(&mut port, ReportReason::Timer)?;
                 }
-                EVENT_PSI => {
-                    if last_psi_report.elapsed() >= PSI_REPORT_MIN_GAP {
-                        debug!("PSI trigger fired");
-                        last_psi_report = Instant::now();
-                        report(&mut port, ReportReason::Psi)?;
-                    }
+                EVENT_PSI if last_psi_report.elapsed() >= PSI_REPORT_MIN_GAP => {
+                    debug!("PSI trigger fired");
+                    last_psi_report = Instant::now();
+                    report(&mut port, ReportReason::Psi)?;
                 }
                 EVENT_PORT => {
                     if event.event_set().contains(EventSet::HANG_UP) {
@@ -171,7 +194,13 @@ fn serve(settings: &Settings, mut port: File) -> io::Result<()> {
                     }
                     if pending.len() > MAX_LINE_BYTES {
                         pending.clear();
-                        send(&mut port, &crate::protocol::error_reply(None, format!("request longer than {MAX_LINE_BYTES} bytes")))?;
+                        send(
+                            &mut port,
+                            &crate::protocol::error_reply(
+                                None,
+                                format!("request longer than {MAX_LINE_BYTES} bytes"),
+                            ),
+                        )?;
                     }
                 }
                 _ => {}

@@ -42,10 +42,16 @@ impl TryFrom<Args> for agent::Settings {
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
         if !(1..=3600).contains(&args.interval) {
-            return Err(format!("--interval must be between 1 and 3600, got {}", args.interval));
+            return Err(format!(
+                "--interval must be between 1 and 3600, got {}",
+                args.interval
+            ));
         }
         if !(500_000..=10_000_000).contains(&args.psi_window_us) {
-            return Err(format!("--psi-window-us must be between 500000 and 10000000, got {}", args.psi_window_us));
+            return Err(format!(
+                "--psi-window-us must be between 500000 and 10000000, got {}",
+                args.psi_window_us
+            ));
         }
         if !(1000..=args.psi_window_us).contains(&args.psi_stall_us) {
             return Err(format!(
@@ -88,9 +94,15 @@ mod tests {
     #[test]
     fn flags_are_validated() {
         assert_eq!(settings(&[]).unwrap().interval, Duration::from_secs(5));
-        assert!(settings(&["--interval", "0"]).unwrap_err().contains("--interval"));
-        assert!(settings(&["--psi-stall-us", "2000000"]).unwrap_err().contains("--psi-stall-us"));
-        assert!(settings(&["--psi-window-us", "100"]).unwrap_err().contains("--psi-window-us"));
+        assert!(settings(&["--interval", "0"])
+            .unwrap_err()
+            .contains("--interval"));
+        assert!(settings(&["--psi-stall-us", "2000000"])
+            .unwrap_err()
+            .contains("--psi-stall-us"));
+        assert!(settings(&["--psi-window-us", "100"])
+            .unwrap_err()
+            .contains("--psi-window-us"));
     }
 
     #[test]

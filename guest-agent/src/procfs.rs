@@ -87,7 +87,8 @@ mod tests {
     const MEMINFO: &str = "MemTotal:         476036 kB\nMemFree:          445180 kB\nMemAvailable:     441312 kB\nBuffers:               0 kB\nCached:            10844 kB\nShmem:             10844 kB\nHugePages_Total:       0\n";
     const VMSTAT: &str = "nr_free_pages 111295\npgmajfault 0\npswpin 0\nallocstall_normal 3\nallocstall_movable 4\noom_kill 0\n";
     const PSI: &str = "some avg10=1.25 avg60=0.40 avg300=0.08 total=123456\nfull avg10=0.50 avg60=0.10 avg300=0.02 total=45678\n";
-    const MEMORY_STAT: &str = "anon 221184\nfile 43991040\nkernel 0\nshmem 43991040\nfile_mapped 0\n";
+    const MEMORY_STAT: &str =
+        "anon 221184\nfile 43991040\nkernel 0\nshmem 43991040\nfile_mapped 0\n";
 
     #[test]
     fn meminfo_in_bytes() {

@@ -42,13 +42,18 @@ impl Command {
 pub fn parse_request(line: &[u8]) -> Result<Command, Value> {
     let command: Command = serde_json::from_slice(line).map_err(|error| {
         // Answer with the id when one can be read, so the host can match it.
-        let id = serde_json::from_slice::<Value>(line).ok().and_then(|v| v["id"].as_u64());
+        let id = serde_json::from_slice::<Value>(line)
+            .ok()
+            .and_then(|v| v["id"].as_u64());
         error_reply(id, format!("bad request: {error}"))
     })?;
     if command.version() != PROTOCOL_VERSION {
         return Err(error_reply(
             Some(command.id()),
-            format!("unsupported protocol version {}, this agent speaks {PROTOCOL_VERSION}", command.version()),
+            format!(
+                "unsupported protocol version {}, this agent speaks {PROTOCOL_VERSION}",
+                command.version()
+            ),
         ));
     }
     Ok(command)
@@ -81,10 +86,17 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        assert_eq!(parse_request(br#"{"v":1,"id":7,"cmd":"ping"}"#), Ok(Command::Ping { v: 1, id: 7 }));
+        assert_eq!(
+            parse_request(br#"{"v":1,"id":7,"cmd":"ping"}"#),
+            Ok(Command::Ping { v: 1, id: 7 })
+        );
         assert_eq!(
             parse_request(br#"{"v":1,"id":8,"cmd":"reclaim","bytes":1048576}"#),
-            Ok(Command::Reclaim { v: 1, id: 8, bytes: 1048576 })
+            Ok(Command::Reclaim {
+                v: 1,
+                id: 8,
+                bytes: 1048576
+            })
         );
     }
 

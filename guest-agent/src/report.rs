@@ -130,8 +130,15 @@ mod tests {
         std::fs::create_dir_all(proc_dir.join("pressure")).unwrap();
         std::fs::write(proc_dir.join("meminfo"), "MemTotal: 1000 kB\nMemFree: 500 kB\nMemAvailable: 700 kB\nBuffers: 10 kB\nCached: 300 kB\nShmem: 100 kB\n").unwrap();
         std::fs::write(proc_dir.join("vmstat"), "pgmajfault 5\nallocstall_normal 2\nallocstall_movable 3\noom_kill 1\npgscan_direct 9\n").unwrap();
-        std::fs::write(proc_dir.join("pressure/memory"), "some avg10=3.00 avg60=1.00 avg300=0.50 total=99\n").unwrap();
-        let sources = Sources { proc_dir, cgroup_dir: dir.join("no-cgroup") };
+        std::fs::write(
+            proc_dir.join("pressure/memory"),
+            "some avg10=3.00 avg60=1.00 avg300=0.50 total=99\n",
+        )
+        .unwrap();
+        let sources = Sources {
+            proc_dir,
+            cgroup_dir: dir.join("no-cgroup"),
+        };
         let report = collect(&sources, ReportReason::Timer, 4);
         assert_eq!(report.meminfo.page_cache_bytes, 210 * 1024);
         assert_eq!(report.vmstat.alloc_stalls, 5);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 
+use crate::agent_client::{AgentClient, AgentReport};
 use crate::client::{BackendClient, BackendStatus};
 use crate::config::{Config, VmPolicy};
 use crate::host::read_host;
@@ -103,6 +104,9 @@ pub struct StateFile {
     pub unix_s: u64,
     pub dry_run: bool,
     pub decision: Decision,
+    /// The latest guest-agent report of each VM that has one.
+    #[serde(default)]
+    pub agents: std::collections::BTreeMap<String, AgentReport>,
 }
 
 pub struct Daemon {
@@ -110,6 +114,7 @@ pub struct Daemon {
     memory: PolicyMemory,
     dry_run: bool,
     started: Instant,
+    agents: std::collections::BTreeMap<String, AgentClient>,
 }
 
 impl Daemon {
@@ -119,6 +124,7 @@ impl Daemon {
             memory: PolicyMemory::default(),
             dry_run,
             started: Instant::now(),
+            agents: std::collections::BTreeMap::new(),
         }
     }
 
@@ -147,8 +153,14 @@ impl Daemon {
                     debug!("vm {}: no guest attached yet", vm.name)
                 }
                 Ok((client, status)) => {
-                    inputs.push(vm_input(&vm, &status, now_unix_s));
-                    clients.push(client);
+                    let mut input = vm_input(&vm, &status, now_unix_s);
+                    if let (Some(report), Some(sample)) =
+                        (self.agent_report(&vm), input.sample.as_mut())
+                    {
+                        sample.psi_some_avg10 = report.psi.map(|p| p.some.avg10);
+                    }
+                    inputs.push(input);
+                    clients.push((client, vm));
                 }
                 Err(error) => warn!("vm {}: skipped this tick: {error}", vm.name),
             }
@@ -166,7 +178,10 @@ impl Daemon {
                 self.memory.mode, decision.mode, decision.host_available_percent
             );
         }
-        for (vm, client) in decision.vms.iter().zip(clients.iter_mut()) {
+        for (vm, (client, managed)) in decision.vms.iter().zip(clients.iter_mut()) {
+            if vm.target_bytes > vm.previous_bytes && !self.dry_run {
+                self.reclaim_cache_first(managed, vm.target_bytes - vm.previous_bytes);
+            }
             if vm.target_bytes == vm.previous_bytes {
                 debug!(
                     "vm {}: holding {} MiB: {}",
@@ -192,16 +207,75 @@ impl Daemon {
         }
         self.memory = decision.memory.clone();
         if let Some(path) = &self.config.host.state_file {
+            let agents = self
+                .agents
+                .iter()
+                .filter_map(|(name, agent)| agent.latest().map(|r| (name.clone(), r.clone())))
+                .collect();
             write_state(
                 path,
                 &StateFile {
                     unix_s: now_unix_s,
                     dry_run: self.dry_run,
                     decision: decision.clone(),
+                    agents,
                 },
             );
         }
         Ok(decision)
+    }
+
+    /// The VM's latest guest-agent report, (re)connecting as needed.
+    fn agent_report(&mut self, vm: &ManagedVm) -> Option<AgentReport> {
+        let path = vm.agent.as_ref()?;
+        if !self.agents.contains_key(&vm.name) {
+            match AgentClient::connect(path) {
+                Ok(agent) => {
+                    info!(
+                        "vm {}: guest agent connected at {}",
+                        vm.name,
+                        path.display()
+                    );
+                    self.agents.insert(vm.name.clone(), agent);
+                }
+                Err(error) => {
+                    debug!("vm {}: {error}", vm.name);
+                    return None;
+                }
+            }
+        }
+        let agent = self.agents.get_mut(&vm.name)?;
+        match agent.poll() {
+            Ok(report) => report.cloned(),
+            Err(error) => {
+                warn!("vm {}: {error}; reconnecting next tick", vm.name);
+                self.agents.remove(&vm.name);
+                None
+            }
+        }
+    }
+
+    /// Before inflating a VM with a large page cache, asks its agent to
+    /// drop that much cache first, so the balloon takes cold cache rather
+    /// than warm anonymous memory.
+    fn reclaim_cache_first(&mut self, vm: &ManagedVm, bytes: u64) {
+        let Some(agent) = self.agents.get_mut(&vm.name) else {
+            return;
+        };
+        let cache = agent.latest().map_or(0, |r| r.meminfo.page_cache_bytes);
+        if cache < bytes {
+            return;
+        }
+        match agent.reclaim(bytes) {
+            Ok(reply) => info!(
+                "vm {}: asked the guest agent to reclaim {} MiB of page cache before inflating: {} MiB reclaimed ({})",
+                vm.name,
+                bytes >> 20,
+                reply["reclaimed_bytes"].as_u64().unwrap_or(0) >> 20,
+                reply["method"].as_str().unwrap_or("?")
+            ),
+            Err(error) => warn!("vm {}: guest agent reclaim failed: {error}", vm.name),
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent_client;
 pub mod client;
 pub mod config;
 pub mod daemon;

@@ -38,14 +38,27 @@ impl PolicyProcess {
         control: &Path,
         settings: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with_agent(env, dir, control, None, settings)
+    }
+
+    /// Like `start`, with the VM's guest-agent socket. The daemon's log then
+    /// goes to `host-policy.log` in `dir`.
+    pub fn start_with_agent(
+        env: &TestEnv,
+        dir: &Path,
+        control: &Path,
+        agent: Option<&Path>,
+        settings: &str,
+    ) -> anyhow::Result<Self> {
         let meminfo = dir.join("host-meminfo");
         write_meminfo(&meminfo, 16384, 8192)?;
         let config = dir.join("host-policy.toml");
         std::fs::write(
             &config,
             format!(
-                "[host]\ninterval_s = 1\nmeminfo = {meminfo:?}\nstate_file = {:?}\n\n[defaults]\n{settings}\n\n[[vm]]\nname = \"guest\"\ncontrol = {control:?}\n",
-                dir.join("host-policy.json")
+                "[host]\ninterval_s = 1\nmeminfo = {meminfo:?}\nstate_file = {:?}\n\n[defaults]\n{settings}\n\n[[vm]]\nname = \"guest\"\ncontrol = {control:?}\n{}",
+                dir.join("host-policy.json"),
+                agent.map_or(String::new(), |a| format!("agent = {a:?}\n"))
             ),
         )?;
         let child = Command::new(&env.host_policy_binary)
@@ -56,6 +69,10 @@ impl PolicyProcess {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
+            .stderr(match agent {
+                Some(_) => Stdio::from(std::fs::File::create(dir.join("host-policy.log"))?),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .with_context(|| format!("starting {}", env.host_policy_binary.display()))?;
         Ok(PolicyProcess {

@@ -40,6 +40,10 @@ pub struct VmConfig {
     pub qmp_socket: Option<PathBuf>,
     /// Discard QEMU's stderr (the KVM probe, whose failure dumps registers).
     pub quiet: bool,
+    /// A virtio-serial port for the guest agent, served by QEMU on this socket.
+    pub agent_socket: Option<PathBuf>,
+    /// A raw disk image, attached as virtio-blk (/dev/vda in the guest).
+    pub disk: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -138,6 +142,25 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
                 format!("virtio-balloon-pci,id=balloon0,deflate-on-oom=on,free-page-reporting={reporting}"),
             ]);
         }
+    }
+    if let Some(agent) = &config.agent_socket {
+        args.extend([
+            "-device".into(),
+            "virtio-serial-pci".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent0,path={},server=on,wait=off",
+                agent.display()
+            ),
+            "-device".into(),
+            "virtserialport,chardev=agent0,name=org.balloon.agent.0".into(),
+        ]);
+    }
+    if let Some(disk) = &config.disk {
+        args.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio", disk.display()),
+        ]);
     }
     if let Some(qmp) = &config.qmp_socket {
         args.extend([

@@ -14,7 +14,7 @@ mount -t tmpfs -o size=100% tmpfs /mnt/data
 mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
 dmesg -n 1
 
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon virtio_console; do
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon virtio_console virtio_blk; do
   [ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko"
 done
 
@@ -25,6 +25,12 @@ for dev in /sys/bus/virtio/devices/*; do
     echo "@@BALLOON driver=$(basename "$(readlink "$dev/driver")") features=$(cat "$dev/features")"
   fi
 done
+
+# The guest agent, when the image has one and QEMU gave it a port.
+if [ -x /bin/guest-agent ] && grep -qs org.balloon.agent.0 /sys/class/virtio-ports/*/name; then
+  guest-agent --interval 2 >/tmp/guest-agent.log 2>&1 &
+  echo "@@AGENT started"
+fi
 
 scenario=$(sed -n 's/.*balloon\.scenario=\([^ ]*\).*/\1/p' /proc/cmdline)
 if [ -n "$scenario" ] && [ -x "/scenarios/$scenario.sh" ]; then

@@ -64,7 +64,7 @@ done
 moddir="$work/kernel/lib/modules/$kver/kernel/drivers"
 for mod in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev \
            virtio/virtio_pci_modern_dev virtio/virtio_pci virtio/virtio_balloon \
-           char/virtio_console; do
+           char/virtio_console block/virtio_blk; do
   name=$(basename "$mod")
   if [ -f "$moddir/$mod.ko.xz" ]; then
     xz -dc "$moddir/$mod.ko.xz" > "$root/lib/modules/$name.ko"

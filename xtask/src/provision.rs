@@ -112,12 +112,39 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
     Ok(qemu)
 }
 
+/// The guest agent, built as a static binary for the guest.
+fn build_guest_agent() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    // --target keeps +crt-static away from build scripts and proc macros.
+    let target = "x86_64-unknown-linux-gnu";
+    let status = Command::new(cargo())
+        .current_dir(&root)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "guest-agent",
+            "--target",
+            target,
+        ])
+        .status()
+        .context("building guest-agent")?;
+    anyhow::ensure!(status.success(), "building the static guest-agent failed");
+    Ok(root.join("target").join(target).join("release/guest-agent"))
+}
+
 /// The guest image directory (vmlinuz, initramfs.gz), built if needed.
 pub fn ensure_guest() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let script = root.join("xtask/scripts/build-guest.sh");
     let init = root.join("xtask/guest/init.sh");
-    let dir = cache_root()?.join(format!("guest-{}", recipe_hash(&[script.clone(), init])?));
+    let agent = build_guest_agent()?;
+    let dir = cache_root()?.join(format!(
+        "guest-{}",
+        recipe_hash(&[script.clone(), init, agent.clone()])?
+    ));
     if dir.join("initramfs.gz").is_file() && dir.join("vmlinuz").is_file() {
         eprintln!("[xtask] guest image: {} (cached)", dir.display());
         return Ok(dir);
@@ -130,6 +157,7 @@ pub fn ensure_guest() -> anyhow::Result<PathBuf> {
     let status = Command::new("bash")
         .arg(&script)
         .arg(&dir)
+        .arg(&agent)
         .status()
         .context("running build-guest.sh")?;
     anyhow::ensure!(

@@ -1,0 +1,148 @@
+//! The guest agent: its reports reach host-policy over virtio-serial; a
+//! reclaim request drops the guest's page cache; a memory hog raises PSI and
+//! host-policy deflates that VM on the agent's word.
+
+use std::time::Duration;
+
+use guest_tests::policy::PolicyProcess;
+use guest_tests::{wait_for, Stack, MIB};
+
+fn page_cache_bytes(meminfo: &std::collections::HashMap<String, u64>) -> u64 {
+    let get = |k: &str| meminfo.get(k).copied().unwrap_or(0);
+    (get("Cached") + get("Buffers")).saturating_sub(get("Shmem"))
+}
+
+#[test]
+fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)?.set_len(320 * MIB)?;
+    let agent_socket = dir.path().join("agent.sock");
+    let mut stack = Stack::start(512, &["--stats-interval", "1"], |c| {
+        c.agent_socket = Some(agent_socket.clone());
+        c.disk = Some(disk.clone());
+    })?;
+    stack
+        .vm
+        .wait_line(|l| l == "@@AGENT started", Duration::from_secs(10))?;
+    let mut policy = PolicyProcess::start_with_agent(
+        &stack.env,
+        stack.dir.path(),
+        &stack.backend.control,
+        Some(&agent_socket),
+        "inflate_step_mib = 64\nhard_inflate_step_mib = 128\ndeflate_step_mib = 128\nmin_free_mib = 0\nmin_free_percent = 0\npsi_some_avg10 = 1\npressure_cooldown_s = 3600",
+    )?;
+    let state_path = stack.dir.path().join("host-policy.json");
+    let log_path = stack.dir.path().join("host-policy.log");
+
+    // 1. Reports reach host-policy.
+    let report = wait_for(
+        "an agent report in host-policy's state",
+        Duration::from_secs(30),
+        || {
+            let state: serde_json::Value = match std::fs::read(&state_path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                Err(_) => return Ok(None),
+            };
+            Ok(state["agents"]["guest"]["seq"]
+                .as_u64()
+                .filter(|seq| *seq >= 2)
+                .map(|_| state["agents"]["guest"].clone()))
+        },
+    )?;
+    assert!(
+        report["meminfo"]["available_bytes"].as_u64().unwrap_or(0) > 100 * MIB,
+        "{report}"
+    );
+    assert!(report["psi"]["some"]["avg10"].is_number(), "{report}");
+    // A small static agent: under 4 MiB resident, almost no CPU when idle.
+    let rss_kib: u64 = stack
+        .vm
+        .sh("grep VmRSS /proc/$(pidof guest-agent)/status | tr -s ' ' | cut -d' ' -f2")?
+        .trim()
+        .parse()?;
+    let cpu_ticks: u64 = stack
+        .vm
+        .sh("set -- $(cut -d' ' -f14,15 /proc/$(pidof guest-agent)/stat); echo $(($1 + $2))")?
+        .trim()
+        .parse()?;
+    eprintln!("[k] guest-agent: VmRSS {rss_kib} KiB, {cpu_ticks} CPU ticks since boot");
+    assert!(rss_kib < 4096, "guest-agent uses {rss_kib} KiB");
+
+    // 2. Page cache from the disk; host pressure: host-policy asks the agent
+    //    to reclaim cache before it inflates.
+    // The device must stay open, or its page cache is dropped on close.
+    stack
+        .vm
+        .sh("sleep 100000 </dev/vda & dd if=/dev/vda of=/dev/null bs=1M count=300 2>/dev/null")?;
+    let cache_before = page_cache_bytes(&stack.vm.meminfo()?);
+    assert!(cache_before >= 250 * MIB, "page cache {cache_before}");
+    wait_for(
+        "the agent to report the page cache",
+        Duration::from_secs(20),
+        || {
+            let state: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state_path)?).unwrap_or_default();
+            Ok((state["agents"]["guest"]["meminfo"]["page_cache_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 250 * MIB)
+                .then_some(()))
+        },
+    )?;
+    policy.set_host(16384, 1310)?;
+    let line = wait_for("a reclaim request", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&log_path)?;
+        Ok(log
+            .lines()
+            .find(|l| l.contains("asked the guest agent to reclaim"))
+            .map(str::to_string))
+    })?;
+    eprintln!("[k] {line}");
+    let cache_after = page_cache_bytes(&stack.vm.meminfo()?);
+    eprintln!(
+        "[k] guest page cache {} MiB -> {} MiB",
+        cache_before / MIB,
+        cache_after / MIB
+    );
+    assert!(
+        cache_before - cache_after >= 64 * MIB,
+        "asked 128 MiB, page cache fell only by {}",
+        cache_before - cache_after
+    );
+    let inflated = wait_for("the balloon to grow", Duration::from_secs(60), || {
+        let status = stack.control.status()?;
+        let actual = status["actual_bytes"].as_u64().unwrap_or(0);
+        Ok(
+            (actual >= 256 * MIB && status["actual_bytes"] == status["target_bytes"])
+                .then_some(actual),
+        )
+    })?;
+
+    // 3. Hold the host steady, then a memory hog in the guest: PSI rises and
+    //    host-policy deflates on the agent's report.
+    policy.set_host(16384, 4000)?;
+    let free = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
+    let (status, _) = stack.vm.run(
+        &format!("dd if=/dev/zero of=/mnt/data/hog bs=1M count={} 2>/dev/null; cat /proc/pressure/memory", (free + 192 * MIB) / MIB),
+        Duration::from_secs(120),
+    )?;
+    eprintln!("[k] hog exited {status}");
+    let line = wait_for("a PSI-driven deflate", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&log_path)?;
+        Ok(log
+            .lines()
+            .find(|l| l.contains("guest agent: PSI"))
+            .map(str::to_string))
+    })?;
+    eprintln!("[k] {line}");
+    let target = stack.control.status()?["target_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        target < inflated,
+        "host-policy did not deflate: {target} vs {inflated}"
+    );
+    policy.stop()?;
+    Ok(())
+}

@@ -268,10 +268,12 @@ pub fn decide(
                     plan.target = current.saturating_sub(vm.policy.deflate_step_bytes);
                     plan.pressure = true;
                     vm_memory.cooldown_until_s = now_s + vm.policy.pressure_cooldown_s;
-                    plan.reason = Some(format!(
-                        "{why}: deflating at once, no inflation for {} s",
-                        vm.policy.pressure_cooldown_s
-                    ));
+                    plan.reason = Some(match vm.policy.pressure_cooldown_s {
+                        0 => format!("{why}: deflating at once"),
+                        cooldown => {
+                            format!("{why}: deflating at once, no inflation for {cooldown} s")
+                        }
+                    });
                 } else if now_s < vm_memory.cooldown_until_s {
                     plan.reason.get_or_insert_with(|| {
                         format!(

@@ -4,8 +4,15 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use guest_tests::policy::PolicyProcess;
 use guest_tests::{wait_for, Stack, MIB};
+
+/// host-policy `[defaults]`: small steps, no floor (so pressure is seen
+/// through PSI), the lowest PSI threshold, and no cool-down (so a stall
+/// while the test fills the page cache does not block inflation for long).
+const POLICY: &str = "inflate_step_mib = 64\nhard_inflate_step_mib = 128\ndeflate_step_mib = 128\nmin_free_mib = 0\nmin_free_percent = 0\npsi_some_avg10 = 1\npressure_cooldown_s = 0";
 
 fn page_cache_bytes(meminfo: &std::collections::HashMap<String, u64>) -> u64 {
     let get = |k: &str| meminfo.get(k).copied().unwrap_or(0);
@@ -30,7 +37,7 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         stack.dir.path(),
         &stack.backend.control,
         Some(&agent_socket),
-        "inflate_step_mib = 64\nhard_inflate_step_mib = 128\ndeflate_step_mib = 128\nmin_free_mib = 0\nmin_free_percent = 0\npsi_some_avg10 = 1\npressure_cooldown_s = 3600",
+        POLICY,
     )?;
     let state_path = stack.dir.path().join("host-policy.json");
     let log_path = stack.dir.path().join("host-policy.log");
@@ -69,6 +76,33 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
     eprintln!("[k] guest-agent: VmRSS {rss_kib} KiB, {cpu_ticks} CPU ticks since boot");
     assert!(rss_kib < 4096, "guest-agent uses {rss_kib} KiB");
 
+    // The host side goes away and comes back: the agent reconnects.
+    policy.stop()?;
+    std::fs::remove_file(&state_path)?;
+    let mut policy = PolicyProcess::start_with_agent(
+        &stack.env,
+        stack.dir.path(),
+        &stack.backend.control,
+        Some(&agent_socket),
+        POLICY,
+    )?;
+    wait_for(
+        "reports after host-policy restarted",
+        Duration::from_secs(30),
+        || {
+            let Ok(bytes) = std::fs::read(&state_path) else {
+                return Ok(None);
+            };
+            let state: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            Ok(state["agents"]["guest"]["seq"].as_u64().map(drop))
+        },
+    )?;
+    let console = stack.vm.sh("cat /tmp/guest-agent.log")?;
+    assert!(
+        console.contains("reconnecting") || console.contains("connected"),
+        "{console}"
+    );
+
     // 2. Page cache from the disk; host pressure: host-policy asks the agent
     //    to reclaim cache before it inflates.
     // The device must stay open, or its page cache is dropped on close.
@@ -91,13 +125,15 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         },
     )?;
     policy.set_host(16384, 1310)?;
-    let line = wait_for("a reclaim request", Duration::from_secs(30), || {
+    let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let line = wait_for("a reclaim request", Duration::from_secs(60), || {
         let log = std::fs::read_to_string(&log_path)?;
         Ok(log
             .lines()
             .find(|l| l.contains("asked the guest agent to reclaim"))
             .map(str::to_string))
-    })?;
+    })
+    .with_context(|| format!("host-policy log:\n{}", show_log()))?;
     eprintln!("[k] {line}");
     let cache_after = page_cache_bytes(&stack.vm.meminfo()?);
     eprintln!(
@@ -119,12 +155,16 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         )
     })?;
 
-    // 3. Hold the host steady, then a memory hog in the guest: PSI rises and
+    // 3. The host inside the dead band (30 % available: no more reclaim,
+    //    no give-back), then a memory hog in the guest: PSI rises and
     //    host-policy deflates on the agent's report.
-    policy.set_host(16384, 4000)?;
+    policy.set_host(16384, 4915)?;
     let free = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
     let (status, _) = stack.vm.run(
-        &format!("dd if=/dev/zero of=/mnt/data/hog bs=1M count={} 2>/dev/null; cat /proc/pressure/memory", (free + 192 * MIB) / MIB),
+        &format!(
+            "dd if=/dev/zero of=/mnt/data/hog bs=1M count={} 2>/dev/null",
+            (free + 192 * MIB) / MIB
+        ),
         Duration::from_secs(120),
     )?;
     eprintln!("[k] hog exited {status}");
@@ -134,15 +174,26 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
             .lines()
             .find(|l| l.contains("guest agent: PSI"))
             .map(str::to_string))
-    })?;
+    })
+    .with_context(|| format!("host-policy log:\n{}", show_log()))?;
     eprintln!("[k] {line}");
-    let target = stack.control.status()?["target_bytes"]
-        .as_u64()
-        .unwrap_or(u64::MAX);
+    // "balloon A MiB -> B MiB: guest agent: PSI …" with B < A.
+    let sizes: Vec<u64> = line
+        .split("balloon ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .map(|change| {
+            change
+                .split(" -> ")
+                .filter_map(|v| v.trim_end_matches(" MiB").parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
     assert!(
-        target < inflated,
-        "host-policy did not deflate: {target} vs {inflated}"
+        matches!(sizes.as_slice(), [from, to] if to < from && *from > 0),
+        "not a deflate: {line}"
     );
+    assert!(inflated >= 256 * MIB);
     policy.stop()?;
     Ok(())
 }

@@ -119,7 +119,15 @@ fn build_guest_agent() -> anyhow::Result<PathBuf> {
     let target = "x86_64-unknown-linux-gnu";
     let status = Command::new(cargo())
         .current_dir(&root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // The remap keeps the checkout's path out of the binary, so the
+        // guest image's cache key is the same from any clone.
+        .env(
+            "RUSTFLAGS",
+            format!(
+                "-C target-feature=+crt-static --remap-path-prefix={}=.",
+                root.display()
+            ),
+        )
         .args([
             "build",
             "--release",

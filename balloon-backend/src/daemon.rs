@@ -32,7 +32,7 @@ pub enum DaemonError {
     #[error("creating the device: {0}")]
     Device(io::Error),
     #[error("vhost-user: {0}")]
-    VhostUser(String),
+    VhostUser(vhost_user_backend::Error),
 }
 
 /// Removes a stale socket file, refusing if something still listens on it.
@@ -131,7 +131,7 @@ impl Backend {
             self.device.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
-        .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+        .map_err(DaemonError::VhostUser)?;
         let handlers = daemon.get_epoll_handlers();
         for handler in &handlers {
             if let Err(error) = handler.register_listener(
@@ -144,7 +144,7 @@ impl Backend {
         }
         daemon
             .start(&mut self.listener)
-            .map_err(|e| DaemonError::VhostUser(e.to_string()))?;
+            .map_err(DaemonError::VhostUser)?;
         info!("frontend connected");
         if let Err(error) = daemon.wait() {
             warn!("frontend connection ended with an error: {error}");

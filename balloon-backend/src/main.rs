@@ -25,7 +25,9 @@ fn run() -> anyhow::Result<()> {
     let sockets: Vec<_> = std::iter::once(config.socket.clone())
         .chain(config.control.clone())
         .collect();
-    let backend = Backend::bind(config)?;
+    // DaemonError can hold vhost-user-backend's error, which is not Sync;
+    // anyhow takes its message here at the binary's edge.
+    let backend = Backend::bind(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     // On SIGINT/SIGTERM remove our socket files and exit, leaving nothing
     // behind. A pipe, not a socketpair: the backend request channel is found
     // as the process's only unnamed socket pair (see config_notify).
@@ -50,6 +52,6 @@ fn run() -> anyhow::Result<()> {
             }
         })
         .context("starting the signal thread")?;
-    backend.run()?;
+    backend.run().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

@@ -100,10 +100,6 @@ impl Backend {
         })
     }
 
-    pub fn device(&self) -> &Arc<BalloonDevice> {
-        &self.device
-    }
-
     /// Serves frontends one after another, forever.
     pub fn run(mut self) -> Result<(), DaemonError> {
         if self.config.stats_interval_s > 0 {

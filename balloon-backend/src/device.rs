@@ -4,7 +4,7 @@
 //! through `host_memory`.
 
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
@@ -729,6 +729,3 @@ impl VhostUserBackend for BalloonDevice {
         Ok(())
     }
 }
-
-/// The device as the vhost-user daemon holds it.
-pub type SharedDevice = Arc<BalloonDevice>;

@@ -224,16 +224,22 @@ impl BalloonDevice {
     }
 
     pub fn status(&self) -> DeviceStatus {
-        let state = self.state();
-        let guest_ram_bytes = state.ram.total_bytes();
-        let resident_bytes = match state.ram.resident_bytes() {
-            Ok(bytes) if state.connected => Some(bytes),
+        // Walking the memory file's extents can take a while on a fragmented
+        // file: measure on a clone, outside the device lock.
+        let (ram, connected) = {
+            let state = self.state();
+            (state.ram.clone(), state.connected)
+        };
+        let resident_bytes = match ram.resident_bytes() {
+            Ok(bytes) if connected => Some(bytes),
             Ok(_) => None,
             Err(error) => {
                 warn!("{error}");
                 None
             }
         };
+        let state = self.state();
+        let guest_ram_bytes = state.ram.total_bytes();
         DeviceStatus {
             connected: state.connected,
             guest_ram_bytes,

@@ -39,7 +39,7 @@ pub enum HostMemoryError {
 }
 
 /// One region of guest RAM and where it lives on the host.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct BackedRegion {
     ram: RamRegion,
     file: Arc<File>,
@@ -47,8 +47,9 @@ struct BackedRegion {
     host_page_bytes: u64,
 }
 
-/// Guest RAM as the device sees it after SET_MEM_TABLE.
-#[derive(Debug, Default)]
+/// Guest RAM as the device sees it after SET_MEM_TABLE. Cloning shares the
+/// files (cheap), so slow measurements can run without the device lock.
+#[derive(Clone, Debug, Default)]
 pub struct GuestRam {
     regions: Vec<BackedRegion>,
 }

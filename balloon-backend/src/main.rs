@@ -8,6 +8,8 @@ use balloon_backend::daemon::Backend;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -25,12 +27,14 @@ fn run() -> anyhow::Result<()> {
     let sockets: Vec<_> = std::iter::once(config.socket.clone())
         .chain(config.control.clone())
         .collect();
-    // DaemonError can hold vhost-user-backend's error, which is not Sync;
-    // anyhow takes its message here at the binary's edge.
-    let backend = Backend::bind(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     // On SIGINT/SIGTERM remove our socket files and exit, leaving nothing
-    // behind. A pipe, not a socketpair: the backend request channel is found
-    // as the process's only unnamed socket pair (see config_notify).
+    // behind. Installed before the sockets exist, so that a signal right
+    // after they appear is never missed; the files are removed only once
+    // this process has bound them. A pipe, not a socketpair: the backend
+    // request channel is found as the process's only unnamed socket pair
+    // (see config_notify).
+    let bound = Arc::new(AtomicBool::new(false));
+    let bound_for_signals = bound.clone();
     let (mut wake_reader, wake_writer) = std::io::pipe().context("creating the signal pipe")?;
     for signal in [SIGINT, SIGTERM] {
         let writer = wake_writer.try_clone().context("cloning the signal pipe")?;
@@ -43,7 +47,8 @@ fn run() -> anyhow::Result<()> {
             let mut byte = [0u8; 1];
             if wake_reader.read(&mut byte).is_ok() {
                 log::info!("signal received: removing sockets and exiting");
-                for path in &sockets {
+                let ours = bound_for_signals.load(Ordering::SeqCst);
+                for path in sockets.iter().filter(|_| ours) {
                     if let Err(error) = std::fs::remove_file(path) {
                         log::warn!("removing {}: {error}", path.display());
                     }
@@ -52,6 +57,10 @@ fn run() -> anyhow::Result<()> {
             }
         })
         .context("starting the signal thread")?;
+    // DaemonError can hold vhost-user-backend's error, which is not Sync;
+    // anyhow takes its message here at the binary's edge.
+    let backend = Backend::bind(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    bound.store(true, Ordering::SeqCst);
     backend.run().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

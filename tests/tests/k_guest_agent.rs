@@ -2,6 +2,7 @@
 //! reclaim request drops the guest's page cache; a memory hog raises PSI and
 //! host-policy deflates that VM on the agent's word.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +14,21 @@ use guest_tests::{wait_for, Stack, MIB};
 /// through PSI), the lowest PSI threshold, and no cool-down (so a stall
 /// while the test fills the page cache does not block inflation for long).
 const POLICY: &str = "inflate_step_mib = 64\nhard_inflate_step_mib = 128\ndeflate_step_mib = 128\nmin_free_mib = 0\nmin_free_percent = 0\npsi_some_avg10 = 1\npressure_cooldown_s = 0";
+
+/// Waits for a host-policy log line containing `needle`; on timeout the
+/// error carries the whole log.
+fn wait_log_line(log_path: &Path, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+    wait_for(needle, timeout, || {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        Ok(log.lines().find(|l| l.contains(needle)).map(str::to_string))
+    })
+    .with_context(|| {
+        format!(
+            "host-policy log:\n{}",
+            std::fs::read_to_string(log_path).unwrap_or_default()
+        )
+    })
+}
 
 fn page_cache_bytes(meminfo: &std::collections::HashMap<String, u64>) -> u64 {
     let get = |k: &str| meminfo.get(k).copied().unwrap_or(0);
@@ -125,15 +141,11 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         },
     )?;
     policy.set_host(16384, 1310)?;
-    let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let line = wait_for("a reclaim request", Duration::from_secs(60), || {
-        let log = std::fs::read_to_string(&log_path)?;
-        Ok(log
-            .lines()
-            .find(|l| l.contains("asked the guest agent to reclaim"))
-            .map(str::to_string))
-    })
-    .with_context(|| format!("host-policy log:\n{}", show_log()))?;
+    let line = wait_log_line(
+        &log_path,
+        "asked the guest agent to reclaim",
+        Duration::from_secs(60),
+    )?;
     eprintln!("[k] {line}");
     let cache_after = page_cache_bytes(&stack.vm.meminfo()?);
     eprintln!(
@@ -168,14 +180,7 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         Duration::from_secs(120),
     )?;
     eprintln!("[k] hog exited {status}");
-    let line = wait_for("a PSI-driven deflate", Duration::from_secs(30), || {
-        let log = std::fs::read_to_string(&log_path)?;
-        Ok(log
-            .lines()
-            .find(|l| l.contains("guest agent: PSI"))
-            .map(str::to_string))
-    })
-    .with_context(|| format!("host-policy log:\n{}", show_log()))?;
+    let line = wait_log_line(&log_path, "guest agent: PSI", Duration::from_secs(30))?;
     eprintln!("[k] {line}");
     // "balloon A MiB -> B MiB: guest agent: PSI …" with B < A.
     let sizes: Vec<u64> = line

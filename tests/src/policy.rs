@@ -64,10 +64,8 @@ impl PolicyProcess {
         let child = Command::new(&env.host_policy_binary)
             .args(["run", "--config"])
             .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            // Decisions are logged at info; tests read them whatever RUST_LOG says.
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stderr(match agent {
                 Some(_) => Stdio::from(std::fs::File::create(dir.join("host-policy.log"))?),

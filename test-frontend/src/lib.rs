@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod rig;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -33,7 +35,7 @@ pub const REGION1_BYTES: u64 = 16 * MIB;
 pub const MEMFD_BYTES: u64 = 72 * MIB;
 pub const GUEST_RAM_BYTES: u64 = REGION0_BYTES + REGION1_BYTES;
 /// Queues and request buffers live at the top of region 1.
-const QUEUE_AREA_GPA: u64 = 60 * MIB;
+pub const QUEUE_AREA_GPA: u64 = 60 * MIB;
 pub const BUFFER_AREA_GPA: u64 = 62 * MIB;
 pub const QUEUE_SIZE: u16 = 64;
 const SENTINEL: u8 = 0x5a;
@@ -65,6 +67,62 @@ pub fn allocated(file: &File, start: u64, len: u64) -> u64 {
     balloon_backend::host_memory::allocated_bytes(file, start, len).unwrap()
 }
 
+/// Maps the memfd as guest RAM: region 0 at GPA 0 (file offset 0), region 1
+/// at GPA 48 MiB (file offset 40 MiB), a hole between them.
+pub fn guest_memory(memfd: &File) -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges_with_files([
+        (
+            GuestAddress(0),
+            REGION0_BYTES as usize,
+            Some(FileOffset::new(memfd.try_clone().unwrap(), 0)),
+        ),
+        (
+            GuestAddress(REGION1_GPA),
+            REGION1_BYTES as usize,
+            Some(FileOffset::new(
+                memfd.try_clone().unwrap(),
+                REGION1_FILE_OFFSET,
+            )),
+        ),
+    ])
+    .unwrap()
+}
+
+/// The memfd ranges that are not guest RAM: (file offset, length).
+const OUTSIDE_RAM: [(u64, u64); 2] = [
+    (REGION0_BYTES, REGION1_FILE_OFFSET - REGION0_BYTES),
+    (
+        REGION1_FILE_OFFSET + REGION1_BYTES,
+        MEMFD_BYTES - REGION1_FILE_OFFSET - REGION1_BYTES,
+    ),
+];
+
+/// Fills the memfd bytes that are not guest RAM with a sentinel.
+pub fn fill_outside_ram(memfd: &File) {
+    for (start, len) in OUTSIDE_RAM {
+        memfd
+            .write_all_at(&vec![SENTINEL; len as usize], start)
+            .unwrap();
+    }
+}
+
+/// Asserts the memfd bytes that are not guest RAM are allocated and unchanged.
+pub fn assert_outside_ram_intact(memfd: &File) {
+    for (start, len) in OUTSIDE_RAM {
+        assert_eq!(
+            allocated(memfd, start, len),
+            len,
+            "memory outside guest RAM was freed"
+        );
+        let mut bytes = vec![0u8; len as usize];
+        memfd.read_exact_at(&mut bytes, start).unwrap();
+        assert!(
+            bytes.iter().all(|b| *b == SENTINEL),
+            "memory outside guest RAM changed"
+        );
+    }
+}
+
 /// One split virtqueue driven from the test.
 pub struct TestQueue {
     base: u64,
@@ -76,6 +134,56 @@ pub struct TestQueue {
 }
 
 impl TestQueue {
+    /// Queue `index`'s rings, laid out at the top of region 1.
+    pub fn new(index: usize) -> Self {
+        TestQueue {
+            base: QUEUE_AREA_GPA + index as u64 * 0x10000,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+            kick: EventFd::new(0).unwrap(),
+            call: EventFd::new(0).unwrap(),
+        }
+    }
+
+    /// Guest physical addresses of the descriptor table, avail and used rings.
+    pub fn addresses(&self) -> (u64, u64, u64) {
+        (self.desc_addr(), self.avail_addr(), self.used_addr())
+    }
+
+    /// Writes raw descriptors (addr, len, flags, next) at the next free
+    /// slots and makes the first one available. Nothing is fixed up.
+    pub fn write_chain(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, u16, u16)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let index = (head + i as u16) % QUEUE_SIZE;
+            let at = self.desc_addr() + 16 * u64::from(index);
+            mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
+            mem.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
+            mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
+            mem.write_obj(next.to_le(), GuestAddress(at + 14)).unwrap();
+        }
+        self.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
+        let slot = self.avail_addr() + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
+        mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail_addr() + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        head
+    }
+
+    /// Where the next chain's head descriptor will go.
+    pub fn next_desc(&self) -> u16 {
+        self.next_desc
+    }
+
+    /// How many chains the device has used so far.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used_addr() + 2)).unwrap()
+    }
+
     fn desc_addr(&self) -> u64 {
         self.base
     }
@@ -103,8 +211,12 @@ pub struct Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        let _ignored = self.child.kill();
-        let _reaped = self.child.wait();
+        if let Err(error) = self.child.kill() {
+            eprintln!("stopping the backend: {error}");
+        }
+        if let Err(error) = self.child.wait() {
+            eprintln!("reaping the backend: {error}");
+        }
     }
 }
 
@@ -168,22 +280,7 @@ impl Harness {
         memfd
             .write_all_at(&vec![SENTINEL; MEMFD_BYTES as usize], 0)
             .unwrap();
-        let mem = GuestMemoryMmap::from_ranges_with_files([
-            (
-                GuestAddress(0),
-                REGION0_BYTES as usize,
-                Some(FileOffset::new(memfd.try_clone().unwrap(), 0)),
-            ),
-            (
-                GuestAddress(REGION1_GPA),
-                REGION1_BYTES as usize,
-                Some(FileOffset::new(
-                    memfd.try_clone().unwrap(),
-                    REGION1_FILE_OFFSET,
-                )),
-            ),
-        ])
-        .unwrap();
+        let mem = guest_memory(&memfd);
         let regions: Vec<VhostUserMemoryRegionInfo> = [
             (0, REGION0_BYTES, 0),
             (REGION1_GPA, REGION1_BYTES, REGION1_FILE_OFFSET),
@@ -202,14 +299,7 @@ impl Harness {
         let queue_count = balloon_backend::features::queue_roles(acked).len();
         let mut queues = Vec::new();
         for index in 0..queue_count {
-            let queue = TestQueue {
-                base: QUEUE_AREA_GPA + index as u64 * 0x10000,
-                next_desc: 0,
-                avail_idx: 0,
-                used_seen: 0,
-                kick: EventFd::new(0).unwrap(),
-                call: EventFd::new(0).unwrap(),
-            };
+            let queue = TestQueue::new(index);
             // Zero the rings.
             mem.write_slice(&[0u8; 0x10000], GuestAddress(queue.base))
                 .unwrap();
@@ -290,34 +380,8 @@ impl Harness {
     /// free slots, makes the first one available and kicks. Nothing is fixed
     /// up: this is for malformed chains.
     pub fn push_raw(&mut self, queue: usize, descs: &[(u64, u32, u16, u16)]) -> u16 {
-        let q = &mut self.queues[queue];
-        let head = q.next_desc;
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let index = (head + i as u16) % QUEUE_SIZE;
-            let at = q.desc_addr() + 16 * u64::from(index);
-            self.mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
-            self.mem
-                .write_obj(len.to_le(), GuestAddress(at + 8))
-                .unwrap();
-            self.mem
-                .write_obj(flags.to_le(), GuestAddress(at + 12))
-                .unwrap();
-            self.mem
-                .write_obj(next.to_le(), GuestAddress(at + 14))
-                .unwrap();
-        }
-        q.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
-        let slot = q.avail_addr() + 4 + 2 * u64::from(q.avail_idx % QUEUE_SIZE);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        q.avail_idx = q.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(q.avail_idx.to_le(), GuestAddress(q.avail_addr() + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        q.kick.write(1).unwrap();
+        let head = self.queues[queue].write_chain(&self.mem, descs);
+        self.queues[queue].kick.write(1).unwrap();
         head
     }
 
@@ -348,9 +412,7 @@ impl Harness {
     }
 
     pub fn used_idx(&self, queue: usize) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.queues[queue].used_addr() + 2))
-            .unwrap()
+        self.queues[queue].used_idx(&self.mem)
     }
 
     /// Sends PFNs as one readable buffer and waits for the device to use it.
@@ -488,25 +550,7 @@ impl Harness {
 
     /// Asserts the bytes of the memfd that are not guest RAM are untouched.
     pub fn assert_outside_ram_intact(&self) {
-        for (start, len) in [
-            (REGION0_BYTES, REGION1_FILE_OFFSET - REGION0_BYTES),
-            (
-                REGION1_FILE_OFFSET + REGION1_BYTES,
-                MEMFD_BYTES - REGION1_FILE_OFFSET - REGION1_BYTES,
-            ),
-        ] {
-            assert_eq!(
-                allocated(&self.memfd, start, len),
-                len,
-                "memory outside guest RAM was freed"
-            );
-            let mut bytes = vec![0u8; len as usize];
-            self.memfd.read_exact_at(&mut bytes, start).unwrap();
-            assert!(
-                bytes.iter().all(|b| *b == SENTINEL),
-                "memory outside guest RAM changed"
-            );
-        }
+        assert_outside_ram_intact(&self.memfd);
     }
 }
 

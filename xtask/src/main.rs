@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod provision;
 
 use std::process::{Command, ExitCode};
@@ -30,6 +31,12 @@ enum Task {
     Demo,
     /// Run the benchmarks and write docs/performance.md.
     Bench,
+    /// Run every fuzz target for a while (cargo-fuzz, nightly toolchain).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Provision everything, then run every test in the workspace.
     Test {
         /// Extra arguments for `cargo test`.
@@ -65,6 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(&env)
         }
         Task::Bench => bench::run(),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Test { cargo_args } => {
             provision::ensure_all()?;
             let status = Command::new(provision::cargo())

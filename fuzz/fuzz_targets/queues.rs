@@ -1,0 +1,59 @@
+//! Descriptor chains on every queue of the real device, over memfd guest
+//! RAM with a hole: the device never panics, every inflate, deflate and
+//! report request is completed, the tracking stays within guest RAM, and
+//! nothing outside guest RAM is freed or changed.
+
+#![no_main]
+
+use std::sync::{Mutex, OnceLock};
+
+use libfuzzer_sys::fuzz_target;
+use test_frontend::rig::Rig;
+use test_frontend::{assert_outside_ram_intact, BUFFER_AREA_GPA, GUEST_RAM_BYTES};
+use vm_memory::{Bytes, GuestAddress};
+
+/// One rig for the process: building 72 MiB of guest RAM per input would
+/// leave little time for fuzzing. State carries over between inputs, as it
+/// would in a long-running guest.
+static RIG: OnceLock<Mutex<(Rig, u64)>> = OnceLock::new();
+
+fuzz_target!(|data: &[u8]| {
+    let rig = RIG.get_or_init(|| Mutex::new((Rig::new(), 0)));
+    let mut guard = rig.lock().unwrap_or_else(|e| e.into_inner());
+    let (rig, runs) = &mut *guard;
+    // Layout: [queue][count] then count × (addr u64, len u32, flags u16, next u16),
+    // then the rest goes into the buffer area the descriptors may point at.
+    let Some((&queue, rest)) = data.split_first() else { return };
+    let queue = usize::from(queue) % rig.queues.len();
+    let Some((&count, rest)) = rest.split_first() else { return };
+    let count = usize::from(count % 70).max(1);
+    let mut descs = Vec::new();
+    let split = (count * 16).min(rest.len() - rest.len() % 16);
+    let (table, payload) = rest.split_at(split);
+    for chunk in table.chunks_exact(16) {
+        let addr = u64::from_le_bytes(chunk[0..8].try_into().unwrap());
+        let len = u32::from_le_bytes(chunk[8..12].try_into().unwrap());
+        let flags = u16::from_le_bytes(chunk[12..14].try_into().unwrap());
+        let next = u16::from_le_bytes(chunk[14..16].try_into().unwrap());
+        // Bias addresses into guest RAM and the buffer area half the time.
+        let addr = if addr & 1 == 0 { BUFFER_AREA_GPA + (addr >> 1) % (2 << 20) } else { addr };
+        descs.push((addr, len, flags, next));
+    }
+    if descs.is_empty() {
+        return;
+    }
+    rig.mem.write_slice(payload, GuestAddress(BUFFER_AREA_GPA)).unwrap();
+    let used_before = rig.used(queue);
+    rig.submit(queue, &descs);
+    let status = rig.status();
+    assert!(status.ballooned_bytes <= GUEST_RAM_BYTES);
+    assert_eq!(status.discarded_bytes, status.ballooned_bytes);
+    assert_eq!(status.target_bytes, 0, "a guest request changed the target");
+    if queue != 2 {
+        assert_eq!(rig.used(queue), used_before.wrapping_add(1), "queue {queue} did not complete the request");
+    }
+    *runs += 1;
+    if *runs % 512 == 0 {
+        assert_outside_ram_intact(&rig.memfd);
+    }
+});

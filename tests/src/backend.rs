@@ -78,6 +78,10 @@ impl BackendProcess {
         ControlClient::connect(&self.control)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

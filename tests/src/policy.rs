@@ -80,6 +80,10 @@ impl PolicyProcess {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Pretends the host has `available_mib` of `total_mib` available.
     pub fn set_host(&self, total_mib: u64, available_mib: u64) -> anyhow::Result<()> {
         write_meminfo(&self.meminfo, total_mib, available_mib)

@@ -2,6 +2,11 @@
 //! the machine and date, to docs/performance.md.
 
 use std::process::Command;
+use std::time::Duration;
+
+use guest_tests::policy::PolicyProcess;
+use guest_tests::vm::Vm;
+use guest_tests::Stack;
 
 use anyhow::Context;
 
@@ -26,19 +31,12 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-pub fn run() -> anyhow::Result<()> {
-    let root = workspace_root();
-    eprintln!("[xtask] running the inflate-path benchmark (release build)");
+/// Runs one Cargo bench (harness = false) and returns the table it prints.
+fn cargo_bench(package: &str, bench: &str) -> anyhow::Result<String> {
+    eprintln!("[xtask] running {package}/{bench} (release build)");
     let output = Command::new(cargo())
-        .current_dir(&root)
-        .args([
-            "bench",
-            "--quiet",
-            "-p",
-            "balloon-backend",
-            "--bench",
-            "inflate",
-        ])
+        .current_dir(workspace_root())
+        .args(["bench", "--quiet", "-p", package, "--bench", bench])
         .output()
         .context("running cargo bench")?;
     anyhow::ensure!(
@@ -46,7 +44,96 @@ pub fn run() -> anyhow::Result<()> {
         "the benchmark failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let table = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// A field of a /proc status file.
+fn status_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// (resident KiB, context switches) of a host process, summed over threads.
+fn process_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mut switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let text = std::fs::read_to_string(task?.path().join("status")).unwrap_or_default();
+        switches += status_field(&text, "voluntary_ctxt_switches:")
+            + status_field(&text, "nonvoluntary_ctxt_switches:");
+    }
+    Ok((status_field(&status, "VmRSS:"), switches))
+}
+
+/// The same for the guest agent, read inside the guest.
+fn agent_sample(vm: &mut Vm) -> anyhow::Result<(u64, u64)> {
+    let text = vm.sh("cat /proc/$(pidof guest-agent)/status")?;
+    Ok((
+        status_field(&text, "VmRSS:"),
+        status_field(&text, "voluntary_ctxt_switches:")
+            + status_field(&text, "nonvoluntary_ctxt_switches:"),
+    ))
+}
+
+/// RSS and idle wake-ups of the three programs, with a 512 MiB guest
+/// attached, statistics every 5 s, host-policy ticking every second on an
+/// idle host and the guest agent reporting every 2 s.
+fn footprint() -> anyhow::Result<String> {
+    let window = Duration::from_secs(20);
+    let dir = tempfile::tempdir()?;
+    let agent_socket = dir.path().join("agent.sock");
+    let mut stack = Stack::start(512, &[], |c| c.agent_socket = Some(agent_socket.clone()))?;
+    stack
+        .vm
+        .wait_line(|l| l == "@@AGENT started", Duration::from_secs(10))?;
+    let policy = PolicyProcess::start_with_agent(
+        &stack.env,
+        stack.dir.path(),
+        &stack.backend.control,
+        Some(&agent_socket),
+        "",
+    )?;
+    // Let start-up settle; the measurement window is what counts.
+    std::thread::sleep(Duration::from_secs(5));
+    let before = [
+        process_sample(stack.backend.pid())?,
+        process_sample(policy.pid())?,
+        agent_sample(&mut stack.vm)?,
+    ];
+    std::thread::sleep(window);
+    let after = [
+        process_sample(stack.backend.pid())?,
+        process_sample(policy.pid())?,
+        agent_sample(&mut stack.vm)?,
+    ];
+    let mut table = String::from(
+        "| program | RSS | wake-ups per second (context switches, all threads) |\n|---|---|---|\n",
+    );
+    let names = [
+        "balloon-backend (stats every 5 s)",
+        "host-policy (a tick every 1 s)",
+        "guest-agent (a report every 2 s; measured in the guest)",
+    ];
+    for ((name, b), a) in names.iter().zip(before).zip(after) {
+        let rate = a.1.saturating_sub(b.1) as f64 / window.as_secs_f64();
+        table.push_str(&format!(
+            "| {name} | {:.1} MiB | {rate:.1} |\n",
+            a.0 as f64 / 1024.0
+        ));
+    }
+    Ok(table.trim_end().to_string())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let table = cargo_bench("balloon-backend", "inflate")?;
+    let policy_table = cargo_bench("host-policy", "decide")?;
+    let env = crate::provision::ensure_all()?;
+    eprintln!("[xtask] measuring footprints with a real guest (about 40 s)");
+    let footprint_table = footprint()?;
+    let comparison_table = crate::compare::run(&env)?;
     let document = format!(
         "# Performance\n\n\
          Measured by `cargo xtask bench` on {date}: {cpu}, {cores} cores, kernel {kernel}.\n\
@@ -60,15 +147,30 @@ pub fn run() -> anyhow::Result<()> {
          \"Scattered\" feeds every page of the range in a shuffled order, so almost no\n\
          two PFNs of a request are adjacent. Each figure is the median of 3 runs;\n\
          every run is checked to have freed the whole range.\n\n{table}\n\n\
-         The real-guest comparison with QEMU's built-in balloon, free page reporting\n\
-         and footprint figures are not measured yet (issue 6).\n",
+         ## host-policy decision time\n\n\
+         One tick of the pure policy (`policy::decide`) for synthetic VMs, all with\n\
+         fresh statistics, the host in reclaim. The ratio compares the cost per VM\n\
+         with the 10-VM tick of the same run.\n\n{policy_table}\n\n\
+         ## Footprint\n\n\
+         A 512 MiB guest (Linux 6.12, {accel}) on balloon-backend, host-policy\n\
+         managing it on an idle host, the guest agent reporting; counted over 20 s.\n\n{footprint_table}\n\n\
+         ## Real guest: balloon-backend against QEMU's virtio-balloon\n\n\
+         Both on the same QEMU build, guest image (Linux 6.12) and memfd guest RAM,\n\
+         under {accel}. Targets: ours through the control socket, QEMU's through QMP\n\
+         `balloon`. Discard calls are counted with `strace -c -f` in a second run of\n\
+         each side (tracing slows the process, so times come from the untraced run).\n\n\
+         {comparison_table}\n",
         date = command_output("date", &["-u", "+%Y-%m-%d"]),
         cpu = cpu_model(),
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel = command_output("uname", &["-r"]),
+        accel = env.accel,
     );
     let path = root.join("docs/performance.md");
     std::fs::write(&path, document).with_context(|| format!("writing {}", path.display()))?;
-    println!("{table}\n\nwritten to {}", path.display());
+    println!(
+        "{table}\n\n{policy_table}\n\n{footprint_table}\n\nwritten to {}",
+        path.display()
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! every test, run the benchmarks. `cargo xtask --help` lists them.
 
 mod bench;
+mod compare;
 mod demo;
 mod fuzz;
 mod provision;

@@ -1,0 +1,304 @@
+//! Side-by-side with QEMU's built-in virtio-balloon on the same QEMU build,
+//! guest image and memfd guest RAM: inflate speed, memory returned, discard
+//! system calls and host CPU; and free page reporting.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use guest_tests::backend::BackendProcess;
+use guest_tests::env::TestEnv;
+use guest_tests::vm::{Balloon, Vm, VmConfig};
+use guest_tests::{wait_for, MIB};
+use serde_json::{json, Value};
+
+const GUEST_MIB: u64 = 2048;
+const TARGET_BYTES: u64 = 1 << 30;
+
+/// A minimal QMP client.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> anyhow::Result<Qmp> {
+        let stream = wait_for("the QMP socket", Duration::from_secs(20), || {
+            Ok(UnixStream::connect(path).ok())
+        })?;
+        let mut qmp = Qmp {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        };
+        qmp.read()?; // greeting
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> anyhow::Result<Value> {
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        writeln!(
+            self.writer,
+            "{}",
+            json!({"execute": command, "arguments": arguments})
+        )?;
+        loop {
+            let reply = self.read()?;
+            if reply.get("event").is_some() {
+                continue;
+            }
+            anyhow::ensure!(reply.get("error").is_none(), "QMP {command}: {reply}");
+            return Ok(reply["return"].clone());
+        }
+    }
+}
+
+/// CPU seconds of a process's threads, leaving out vCPU threads ("CPU n/…").
+fn device_cpu_s(pid: u32) -> anyhow::Result<f64> {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.starts_with("CPU ") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised command name: utime is 14, stime 15.
+        let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let get = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += get(11) + get(12);
+    }
+    Ok(ticks as f64 / 100.0)
+}
+
+/// `strace -c` on a process for fallocate and madvise calls.
+struct SyscallCount {
+    child: Child,
+    output: PathBuf,
+}
+
+impl SyscallCount {
+    fn attach(pid: u32, output: PathBuf) -> anyhow::Result<Self> {
+        let child = Command::new("strace")
+            .args(["-f", "-c", "-e", "trace=fallocate,madvise", "-o"])
+            .arg(&output)
+            .args(["-p", &pid.to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting strace (apt-get install strace)")?;
+        // strace needs a moment to attach to every thread.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(SyscallCount { child, output })
+    }
+
+    fn finish(mut self) -> anyhow::Result<u64> {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        self.child.wait()?;
+        let text = std::fs::read_to_string(&self.output)?;
+        // Rows: % time, seconds, usecs/call, calls, [errors,] syscall.
+        Ok(text
+            .lines()
+            .filter(|l| l.ends_with("fallocate") || l.ends_with("madvise"))
+            .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+            .sum())
+    }
+}
+
+struct InflateRun {
+    seconds: f64,
+    returned_bytes: u64,
+    cpu_s: f64,
+    discard_calls: Option<u64>,
+}
+
+fn inflate_ours(env: &TestEnv, count_calls: bool) -> anyhow::Result<InflateRun> {
+    let dir = tempfile::tempdir()?;
+    let backend = BackendProcess::start(
+        env,
+        dir.path(),
+        &[
+            "--max-reclaim-percent",
+            "75",
+            "--no-reporting",
+            "--stats-interval",
+            "0",
+        ],
+    )?;
+    let vm = Vm::boot(
+        env,
+        &VmConfig {
+            prealloc: true,
+            ..VmConfig::with_backend(GUEST_MIB, backend.socket.clone())
+        },
+    )?;
+    let mut control = backend.client()?;
+    wait_for("the driver", Duration::from_secs(60), || {
+        Ok(control.status()?["features"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+            .then_some(()))
+    })?;
+    let trace = count_calls
+        .then(|| SyscallCount::attach(backend.pid(), dir.path().join("strace.txt")))
+        .transpose()?;
+    let resident = vm.host_resident_bytes()?;
+    let cpu = device_cpu_s(backend.pid())?;
+    let started = Instant::now();
+    control.set_target(TARGET_BYTES)?;
+    wait_for("actual", Duration::from_secs(300), || {
+        Ok((control.status()?["actual_bytes"] == TARGET_BYTES).then_some(()))
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(InflateRun {
+        seconds,
+        returned_bytes: resident.saturating_sub(vm.host_resident_bytes()?),
+        cpu_s: device_cpu_s(backend.pid())? - cpu,
+        discard_calls: trace.map(SyscallCount::finish).transpose()?,
+    })
+}
+
+fn inflate_builtin(env: &TestEnv, count_calls: bool) -> anyhow::Result<InflateRun> {
+    let dir = tempfile::tempdir()?;
+    let qmp_path = dir.path().join("qmp.sock");
+    let vm = Vm::boot(
+        env,
+        &VmConfig {
+            mem_mib: GUEST_MIB,
+            balloon: Balloon::BuiltIn {
+                free_page_reporting: false,
+            },
+            prealloc: true,
+            qmp_socket: Some(qmp_path.clone()),
+            ..VmConfig::default()
+        },
+    )?;
+    let mut qmp = Qmp::connect(&qmp_path)?;
+    let trace = count_calls
+        .then(|| SyscallCount::attach(vm.pid(), dir.path().join("strace.txt")))
+        .transpose()?;
+    let resident = vm.host_resident_bytes()?;
+    let cpu = device_cpu_s(vm.pid())?;
+    let ram = GUEST_MIB * MIB;
+    let started = Instant::now();
+    qmp.execute("balloon", json!({"value": ram - TARGET_BYTES}))?;
+    wait_for("actual", Duration::from_secs(300), || {
+        Ok((qmp.execute("query-balloon", json!({}))?["actual"]
+            .as_u64()
+            .unwrap_or(ram)
+            <= ram - TARGET_BYTES)
+            .then_some(()))
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(InflateRun {
+        seconds,
+        returned_bytes: resident.saturating_sub(vm.host_resident_bytes()?),
+        cpu_s: device_cpu_s(vm.pid())? - cpu,
+        discard_calls: trace.map(SyscallCount::finish).transpose()?,
+    })
+}
+
+/// Host memory returned after the guest frees 512 MiB: (at 10 s, seconds to 400 MiB).
+fn reporting_run(env: &TestEnv, ours: bool) -> anyhow::Result<(u64, Option<f64>)> {
+    let dir = tempfile::tempdir()?;
+    let backend = if ours {
+        Some(BackendProcess::start(env, dir.path(), &[])?)
+    } else {
+        None
+    };
+    let config = match &backend {
+        Some(b) => VmConfig::with_backend(1024, b.socket.clone()),
+        None => VmConfig {
+            mem_mib: 1024,
+            balloon: Balloon::BuiltIn {
+                free_page_reporting: true,
+            },
+            ..VmConfig::default()
+        },
+    };
+    let mut vm = Vm::boot(env, &config)?;
+    vm.sh("dd if=/dev/zero of=/mnt/data/fill bs=1M count=512 2>/dev/null")?;
+    let filled = vm.host_resident_bytes()?;
+    vm.sh("rm /mnt/data/fill")?;
+    let freed_at = Instant::now();
+    let mut reached = None;
+    let mut returned = 0;
+    while freed_at.elapsed() < Duration::from_secs(10) {
+        returned = filled.saturating_sub(vm.host_resident_bytes()?);
+        if reached.is_none() && returned >= 400 * MIB {
+            reached = Some(freed_at.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((returned, reached))
+}
+
+/// strace counts the discard calls; install it when missing (as root).
+fn ensure_strace() -> anyhow::Result<()> {
+    if Command::new("strace").arg("-V").output().is_ok() {
+        return Ok(());
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "strace"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("installing strace (apt-get install strace)")?;
+    anyhow::ensure!(status.success(), "apt-get install strace failed");
+    Ok(())
+}
+
+pub fn run(env: &TestEnv) -> anyhow::Result<String> {
+    ensure_strace()?;
+    eprintln!("[xtask] real-guest comparison with QEMU's virtio-balloon (about 2 minutes)");
+    let ours = inflate_ours(env, false)?;
+    let ours_calls = inflate_ours(env, true)?.discard_calls.unwrap_or(0);
+    let builtin = inflate_builtin(env, false)?;
+    let builtin_calls = inflate_builtin(env, true)?.discard_calls.unwrap_or(0);
+    let (ours_reported, ours_400) = reporting_run(env, true)?;
+    let (builtin_reported, builtin_400) = reporting_run(env, false)?;
+    let secs = |s: Option<f64>| s.map_or("not reached".to_string(), |s| format!("{s:.1} s"));
+    let gib = TARGET_BYTES as f64 / (1u64 << 30) as f64;
+    Ok(format!(
+        "| 1 GiB balloon on a 2 GiB guest (prealloc) | balloon-backend | QEMU virtio-balloon | ours / QEMU |\n\
+         |---|---|---|---|\n\
+         | time from target to `actual` | {:.2} s | {:.2} s | {:.2}x |\n\
+         | host memory returned | {} MiB | {} MiB | {:.2}x |\n\
+         | discard system calls per GiB (fallocate + madvise) | {:.0} | {:.0} | {:.4}x |\n\
+         | host CPU of the device side (QEMU: all non-vCPU threads) | {:.2} s | {:.2} s | {:.2}x |\n\n\
+         | free page reporting, 1 GiB guest frees 512 MiB | balloon-backend | QEMU virtio-balloon | ours / QEMU |\n\
+         |---|---|---|---|\n\
+         | host memory returned within 10 s | {} MiB | {} MiB | {:.2}x |\n\
+         | time until 400 MiB were back | {} | {} | |",
+        ours.seconds,
+        builtin.seconds,
+        ours.seconds / builtin.seconds,
+        ours.returned_bytes / MIB,
+        builtin.returned_bytes / MIB,
+        ours.returned_bytes as f64 / builtin.returned_bytes.max(1) as f64,
+        ours_calls as f64 / gib,
+        builtin_calls as f64 / gib,
+        ours_calls as f64 / builtin_calls.max(1) as f64,
+        ours.cpu_s,
+        builtin.cpu_s,
+        ours.cpu_s / builtin.cpu_s.max(0.01),
+        ours_reported / MIB,
+        builtin_reported / MIB,
+        ours_reported as f64 / builtin_reported.max(1) as f64,
+        secs(ours_400),
+        secs(builtin_400),
+    ))
+}

@@ -3,12 +3,12 @@
 //! `host-policy status`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::agent_client::{AgentClient, AgentReport};
 use crate::client::{BackendClient, BackendStatus};
@@ -296,11 +296,19 @@ fn write_state(path: &Path, state: &StateFile) {
 /// the old one when the new file is invalid.
 pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let reload = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    // Signals arrive on a channel, so the loop sleeps until the next tick or
+    // a signal, whichever comes first, instead of polling.
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    let (signal_tx, signal_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal_tx.send(signal).is_err() {
+                    break;
+                }
+            }
+        })?;
     info!(
         "managing {} VM(s) every {} s{}",
         managed_vms(&config).len(),
@@ -312,28 +320,31 @@ pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
         }
     );
     let mut daemon = Daemon::new(config, dry_run);
-    while !stop.load(Ordering::SeqCst) {
-        if reload.swap(false, Ordering::SeqCst) {
-            match Config::load(config_path) {
-                Ok(config) => {
-                    info!("configuration reloaded from {}", config_path.display());
-                    daemon.reload(config);
-                }
-                Err(error) => error!("configuration not reloaded, keeping the old one: {error}"),
-            }
-        }
+    loop {
         if let Err(error) = daemon.tick() {
             error!("tick failed: {error:#}");
         }
-        // Sleep the interval, waking early for signals.
-        let deadline = Instant::now() + Duration::from_secs(daemon.config().host.interval_s.0);
-        while Instant::now() < deadline
-            && !stop.load(Ordering::SeqCst)
-            && !reload.load(Ordering::SeqCst)
-        {
-            std::thread::sleep(Duration::from_millis(100));
+        let next_tick = Instant::now() + Duration::from_secs(daemon.config().host.interval_s.0);
+        loop {
+            let left = next_tick.saturating_duration_since(Instant::now());
+            match signal_rx.recv_timeout(left) {
+                Ok(SIGHUP) => match Config::load(config_path) {
+                    Ok(config) => {
+                        info!("configuration reloaded from {}", config_path.display());
+                        daemon.reload(config);
+                        break;
+                    }
+                    Err(error) => {
+                        error!("configuration not reloaded, keeping the old one: {error}")
+                    }
+                },
+                Ok(_) => {
+                    info!("stopping");
+                    return Ok(());
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the signal thread stopped"),
+            }
         }
     }
-    info!("stopping");
-    Ok(())
 }

@@ -48,13 +48,16 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
     stack
         .vm
         .wait_line(|l| l == "@@AGENT started", Duration::from_secs(10))?;
-    let mut policy = PolicyProcess::start_with_agent(
-        &stack.env,
-        stack.dir.path(),
-        &stack.backend.control,
-        Some(&agent_socket),
-        POLICY,
-    )?;
+    let start_policy = |stack: &Stack| {
+        PolicyProcess::start_with_agent(
+            &stack.env,
+            stack.dir.path(),
+            &stack.backend.control,
+            Some(&agent_socket),
+            POLICY,
+        )
+    };
+    let mut policy = start_policy(&stack)?;
     let state_path = stack.dir.path().join("host-policy.json");
     let log_path = stack.dir.path().join("host-policy.log");
 
@@ -95,13 +98,7 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
     // The host side goes away and comes back: the agent reconnects.
     policy.stop()?;
     std::fs::remove_file(&state_path)?;
-    let mut policy = PolicyProcess::start_with_agent(
-        &stack.env,
-        stack.dir.path(),
-        &stack.backend.control,
-        Some(&agent_socket),
-        POLICY,
-    )?;
+    let mut policy = start_policy(&stack)?;
     wait_for(
         "reports after host-policy restarted",
         Duration::from_secs(30),

@@ -153,23 +153,17 @@ fn inflate_ours(env: &TestEnv, count_calls: bool) -> anyhow::Result<InflateRun> 
             .is_some_and(|f| !f.is_empty())
             .then_some(()))
     })?;
-    let trace = count_calls
-        .then(|| SyscallCount::attach(backend.pid(), dir.path().join("strace.txt")))
-        .transpose()?;
-    let resident = vm.host_resident_bytes()?;
-    let cpu = device_cpu_s(backend.pid())?;
-    let started = Instant::now();
-    control.set_target(TARGET_BYTES)?;
-    wait_for("actual", Duration::from_secs(300), || {
-        Ok((control.status()?["actual_bytes"] == TARGET_BYTES).then_some(()))
-    })?;
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(InflateRun {
-        seconds,
-        returned_bytes: resident.saturating_sub(vm.host_resident_bytes()?),
-        cpu_s: device_cpu_s(backend.pid())? - cpu,
-        discard_calls: trace.map(SyscallCount::finish).transpose()?,
-    })
+    measure_inflate(
+        &vm,
+        backend.pid(),
+        count_calls.then(|| dir.path().join("strace.txt")),
+        || {
+            control.set_target(TARGET_BYTES)?;
+            wait_for("actual", Duration::from_secs(300), || {
+                Ok((control.status()?["actual_bytes"] == TARGET_BYTES).then_some(()))
+            })
+        },
+    )
 }
 
 fn inflate_builtin(env: &TestEnv, count_calls: bool) -> anyhow::Result<InflateRun> {
@@ -188,26 +182,44 @@ fn inflate_builtin(env: &TestEnv, count_calls: bool) -> anyhow::Result<InflateRu
         },
     )?;
     let mut qmp = Qmp::connect(&qmp_path)?;
-    let trace = count_calls
-        .then(|| SyscallCount::attach(vm.pid(), dir.path().join("strace.txt")))
+    let ram = GUEST_MIB * MIB;
+    measure_inflate(
+        &vm,
+        vm.pid(),
+        count_calls.then(|| dir.path().join("strace.txt")),
+        || {
+            qmp.execute("balloon", json!({"value": ram - TARGET_BYTES}))?;
+            wait_for("actual", Duration::from_secs(300), || {
+                let actual = qmp.execute("query-balloon", json!({}))?["actual"]
+                    .as_u64()
+                    .unwrap_or(ram);
+                Ok((actual <= ram - TARGET_BYTES).then_some(()))
+            })
+        },
+    )
+}
+
+/// Times `inflate` (set a 1 GiB target and wait for it) and measures what
+/// it returned to the host and cost the device process `device_pid`;
+/// with `trace`, counts discard calls into that file.
+fn measure_inflate(
+    vm: &Vm,
+    device_pid: u32,
+    trace: Option<PathBuf>,
+    inflate: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<InflateRun> {
+    let trace = trace
+        .map(|path| SyscallCount::attach(device_pid, path))
         .transpose()?;
     let resident = vm.host_resident_bytes()?;
-    let cpu = device_cpu_s(vm.pid())?;
-    let ram = GUEST_MIB * MIB;
+    let cpu = device_cpu_s(device_pid)?;
     let started = Instant::now();
-    qmp.execute("balloon", json!({"value": ram - TARGET_BYTES}))?;
-    wait_for("actual", Duration::from_secs(300), || {
-        Ok((qmp.execute("query-balloon", json!({}))?["actual"]
-            .as_u64()
-            .unwrap_or(ram)
-            <= ram - TARGET_BYTES)
-            .then_some(()))
-    })?;
+    inflate()?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(InflateRun {
         seconds,
         returned_bytes: resident.saturating_sub(vm.host_resident_bytes()?),
-        cpu_s: device_cpu_s(vm.pid())? - cpu,
+        cpu_s: device_cpu_s(device_pid)? - cpu,
         discard_calls: trace.map(SyscallCount::finish).transpose()?,
     })
 }

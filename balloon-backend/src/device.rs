@@ -11,6 +11,7 @@ use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
     Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
@@ -21,6 +22,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::chain::{bounded_chain, ChainCut, MAX_CHAIN_DESCRIPTORS};
 use crate::config_notify::{find_backend_channel, ConfigNotifier};
 use crate::config_space::ConfigSpace;
 use crate::faults::{Fault, FaultLog};
@@ -345,11 +347,30 @@ impl BalloonDevice {
         }
     }
 
+    /// The descriptors of a chain, cut at a loop or at
+    /// `MAX_CHAIN_DESCRIPTORS`, each cut counted under its own name.
+    fn descriptors(&self, chain: DescriptorChain<ChainMemory>) -> Vec<Descriptor> {
+        let head = chain.head_index();
+        let (descriptors, cut) = bounded_chain(head, chain);
+        match cut {
+            Some(ChainCut::Loop) => self.faults.record(Fault::DescriptorChainLoop, 1, || {
+                format!("descriptor chain at head {head} loops; the rest is ignored")
+            }),
+            Some(ChainCut::TooLong) => self.faults.record(Fault::DescriptorChainTooLong, 1, || {
+                format!(
+                    "descriptor chain at head {head} has more than {MAX_CHAIN_DESCRIPTORS} descriptors; the rest is ignored"
+                )
+            }),
+            None => {}
+        }
+        descriptors
+    }
+
     /// Reads the readable descriptors of a chain, up to `limit` bytes.
     fn read_chain(&self, chain: DescriptorChain<ChainMemory>, limit: usize) -> Vec<u8> {
         let mut bytes = Vec::new();
         let memory = chain.memory().clone();
-        for descriptor in chain {
+        for descriptor in self.descriptors(chain) {
             if descriptor.is_write_only() {
                 self.faults.record(Fault::WriteOnlyDescriptor, 1, || {
                     format!(
@@ -360,8 +381,8 @@ impl BalloonDevice {
                 continue;
             }
             let len = descriptor.len() as usize;
-            if bytes.len() + len > limit {
-                self.faults.record(Fault::BadDescriptorChain, 1, || {
+            if bytes.len().saturating_add(len) > limit {
+                self.faults.record(Fault::RequestTooLong, 1, || {
                     format!("request longer than {limit} bytes; the rest is ignored")
                 });
                 break;
@@ -370,7 +391,7 @@ impl BalloonDevice {
             bytes.resize(start + len, 0);
             if let Err(error) = memory.read_slice(&mut bytes[start..], descriptor.addr()) {
                 bytes.truncate(start);
-                self.faults.record(Fault::BadDescriptorChain, 1, || {
+                self.faults.record(Fault::DescriptorOutsideRam, 1, || {
                     format!(
                         "descriptor {:#x}+{len} is not in guest RAM: {error}",
                         descriptor.addr().0
@@ -436,7 +457,7 @@ impl BalloonDevice {
     fn handle_report(&self, chain: DescriptorChain<ChainMemory>) {
         let mut state = self.state();
         let skip_discard = self.poison_blocks_discard(&state);
-        for descriptor in chain {
+        for descriptor in self.descriptors(chain) {
             if !descriptor.is_write_only() {
                 self.faults.record(Fault::ReadOnlyDescriptor, 1, || {
                     format!(
@@ -457,6 +478,7 @@ impl BalloonDevice {
                         RangeError::Empty => Fault::ReportEmptyRange,
                         RangeError::Unaligned => Fault::ReportUnalignedRange,
                         RangeError::OutsideRam => Fault::ReportOutsideRam,
+                        RangeError::CrossesRegionEnd => Fault::ReportCrossesRegionEnd,
                     };
                     self.faults.record(fault, 1, || {
                         format!(

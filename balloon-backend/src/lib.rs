@@ -1,6 +1,7 @@
 //! A vhost-user virtio-balloon device that returns inflated and reported
 //! guest pages to the host by punching holes in guest RAM.
 
+pub mod chain;
 pub mod cli;
 pub mod config_notify;
 pub mod config_space;

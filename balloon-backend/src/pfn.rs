@@ -82,7 +82,10 @@ pub fn compact_pfns(regions: &[RamRegion], pfns: impl IntoIterator<Item = u32>) 
 pub enum RangeError {
     Empty,
     Unaligned,
+    /// The range starts outside guest RAM (in a hole or beyond the end).
     OutsideRam,
+    /// The range starts in a region and runs past its end.
+    CrossesRegionEnd,
 }
 
 /// Validates one reported free range (guest physical address and length):
@@ -105,7 +108,7 @@ pub fn locate_range(
         .checked_add(pages)
         .is_none_or(|end| end > region_pages)
     {
-        return Err(RangeError::OutsideRam);
+        return Err(RangeError::CrossesRegionEnd);
     }
     Ok(PageRun {
         region,
@@ -223,7 +226,12 @@ mod tests {
         );
         assert_eq!(
             locate_range(&regions, 0x400000, 0x200000),
-            Err(RangeError::OutsideRam)
+            Err(RangeError::CrossesRegionEnd)
+        );
+        // From the end of region 0 into the hole.
+        assert_eq!(
+            locate_range(&regions, 0x9f000, 0x2000),
+            Err(RangeError::CrossesRegionEnd)
         );
         assert_eq!(
             locate_range(&regions, 0xa0000, 4096),

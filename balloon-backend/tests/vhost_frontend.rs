@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use balloon_backend::chain::MAX_CHAIN_DESCRIPTORS;
+use balloon_backend::features::{self, bit};
 use test_frontend::*;
 
 fn backend() -> &'static std::path::Path {
@@ -58,10 +60,19 @@ fn feature_switches_remove_features_from_the_offer() {
         use vhost::VhostBackend;
         h.frontend.get_features().unwrap()
     };
-    for bit in [1, 2, 4, 5] {
-        assert_eq!(offered & (1 << bit), 0, "feature bit {bit} still offered");
+    for feature in [
+        features::STATS_VQ,
+        features::DEFLATE_ON_OOM,
+        features::PAGE_POISON,
+        features::REPORTING,
+    ] {
+        assert_eq!(
+            offered & bit(feature),
+            0,
+            "feature bit {feature} still offered"
+        );
     }
-    assert_ne!(offered & (1 << 32), 0);
+    assert_ne!(offered & bit(features::VERSION_1), 0);
 }
 
 #[test]
@@ -228,33 +239,77 @@ fn statistics_are_held_and_refreshed_on_request() {
     assert_eq!(reply["stats"]["free_bytes"], 10 * MIB);
 }
 
+/// Every counter in `status.errors`, so a test can say which ones moved.
+fn error_counts(h: &mut Harness) -> serde_json::Map<String, serde_json::Value> {
+    h.status()["errors"].as_object().unwrap().clone()
+}
+
+/// Asserts that exactly these counters rose by exactly these amounts since
+/// `before`, and no other counter moved.
+fn assert_counted(
+    h: &mut Harness,
+    before: &serde_json::Map<String, serde_json::Value>,
+    expected: &[(&str, u64)],
+) -> serde_json::Map<String, serde_json::Value> {
+    let after = error_counts(h);
+    for (name, value) in &after {
+        let was = before.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
+        let now = value.as_u64().unwrap();
+        let rise = now.checked_sub(was).unwrap();
+        let wanted = expected
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, n)| *n);
+        assert_eq!(
+            rise, wanted,
+            "counter {name}: {was} -> {now}; all: {after:?}"
+        );
+    }
+    for (name, _) in expected {
+        assert!(
+            after.contains_key(*name),
+            "no counter named {name}: {after:?}"
+        );
+    }
+    after
+}
+
 #[test]
 fn hostile_requests_are_counted_and_the_queues_keep_working() {
     let mut h = Harness::start(backend(), &[]);
     let before = h.resident();
+    let counts = error_counts(&mut h);
     // PFNs in the hole, beyond RAM, and the largest u32.
     h.send_pfns(INFLATE, &[pfn(40 * MIB), pfn(100 * MIB), u32::MAX]);
-    assert_eq!(h.error_count("pfn_outside_ram"), 3);
+    let counts = assert_counted(&mut h, &counts, &[("pfn_outside_ram", 3)]);
     // A write-only descriptor where a readable one belongs.
     let gpa = h.buffer(&pfn(MIB).to_le_bytes());
     h.push(INFLATE, &[(gpa, 4, true)]);
     h.wait_used(INFLATE, 1);
-    assert_eq!(h.error_count("write_only_descriptor"), 1);
-    // A length that is not a multiple of 4.
+    let counts = assert_counted(&mut h, &counts, &[("write_only_descriptor", 1)]);
+    // A length that is not a multiple of 4 (the whole PFN before the tail is
+    // inflated, so one page goes).
     let gpa = h.buffer(&[1, 2, 3, 4, 5, 6]);
     h.push(INFLATE, &[(gpa, 6, false)]);
     h.wait_used(INFLATE, 1);
-    assert_eq!(h.error_count("trailing_bytes"), 1);
-    // A descriptor pointing outside guest RAM, and an oversized one.
+    let counts = assert_counted(
+        &mut h,
+        &counts,
+        &[("trailing_bytes", 1), ("pfn_outside_ram", 1)],
+    );
+    // A descriptor pointing outside guest RAM (the hole).
     h.push(INFLATE, &[(40 * MIB, 4096, false)]);
     h.wait_used(INFLATE, 1);
+    let counts = assert_counted(&mut h, &counts, &[("descriptor_outside_ram", 1)]);
+    // An oversized descriptor: more than a request may hold.
     h.push(INFLATE, &[(BUFFER_AREA_GPA, u32::MAX, false)]);
     h.wait_used(INFLATE, 1);
-    assert!(h.error_count("bad_descriptor_chain") >= 2);
+    let counts = assert_counted(&mut h, &counts, &[("request_too_long", 1)]);
     // Deflating pages never inflated.
     h.send_pfns(DEFLATE, &[pfn(MIB), pfn(MIB) + 1]);
-    assert_eq!(h.error_count("deflate_not_inflated"), 2);
-    // Reports: empty, unaligned, beyond RAM, spanning the hole, read-only.
+    let counts = assert_counted(&mut h, &counts, &[("deflate_not_inflated", 2)]);
+    // Reports: empty, unaligned, crossing from region 0 into the hole,
+    // starting beyond RAM, read-only.
     h.push(
         REPORTING,
         &[
@@ -266,28 +321,32 @@ fn hostile_requests_are_counted_and_the_queues_keep_working() {
         ],
     );
     h.wait_used(REPORTING, 1);
-    let status = h.status();
-    assert_eq!(status["errors"]["report_empty_range"], 1);
-    assert_eq!(status["errors"]["report_unaligned_range"], 1);
-    assert_eq!(status["errors"]["report_outside_ram"], 2);
-    assert_eq!(status["errors"]["read_only_descriptor"], 1);
+    let counts = assert_counted(
+        &mut h,
+        &counts,
+        &[
+            ("report_empty_range", 1),
+            ("report_unaligned_range", 1),
+            ("report_crosses_region_end", 1),
+            ("report_outside_ram", 1),
+            ("read_only_descriptor", 1),
+        ],
+    );
     // Two stats buffers: the older is handed straight back.
     let stats = h.buffer(&[4, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
     h.push(STATS, &[(stats, 10, false)]);
     h.push(STATS, &[(stats, 0, false)]);
     h.wait_used(STATS, 1);
-    assert_eq!(h.error_count("stats_extra_buffer"), 1);
-    // Config accesses outside the 16 bytes.
+    let counts = assert_counted(&mut h, &counts, &[("stats_extra_buffer", 1)]);
+    // A config write past the 16 bytes: refused, counted, and the frontend
+    // connection stays up. (Without NEED_REPLY the frontend's call succeeds;
+    // the counter is what shows the refusal.)
     {
         use vhost::vhost_user::message::VhostUserConfigFlags;
         use vhost::vhost_user::VhostUserFrontend;
-        // Without NEED_REPLY the frontend does not see the refusal; the counter does.
-        if let Err(error) = h
-            .frontend
+        h.frontend
             .set_config(14, VhostUserConfigFlags::WRITABLE, &[1, 2, 3, 4])
-        {
-            eprintln!("set_config refused as expected: {error}");
-        }
+            .unwrap();
     }
     let status = h.wait_status("config fault counted", |s| {
         s["errors"]["config_out_of_range"] == 1
@@ -296,19 +355,37 @@ fn hostile_requests_are_counted_and_the_queues_keep_working() {
         status["connected"], true,
         "a bad config write must not drop the frontend"
     );
+    let counts = assert_counted(&mut h, &counts, &[("config_out_of_range", 1)]);
 
-    // A descriptor that chains to itself forever, and a chain longer than
-    // the queue: the request is cut and completed, the queue goes on.
+    // A descriptor that chains to itself: cut at once, its one PFN (in the
+    // hole) read once.
     let looped = h.next_desc(INFLATE);
     let gpa = h.buffer(&pfn(40 * MIB).to_le_bytes());
     h.push_raw(INFLATE, &[(gpa, 4, 1, looped)]);
     h.wait_used(INFLATE, 1);
+    let counts = assert_counted(
+        &mut h,
+        &counts,
+        &[("descriptor_chain_loop", 1), ("pfn_outside_ram", 1)],
+    );
+    // A chain of the whole queue without a loop: cut at the cap; the kept
+    // descriptors carry the same PFN, counted once outside RAM and as
+    // duplicates after that.
     let start = h.next_desc(INFLATE);
     let long: Vec<(u64, u32, u16, u16)> = (0..QUEUE_SIZE)
-        .map(|i| (gpa, 4, 1, (start + i + 1) % QUEUE_SIZE))
+        .map(|i| {
+            let flags = if i + 1 < QUEUE_SIZE { 1 } else { 0 };
+            (gpa, 4, flags, (start + i + 1) % QUEUE_SIZE)
+        })
         .collect();
     h.push_raw(INFLATE, &long);
     h.wait_used(INFLATE, 1);
+    let kept = MAX_CHAIN_DESCRIPTORS as u64;
+    assert_counted(
+        &mut h,
+        &counts,
+        &[("descriptor_chain_too_long", 1), ("pfn_outside_ram", kept)],
+    );
 
     // Nothing was freed so far, and nothing outside RAM ever.
     assert_eq!(h.resident(), before);
@@ -344,12 +421,16 @@ fn the_backend_accepts_a_new_frontend_after_a_disconnect() {
     let frontend = vhost::vhost_user::Frontend::connect(&socket, 5).unwrap();
     use vhost::VhostBackend;
     frontend.set_owner().unwrap();
-    assert_ne!(frontend.get_features().unwrap() & (1 << 32), 0);
+    assert_ne!(
+        frontend.get_features().unwrap() & bit(features::VERSION_1),
+        0
+    );
 }
 
 #[test]
 fn reports_are_not_discarded_while_the_guest_poisons_free_pages() {
-    let mut h = Harness::start_with_features(backend(), &[], DRIVER_FEATURES | (1 << 4));
+    let mut h =
+        Harness::start_with_features(backend(), &[], DRIVER_FEATURES | bit(features::PAGE_POISON));
     assert!(h.status()["features"]
         .as_array()
         .unwrap()

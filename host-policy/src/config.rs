@@ -189,8 +189,48 @@ struct RawConfig {
     #[serde(default)]
     defaults: VmSettings,
     #[serde(default)]
-    vm: Vec<toml::Spanned<VmSettings>>,
+    vm: Vec<VmSettings>,
     discover: Option<DiscoverSection>,
+}
+
+/// The keys of one table with where each value stands in the file.
+type KeySpans = std::collections::BTreeMap<String, toml::Spanned<toml::Value>>;
+
+/// Where the tables and keys stand in the file, so that errors found after
+/// parsing (relations between keys, `[[vm]]` entries) name the line of the
+/// key or entry at fault rather than a guess.
+#[derive(Debug, Default, Deserialize)]
+struct Locations {
+    host: Option<toml::Spanned<KeySpans>>,
+    defaults: Option<toml::Spanned<KeySpans>>,
+    #[serde(default)]
+    vm: Vec<toml::Spanned<KeySpans>>,
+}
+
+/// The 1-based line of a byte offset.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |before| before.matches('\n').count() + 1)
+}
+
+impl Locations {
+    fn parse(text: &str) -> Locations {
+        // The text already parsed as a RawConfig, so this cannot fail in
+        // practice; an empty map only costs the errors their precision.
+        toml::from_str(text).unwrap_or_default()
+    }
+
+    /// The line of the first of `keys` set in `table`, else of the table
+    /// itself, else line 1.
+    fn line(text: &str, table: Option<&toml::Spanned<KeySpans>>, keys: &[&str]) -> usize {
+        let Some(table) = table else { return 1 };
+        keys.iter()
+            .find_map(|key| table.get_ref().get(*key))
+            .map_or_else(
+                || line_at(text, table.span().start),
+                |value| line_at(text, value.span().start),
+            )
+    }
 }
 
 mod defaults {
@@ -256,17 +296,9 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
-}
-
-/// The 1-based line where `key = ` first appears, for errors without a span.
-fn line_of(text: &str, key: &str) -> usize {
-    text.lines()
-        .position(|line| {
-            let line = line.trim_start();
-            line.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map_or(0, |index| index + 1)
+    /// Something the whole file lacks, so no line is at fault.
+    #[error("{path}: {message}")]
+    Incomplete { path: PathBuf, message: String },
 }
 
 impl Config {
@@ -283,11 +315,13 @@ impl Config {
             path: path.to_path_buf(),
             message: error.to_string().trim_end().to_string(),
         })?;
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
+        let locations = Locations::parse(text);
+        let at = |line: usize, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
-            line: line_of(text, key),
+            line,
             message,
         };
+        let host_line = |keys: &[&str]| Locations::line(text, locations.host.as_ref(), keys);
         let host = raw.host.unwrap_or_default();
         let (hard, start, give_back) = (
             host.reclaim_hard_percent.0,
@@ -295,58 +329,60 @@ impl Config {
             host.give_back_percent.0,
         );
         if hard >= start {
-            return Err(invalid(
-                "reclaim_hard_percent",
+            return Err(at(
+                host_line(&["reclaim_hard_percent", "reclaim_start_percent"]),
                 format!("host.reclaim_hard_percent ({hard}) must be below host.reclaim_start_percent ({start})"),
             ));
         }
         if start >= give_back {
-            return Err(invalid(
-                "give_back_percent",
+            return Err(at(
+                host_line(&["give_back_percent", "reclaim_start_percent"]),
                 format!("host.give_back_percent ({give_back}) must be above host.reclaim_start_percent ({start}), leaving a dead band between them"),
             ));
         }
+        let defaults_line =
+            |keys: &[&str]| Locations::line(text, locations.defaults.as_ref(), keys);
         if raw.defaults.name.is_some()
             || raw.defaults.control.is_some()
             || raw.defaults.agent.is_some()
         {
-            return Err(invalid(
-                "name",
+            return Err(at(
+                defaults_line(&["name", "control", "agent"]),
                 "[defaults] cannot set name, control or agent: those belong to a [[vm]]".into(),
             ));
         }
+        const STEP_KEYS: [&str; 2] = ["deflate_step_mib", "inflate_step_mib"];
         let defaults = raw.defaults.resolve(&VmPolicy::default());
-        check_steps("defaults", &defaults).map_err(|m| invalid("deflate_step_mib", m))?;
+        check_steps("defaults", &defaults).map_err(|m| at(defaults_line(&STEP_KEYS), m))?;
         let mut names = std::collections::BTreeSet::new();
         let mut vms = Vec::new();
-        for spanned in &raw.vm {
-            let line = text
-                .get(..spanned.span().start)
-                .map_or(0, |before| before.lines().count().max(1));
-            let at_line = |message: String| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                line,
-                message,
-            };
-            let settings = spanned.get_ref();
+        for (index, settings) in raw.vm.iter().enumerate() {
+            let entry = locations.vm.get(index);
+            let entry_line = |keys: &[&str]| Locations::line(text, entry, keys);
             let name = settings
                 .name
                 .clone()
-                .ok_or_else(|| at_line("[[vm]] needs a name".into()))?;
+                .ok_or_else(|| at(entry_line(&[]), "[[vm]] needs a name".into()))?;
             let control = settings.control.clone().ok_or_else(|| {
-                at_line(format!(
-                    "vm {name:?} needs control (its balloon-backend control socket)"
-                ))
+                at(
+                    entry_line(&[]),
+                    format!("vm {name:?} needs control (its balloon-backend control socket)"),
+                )
             })?;
             if name.is_empty() || name.contains(char::is_whitespace) {
-                return Err(at_line(format!(
-                    "vm name {name:?} must be non-empty without spaces"
-                )));
+                return Err(at(
+                    entry_line(&["name"]),
+                    format!("vm name {name:?} must be non-empty without spaces"),
+                ));
             }
             if !names.insert(name.clone()) {
-                return Err(at_line(format!("vm name {name:?} appears twice")));
+                return Err(at(
+                    entry_line(&["name"]),
+                    format!("vm name {name:?} appears twice"),
+                ));
             }
-            check_steps(&format!("vm {name:?}"), &settings.resolve(&defaults)).map_err(at_line)?;
+            check_steps(&format!("vm {name:?}"), &settings.resolve(&defaults))
+                .map_err(|m| at(entry_line(&STEP_KEYS), m))?;
             vms.push(VmEntry {
                 name,
                 control,
@@ -355,10 +391,11 @@ impl Config {
             });
         }
         if raw.vm.is_empty() && raw.discover.is_none() {
-            return Err(invalid(
-                "vm",
-                "no VMs: add [[vm]] entries (name, control) or a [discover] directory".into(),
-            ));
+            return Err(ConfigError::Incomplete {
+                path: path.to_path_buf(),
+                message: "no VMs: add [[vm]] entries (name, control) or a [discover] directory"
+                    .into(),
+            });
         }
         Ok(Config {
             path: path.to_path_buf(),
@@ -457,9 +494,11 @@ mod tests {
             error.contains("interval_s") || error.contains("line 2"),
             "{error}"
         );
-        let error = parse("[[vm]]\nname = \"a\"\n").unwrap_err().to_string();
+        let error = parse("[host]\n\n[[vm]]\nname = \"a\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(
-            error.contains("control") && error.contains(":1:"),
+            error.contains("control") && error.contains("host-policy.toml:3:"),
             "{error}"
         );
         let error = parse(&format!("[defaults]\nname = \"x\"\n{MINIMAL}"))
@@ -499,5 +538,58 @@ mod tests {
         let error = parse("[host]\ninterval_s = 5\n").unwrap_err().to_string();
         assert!(error.contains("no VMs"), "{error}");
         assert!(parse("[discover]\ndirectory = \"/run/balloon\"\n").is_ok());
+    }
+
+    /// The line number in an error, `host-policy.toml:N: ...`.
+    fn error_line(text: &str) -> usize {
+        let error = parse(text).unwrap_err().to_string();
+        error
+            .strip_prefix("host-policy.toml:")
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no line in {error:?}"))
+    }
+
+    #[test]
+    fn errors_about_vm_entries_name_the_entry_at_fault() {
+        // The same key set validly earlier in the file must not be named.
+        let text = "[defaults]\ndeflate_step_mib = 512\n\n\
+                    [[vm]]\nname = \"a\"\ncontrol = \"/a\"\ndeflate_step_mib = 512\n\n\
+                    [[vm]]\nname = \"b\"\ncontrol = \"/b\"\ninflate_step_mib = 300\ndeflate_step_mib = 100\n";
+        assert_eq!(error_line(text), 13, "vm b's deflate_step_mib");
+        // Inherited deflate step, the entry's own inflate step at fault.
+        let text = "[[vm]]\nname = \"a\"\ncontrol = \"/a\"\n\n[[vm]]\nname = \"b\"\ncontrol = \"/b\"\ninflate_step_mib = 300\n";
+        assert_eq!(error_line(text), 8);
+        // A duplicate names the second entry's name.
+        let text =
+            "[[vm]]\nname = \"a\"\ncontrol = \"/a\"\n[[vm]]\ncontrol = \"/b\"\nname = \"a\"\n";
+        assert_eq!(error_line(text), 6);
+        // An entry without a name: its own header line.
+        let text = "[[vm]]\nname = \"a\"\ncontrol = \"/a\"\n\n[[vm]]\ncontrol = \"/b\"\n";
+        assert_eq!(error_line(text), 5);
+        let text = "[[vm]]\nname = \"a b\"\ncontrol = \"/a\"\n";
+        assert_eq!(error_line(text), 2);
+    }
+
+    #[test]
+    fn relation_errors_name_the_key_set_in_the_file() {
+        // Only reclaim_start_percent is set; the hard default (10) is above it.
+        let text = format!("[host]\ninterval_s = 5\nreclaim_start_percent = 5\n{MINIMAL}");
+        assert_eq!(error_line(&text), 3);
+        let text =
+            format!("[host]\nreclaim_start_percent = 30\n\ngive_back_percent = 25\n{MINIMAL}");
+        assert_eq!(error_line(&text), 4);
+        // Only the start is set, above the default give-back of 35.
+        let text = format!("{MINIMAL}\n[host]\nreclaim_start_percent = 50\n");
+        assert_eq!(error_line(&text), 6);
+        // [defaults] at fault while a [[vm]] earlier sets the same key.
+        let text =
+            format!("{MINIMAL}deflate_step_mib = 1024\n[defaults]\ninflate_step_mib = 512\n");
+        assert_eq!(error_line(&text), 6);
+        let text = format!("[defaults]\nshares = 5\nname = \"x\"\n{MINIMAL}");
+        assert_eq!(error_line(&text), 3);
+        // A file without VMs names no line at all, never line 0.
+        let error = parse("[host]\ninterval_s = 5\n").unwrap_err().to_string();
+        assert_eq!(error, "host-policy.toml: no VMs: add [[vm]] entries (name, control) or a [discover] directory");
     }
 }

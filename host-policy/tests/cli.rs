@@ -58,41 +58,112 @@ fn check_accepts_the_example_and_names_mistakes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));
 }
 
+/// The parts of `examples/scenario.toml` the simulate test checks against.
+struct Scenario {
+    duration_s: u64,
+    tick_s: u64,
+    vm_names: Vec<String>,
+    /// When the host's other use is at its largest, and when it ends.
+    host_job_start_s: u64,
+    host_job_end_s: u64,
+}
+
+fn read_scenario(path: &std::path::Path) -> Scenario {
+    let table: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let int = |v: &toml::Value| u64::try_from(v.as_integer().unwrap()).unwrap();
+    let steps: Vec<(u64, u64)> = table["host_other_mib"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| {
+            let point = point.as_array().unwrap();
+            (int(&point[0]), int(&point[1]))
+        })
+        .collect();
+    let peak = steps.iter().map(|(_, mib)| *mib).max().unwrap();
+    let host_job_start_s = steps.iter().find(|(_, mib)| *mib == peak).unwrap().0;
+    let host_job_end_s = steps
+        .iter()
+        .filter(|(_, mib)| *mib == peak)
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap();
+    Scenario {
+        duration_s: int(&table["duration_s"]),
+        tick_s: int(&table["tick_s"]),
+        vm_names: table["vm"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| vm["name"].as_str().unwrap().to_string())
+            .collect(),
+        host_job_start_s,
+        host_job_end_s,
+    }
+}
+
 #[test]
 fn simulate_writes_a_csv_and_a_plot() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
+    let scenario_path = examples().join("scenario.toml");
+    let scenario = read_scenario(&scenario_path);
     let status = Command::new(BINARY)
         .args(["simulate", "--scenario"])
-        .arg(examples().join("scenario.toml"))
+        .arg(&scenario_path)
         .arg("--out")
         .arg(&out)
         .status()
         .unwrap();
     assert!(status.success());
     let csv = std::fs::read_to_string(out.with_extension("csv")).unwrap();
-    let header = csv.lines().next().unwrap();
-    assert!(
-        header.starts_with("t_s,host_available_mib,web_balloon_mib,web_guest_free_mib"),
-        "{header}"
-    );
-    assert_eq!(csv.lines().count(), 1 + 1200 / 5 + 1);
-    // The host job forces reclaim: some balloon grows while it runs, and it
-    // is given back after.
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    assert_eq!(header[..2], ["t_s", "host_available_mib"]);
+    for name in &scenario.vm_names {
+        for column in [
+            format!("{name}_balloon_mib"),
+            format!("{name}_guest_free_mib"),
+        ] {
+            assert!(
+                header.contains(&column.as_str()),
+                "{column} missing: {header:?}"
+            );
+        }
+    }
+    let rows_expected = scenario.duration_s / scenario.tick_s + 1;
+    assert_eq!(csv.lines().count() as u64, 1 + rows_expected);
+    // The host job forces reclaim: the balloons grow while it runs, and are
+    // given back after it ends.
+    let balloon_columns: Vec<usize> = scenario
+        .vm_names
+        .iter()
+        .map(|name| {
+            let column = format!("{name}_balloon_mib");
+            header.iter().position(|h| *h == column).unwrap()
+        })
+        .collect();
     let rows: Vec<Vec<f64>> = csv
         .lines()
         .skip(1)
         .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
         .collect();
-    let during = rows.iter().find(|r| r[0] == 590.0).unwrap();
+    let ballooned = |row: &Vec<f64>| balloon_columns.iter().map(|&c| row[c]).sum::<f64>();
+    let last_before_end = rows
+        .iter()
+        .rfind(|r| r[0] < scenario.host_job_end_s as f64)
+        .unwrap();
+    let before_job = rows
+        .iter()
+        .rfind(|r| r[0] <= scenario.host_job_start_s as f64)
+        .unwrap();
     let end = rows.last().unwrap();
     assert!(
-        during[2] + during[4] + during[6] > 0.0,
-        "nothing ballooned during the host job: {during:?}"
+        ballooned(last_before_end) > ballooned(before_job),
+        "nothing ballooned during the host job: {before_job:?} -> {last_before_end:?}"
     );
     assert!(
-        end[2] + end[4] + end[6] < during[2] + during[4] + during[6],
-        "{end:?}"
+        ballooned(end) < ballooned(last_before_end),
+        "nothing given back after the host job: {end:?}"
     );
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(
@@ -151,15 +222,41 @@ fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
+    let ticks_so_far = |log: &str| log.matches("vm a: skipped this tick").count();
     wait_log("managing 1 VM(s)");
+    wait_log("vm a: skipped this tick");
+    // An invalid file: the old configuration stays, ticks go on at 1 s.
     std::fs::write(&config, "[host]\ninterval_s = 0\n").unwrap();
     signal(1);
     wait_log("configuration not reloaded, keeping the old one");
     wait_log("between 1 and 3600");
-    std::fs::write(&config, good.replace("interval_s = 1", "interval_s = 2")).unwrap();
+    let ticks = ticks_so_far(&log.lock().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks_so_far(&log.lock().unwrap()) < ticks + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "ticks stopped after a bad reload"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A valid file that moves the reclaim threshold above the host's 50 %:
+    // only the new configuration makes the next tick switch to reclaim.
+    assert!(
+        !log.lock().unwrap().contains("host mode"),
+        "{}",
+        log.lock().unwrap()
+    );
+    std::fs::write(
+        &config,
+        good.replace(
+            "interval_s = 1\n",
+            "interval_s = 1\nreclaim_start_percent = 60\ngive_back_percent = 80\n",
+        ),
+    )
+    .unwrap();
     signal(1);
     wait_log("configuration reloaded");
-    wait_log("vm a: skipped this tick");
+    wait_log("host mode Normal -> Reclaim (50.0% available)");
     signal(15);
     let deadline = Instant::now() + Duration::from_secs(10);
     while child.try_wait().unwrap().is_none() {

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
+use balloon_backend::features;
 use serde_json::Value;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -49,7 +50,12 @@ const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 
 /// Feature bits the test driver acks (all the device offers but PAGE_POISON).
-pub const DRIVER_FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 5) | (1 << 29) | (1 << 30) | (1 << 32);
+pub const DRIVER_FEATURES: u64 = features::bit(features::STATS_VQ)
+    | features::bit(features::DEFLATE_ON_OOM)
+    | features::bit(features::REPORTING)
+    | features::bit(features::RING_EVENT_IDX)
+    | features::bit(features::PROTOCOL_FEATURES)
+    | features::bit(features::VERSION_1);
 
 pub fn memfd(name: &str, bytes: u64) -> File {
     let name = std::ffi::CString::new(name).unwrap();

@@ -16,11 +16,7 @@ mkdir -p "$work/debs" "$work/root"
 
 step() { printf '[guest] %s\n' "$*"; }
 
-mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources)
-if [ -z "$mirror" ]; then
-  echo "build-guest: no URIs: line in /etc/apt/sources.list.d/debian.sources" >&2
-  exit 1
-fi
+mirror=$(bash "$here/debian-mirror.sh")
 if [ ! -f /etc/apt/sources.list.d/balloon-backports.sources ]; then
   step "adding bookworm-backports from $mirror (for the 6.12 kernel)"
   cat > /etc/apt/sources.list.d/balloon-backports.sources <<SRC

@@ -18,26 +18,45 @@ step() { printf '[qemu] %s\n' "$*"; }
 here=$(cd "$(dirname "$0")" && pwd)
 
 # Reuse the machine's configured Debian mirror: never name one here.
-mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources)
-if [ -z "$mirror" ]; then
-  echo "build-qemu: no URIs: line in /etc/apt/sources.list.d/debian.sources" >&2
-  exit 1
+mirror=$(bash "$here/debian-mirror.sh")
+# Two apt sources, both documented in docs/qemu.md ("Apt sources the build
+# adds"): bookworm-backports stays (meson >= 1.5 and pycotap come from it;
+# backports never upgrade installed packages on their own), the unstable
+# deb-src entry is removed again as soon as the source is downloaded.
+backports=/etc/apt/sources.list.d/balloon-backports.sources
+src_list=/etc/apt/sources.list.d/balloon-qemu-src.sources
+if [ ! -f "$backports" ]; then
+  step "adding bookworm-backports from $mirror (meson, pycotap)"
+  cat > "$backports" <<SRC
+Types: deb
+URIs: $mirror
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
 fi
-step "adding deb-src for unstable from $mirror"
-cat > /etc/apt/sources.list.d/balloon-qemu-src.sources <<SRC
+step "adding deb-src for unstable from $mirror (removed after the download)"
+cat > "$src_list" <<SRC
 Types: deb-src
 URIs: $mirror
 Suites: unstable
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
+trap 'rm -f "$src_list"' EXIT
 apt-get update -qq
 
-step "installing build dependencies"
+step "installing build dependencies (Debian packages only)"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
   libglib2.0-dev ninja-build pkg-config flex bison libpixman-1-dev zlib1g-dev \
-  libfdt-dev seabios qemu-system-data dpkg-dev xz-utils >/dev/null
-python3 -m pip install -q --disable-pip-version-check 'meson>=1.5' pycotap
+  libfdt-dev seabios qemu-system-data dpkg-dev xz-utils patch \
+  python3 python3-venv >/dev/null
+# QEMU 10.2 wants meson >= 1.5; bookworm has 1.0, bookworm-backports 1.7.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  -t bookworm-backports meson python3-pycotap >/dev/null
+# Debian's python3 is the one that sees Debian's meson; another python3
+# earlier on PATH (pyenv, a venv) would not.
+debian_python=/usr/bin/python3
 
 step "fetching the qemu source package"
 cd "$work"
@@ -55,19 +74,28 @@ if [ -z "$fetched" ]; then
   exit 1
 fi
 step "using qemu $fetched"
+rm -f "$src_list"
 dsc=$(ls qemu_*.dsc | head -n 1)
 dpkg-source -x "$dsc" src >/dev/null
-# Our own fixes on top of Debian's series (see each patch's header).
+# Our own fixes on top of Debian's series (see each patch's header). A QEMU
+# newer than the one a patch was written for must fail here, by name, not
+# later in the compiler.
 patches_dir="$here/../qemu-patches"
 for patch_file in "$patches_dir"/*.patch; do
   step "applying $(basename "$patch_file")"
+  if ! patch -d src -p1 --dry-run --quiet < "$patch_file" >"$work/patch.log" 2>&1; then
+    echo "build-qemu: xtask/qemu-patches/$(basename "$patch_file") does not apply to qemu $fetched" >&2
+    echo "build-qemu: it was written for the QEMU named in its header; update the patch for $fetched" >&2
+    sed 's/^/build-qemu:   /' "$work/patch.log" >&2
+    exit 1
+  fi
   patch -d src -p1 --quiet < "$patch_file"
 done
 
 step "configuring"
 mkdir -p src/build
 cd src/build
-../configure --target-list=x86_64-softmmu --without-default-features \
+../configure --python="$debian_python" --target-list=x86_64-softmmu --without-default-features \
   --enable-kvm --enable-tcg --enable-vhost-user --enable-vhost-kernel \
   --enable-pixman --disable-docs --disable-werror --disable-download \
   --disable-install-blobs >configure.log 2>&1 || { tail -n 40 configure.log >&2; exit 1; }

@@ -85,6 +85,23 @@ fn device_cpu_s(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
+/// Whether every thread of `pid` names `tracer` as its TracerPid.
+fn all_threads_traced_by(pid: u32, tracer: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let wanted = format!("TracerPid:\t{tracer}");
+    let mut seen = 0;
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if !status.lines().any(|line| line == wanted) {
+            return false;
+        }
+        seen += 1;
+    }
+    seen > 0
+}
+
 /// `strace -c` on a process for fallocate and madvise calls.
 struct SyscallCount {
     child: Child,
@@ -100,8 +117,13 @@ impl SyscallCount {
             .stderr(Stdio::null())
             .spawn()
             .context("starting strace (apt-get install strace)")?;
-        // strace needs a moment to attach to every thread.
-        std::thread::sleep(Duration::from_millis(500));
+        // Counting starts only once strace traces every thread.
+        let tracer = child.id();
+        wait_for(
+            "strace to attach to every thread",
+            Duration::from_secs(10),
+            || Ok(all_threads_traced_by(pid, tracer).then_some(())),
+        )?;
         Ok(SyscallCount { child, output })
     }
 

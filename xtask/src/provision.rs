@@ -48,7 +48,7 @@ fn is_root() -> bool {
 }
 
 const QEMU_DEVICE: &str = "vhost-user-test-device-pci";
-const QEMU_APT_PACKAGES: &str = "libglib2.0-dev ninja-build pkg-config flex bison libpixman-1-dev zlib1g-dev libfdt-dev seabios qemu-system-data dpkg-dev xz-utils";
+const QEMU_APT_PACKAGES: &str = "libglib2.0-dev ninja-build pkg-config flex bison libpixman-1-dev zlib1g-dev libfdt-dev seabios qemu-system-data dpkg-dev xz-utils patch python3 python3-venv";
 
 fn has_balloon_device(qemu: &Path) -> bool {
     Command::new(qemu)
@@ -92,8 +92,9 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
     if !is_root() {
         anyhow::bail!(
             "no QEMU with {QEMU_DEVICE} found and building one needs root.\n\
-             As root run: apt-get install -y {QEMU_APT_PACKAGES} && pip install 'meson>=1.5' pycotap\n\
-             then `cargo xtask qemu` again, or point BALLOON_QEMU at a QEMU >= 10.2."
+             As root, run `cargo xtask qemu`: it installs Debian's packages ({QEMU_APT_PACKAGES},\n\
+             and meson and python3-pycotap from bookworm-backports) and builds QEMU,\n\
+             or point BALLOON_QEMU at a QEMU >= 10.2."
         );
     }
     eprintln!(

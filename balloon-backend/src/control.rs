@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, warn};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::device::{BalloonDevice, DeviceStatus};
 use crate::features;
@@ -26,60 +26,58 @@ const MAX_CLIENTS: usize = 32;
 const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 5_000;
 const MAX_REFRESH_TIMEOUT_MS: u64 = 60_000;
 
-/// One control request.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    Status {},
-    SetTarget { bytes: u64 },
-    RefreshStats { timeout_ms: Option<u64> },
-}
-
-/// Parses one request line.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    serde_json::from_slice(line).map_err(|error| format!("bad request: {error}"))
-}
+pub use balloon_protocol::control::{parse_request, Request};
+use balloon_protocol::control::{ErrorReply, RefreshStatsReply, SetTargetReply, StatusReply};
 
 fn error_reply(message: impl Into<String>) -> Value {
-    json!({ "ok": false, "error": message.into() })
+    to_reply(&ErrorReply::new(message))
 }
 
-/// The JSON form of a status snapshot.
-pub fn status_json(status: &DeviceStatus, max_reclaim_percent: u8) -> Value {
-    let errors: Map<String, Value> = status
-        .errors
-        .iter()
-        .map(|(name, count)| ((*name).to_string(), json!(count)))
-        .collect();
-    json!({
-        "ok": true,
-        "connected": status.connected,
-        "guest_ram_bytes": status.guest_ram_bytes,
-        "target_bytes": status.target_bytes,
-        "actual_bytes": status.actual_bytes,
-        "max_reclaim_bytes": status.max_reclaim_bytes,
-        "max_reclaim_percent": max_reclaim_percent,
-        "ballooned_bytes": status.ballooned_bytes,
-        "discarded_bytes": status.discarded_bytes,
-        "reported_bytes_total": status.reported_bytes_total,
-        "guest_ram_resident_bytes": status.resident_bytes,
-        "features": features::names(status.acked_features),
-        "config_notify": status.config_notify,
-        "stats": status.stats,
-        "errors": errors,
-    })
+/// A typed reply as a JSON value; our own reply types always serialise.
+fn to_reply(reply: &impl Serialize) -> Value {
+    serde_json::to_value(reply).unwrap_or_else(
+        |error| json!({ "ok": false, "error": format!("reply could not be encoded: {error}") }),
+    )
+}
+
+/// The reply to `status`.
+pub fn status_reply(status: &DeviceStatus, max_reclaim_percent: u8) -> StatusReply {
+    StatusReply {
+        ok: true,
+        connected: status.connected,
+        guest_ram_bytes: status.guest_ram_bytes,
+        target_bytes: status.target_bytes,
+        actual_bytes: status.actual_bytes,
+        max_reclaim_bytes: status.max_reclaim_bytes,
+        max_reclaim_percent,
+        ballooned_bytes: status.ballooned_bytes,
+        discarded_bytes: status.discarded_bytes,
+        reported_bytes_total: status.reported_bytes_total,
+        guest_ram_resident_bytes: status.resident_bytes,
+        features: features::names(status.acked_features)
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        config_notify: status.config_notify,
+        stats: status.stats.clone(),
+        errors: status
+            .errors
+            .iter()
+            .map(|(name, count)| ((*name).to_string(), *count))
+            .collect(),
+    }
 }
 
 /// Answers one request.
 pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request) -> Value {
     match request {
-        Request::Status {} => status_json(&device.status(), max_reclaim_percent),
+        Request::Status {} => to_reply(&status_reply(&device.status(), max_reclaim_percent)),
         Request::SetTarget { bytes } => match device.set_target(bytes) {
-            Ok(outcome) => json!({
-                "ok": true,
-                "target_bytes": outcome.target_bytes,
-                "clamped": outcome.clamped,
-                "notified": outcome.notified,
+            Ok(outcome) => to_reply(&SetTargetReply {
+                ok: true,
+                target_bytes: outcome.target_bytes,
+                clamped: outcome.clamped,
+                notified: outcome.notified,
             }),
             Err(error) => error_reply(error.to_string()),
         },
@@ -91,7 +89,7 @@ pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request)
                 ));
             }
             match device.refresh_stats(Duration::from_millis(timeout_ms)) {
-                Some(stats) => json!({ "ok": true, "stats": stats }),
+                Some(stats) => to_reply(&RefreshStatsReply { ok: true, stats }),
                 None => error_reply(format!(
                     "the guest sent no statistics within {timeout_ms} ms (is STATS_VQ negotiated and the driver loaded?)"
                 )),

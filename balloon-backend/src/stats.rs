@@ -1,8 +1,6 @@
 //! Parsing the guest's memory statistics buffer: packed `{le16 tag; le64 val}`
 //! records. Unknown tags are ignored, as the spec requires.
 
-use serde::Serialize;
-
 /// Size of one packed record.
 pub const RECORD_BYTES: usize = 10;
 
@@ -26,30 +24,7 @@ mod tag {
     pub const DIRECT_RECLAIM: u16 = 15;
 }
 
-/// The guest's statistics. Each field is `None` when the guest did not send
-/// that tag. Swap figures are in bytes as the driver reports them (pages
-/// swapped times the page size).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct GuestStats {
-    pub swap_in: Option<u64>,
-    pub swap_out: Option<u64>,
-    pub major_faults: Option<u64>,
-    pub minor_faults: Option<u64>,
-    pub free_bytes: Option<u64>,
-    pub total_bytes: Option<u64>,
-    pub available_bytes: Option<u64>,
-    pub disk_caches_bytes: Option<u64>,
-    pub hugetlb_allocations: Option<u64>,
-    pub hugetlb_failures: Option<u64>,
-    pub oom_kills: Option<u64>,
-    pub alloc_stalls: Option<u64>,
-    pub async_scans: Option<u64>,
-    pub direct_scans: Option<u64>,
-    pub async_reclaims: Option<u64>,
-    pub direct_reclaims: Option<u64>,
-    /// When the device last received these values (Unix time, milliseconds).
-    pub updated_unix_ms: u64,
-}
+pub use balloon_protocol::control::GuestStats;
 
 /// What parsing found besides the values.
 #[derive(Debug, Default, PartialEq, Eq)]

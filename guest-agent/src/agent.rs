@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use serde_json::{json, Value};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::protocol::{ok_reply, parse_request, Command, ReportReason};
+use balloon_protocol::agent::{parse_command, Command, FromAgent, Reply, ReportReason};
+use balloon_protocol::lines::{LineSplitter, Piece};
+
 use crate::reclaim::reclaim;
-use crate::report::{collect, to_json, Sources};
+use crate::report::{collect, to_message, Sources};
 
 /// Longest request line accepted from the host.
 const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -95,20 +96,20 @@ pub fn run(settings: &Settings) -> ! {
     }
 }
 
-fn send(port: &mut File, message: &Value) -> io::Result<()> {
-    let mut line = message.to_string();
-    line.push('\n');
-    port.write_all(line.as_bytes())
+fn send(port: &mut File, message: &FromAgent) -> io::Result<()> {
+    let mut line = message.to_line().map_err(io::Error::other)?;
+    line.push(b'\n');
+    port.write_all(&line)
 }
 
 /// Answers one request line.
-pub fn answer(settings: &Settings, line: &[u8]) -> Value {
-    match parse_request(line) {
+pub fn answer(settings: &Settings, line: &[u8]) -> Reply {
+    match parse_command(line) {
         Err(reply) => reply,
-        Ok(Command::Ping { id, .. }) => ok_reply(id, json!({"pong": true})),
+        Ok(Command::Ping { id, .. }) => Reply::pong(id),
         Ok(Command::Reclaim { id, bytes, .. }) => match reclaim(&settings.sources, bytes) {
-            Ok(outcome) => ok_reply(id, outcome),
-            Err(error) => crate::protocol::error_reply(Some(id), error.to_string()),
+            Ok(outcome) => Reply::reclaimed(id, outcome),
+            Err(error) => Reply::error(Some(id), error.to_string()),
         },
     }
 }
@@ -151,11 +152,11 @@ fn serve(settings: &Settings, mut port: File) -> io::Result<()> {
     let mut seq = 0;
     let mut report = |port: &mut File, reason: ReportReason| {
         seq += 1;
-        send(port, &to_json(&collect(&settings.sources, reason, seq)))
+        send(port, &to_message(collect(&settings.sources, reason, seq)))
     };
     report(&mut port, ReportReason::Hello)?;
     let mut last_psi_report = Instant::now() - PSI_REPORT_MIN_GAP;
-    let mut pending: Vec<u8> = Vec::new();
+    let mut splitter = LineSplitter::new(MAX_LINE_BYTES);
     let mut events = vec![EpollEvent::default(); 4];
     loop {
         let ready = match epoll.wait(-1, &mut events) {
@@ -183,24 +184,20 @@ fn serve(settings: &Settings, mut port: File) -> io::Result<()> {
                     if n == 0 {
                         return Ok(());
                     }
-                    pending.extend_from_slice(&buffer[..n]);
-                    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = pending.drain(..=end).collect();
-                        if line.iter().all(u8::is_ascii_whitespace) {
-                            continue;
-                        }
-                        let reply = answer(settings, &line);
-                        send(&mut port, &reply)?;
-                    }
-                    if pending.len() > MAX_LINE_BYTES {
-                        pending.clear();
-                        send(
-                            &mut port,
-                            &crate::protocol::error_reply(
+                    for piece in splitter.push(buffer.get(..n).unwrap_or_default()) {
+                        let reply = match piece {
+                            Piece::Line(line) if line.iter().all(u8::is_ascii_whitespace) => {
+                                continue
+                            }
+                            Piece::Line(line) => answer(settings, &line),
+                            // The rest of that line is dropped up to its
+                            // newline, never run as a request of its own.
+                            Piece::Oversized => Reply::error(
                                 None,
                                 format!("request longer than {MAX_LINE_BYTES} bytes"),
                             ),
-                        )?;
+                        };
+                        send(&mut port, &FromAgent::Reply(reply))?;
                     }
                 }
                 _ => {}

@@ -1,26 +1,10 @@
-//! Parsers for the kernel's memory files: /proc/meminfo, /proc/vmstat,
-//! /proc/pressure/memory and cgroup v2 memory.stat. Pure, tested on
-//! recorded samples.
+//! Parsers for the kernel's memory files: /proc/vmstat,
+//! /proc/pressure/memory and cgroup v2 memory.stat (/proc/meminfo's is the
+//! protocol crate's). Pure, tested on recorded samples.
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
-/// /proc/meminfo in bytes (`kB` values converted), keyed by field name.
-pub fn parse_meminfo(text: &str) -> BTreeMap<String, u64> {
-    text.lines()
-        .filter_map(|line| {
-            let (key, rest) = line.split_once(':')?;
-            let mut parts = rest.split_whitespace();
-            let value: u64 = parts.next()?.parse().ok()?;
-            let bytes = match parts.next() {
-                Some("kB") => value.checked_mul(1024)?,
-                _ => value,
-            };
-            Some((key.trim().to_string(), bytes))
-        })
-        .collect()
-}
+pub use balloon_protocol::meminfo::parse_meminfo;
 
 /// `key value` lines, as in /proc/vmstat and memory.stat.
 pub fn parse_key_values(text: &str) -> BTreeMap<String, u64> {
@@ -34,21 +18,7 @@ pub fn parse_key_values(text: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// One line of a PSI file.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PsiLine {
-    pub avg10: f64,
-    pub avg60: f64,
-    pub avg300: f64,
-    /// Total stall time in microseconds.
-    pub total_us: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Psi {
-    pub some: PsiLine,
-    pub full: Option<PsiLine>,
-}
+pub use balloon_protocol::agent::{Psi, PsiLine};
 
 fn parse_psi_line(rest: &str) -> Option<PsiLine> {
     let mut line = PsiLine::default();

@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde_json::{json, Value};
+use balloon_protocol::agent::ReclaimOutcome;
 
 use crate::report::{meminfo, Sources};
 
@@ -25,7 +25,7 @@ pub enum ReclaimError {
 
 /// Reclaims about `bytes` of page cache; reports the method and the page
 /// cache before and after.
-pub fn reclaim(sources: &Sources, bytes: u64) -> Result<Value, ReclaimError> {
+pub fn reclaim(sources: &Sources, bytes: u64) -> Result<ReclaimOutcome, ReclaimError> {
     let before = meminfo(sources).page_cache_bytes;
     let knob = sources.cgroup_dir.join("memory.reclaim");
     let method = match write_knob(&knob, &bytes.to_string()) {
@@ -43,13 +43,13 @@ pub fn reclaim(sources: &Sources, bytes: u64) -> Result<Value, ReclaimError> {
         }
     };
     let after = meminfo(sources).page_cache_bytes;
-    Ok(json!({
-        "method": method,
-        "requested_bytes": bytes,
-        "page_cache_before_bytes": before,
-        "page_cache_after_bytes": after,
-        "reclaimed_bytes": before.saturating_sub(after),
-    }))
+    Ok(ReclaimOutcome {
+        method: method.to_string(),
+        requested_bytes: bytes,
+        page_cache_before_bytes: before,
+        page_cache_after_bytes: after,
+        reclaimed_bytes: before.saturating_sub(after),
+    })
 }
 
 fn write_knob(path: &Path, value: &str) -> std::io::Result<()> {

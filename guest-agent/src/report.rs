@@ -2,11 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-use serde_json::Value;
-
-use crate::procfs::{parse_key_values, parse_meminfo, parse_psi, Psi};
-use crate::protocol::{ReportReason, PROTOCOL_VERSION};
+use crate::procfs::{parse_key_values, parse_meminfo, parse_psi};
+use balloon_protocol::agent::{FromAgent, ReportReason, PROTOCOL_VERSION};
 
 /// Where the agent reads from (a directory tree in tests).
 #[derive(Clone, Debug)]
@@ -24,45 +21,7 @@ impl Default for Sources {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct MemInfo {
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-    pub available_bytes: u64,
-    /// Page cache: Cached + Buffers, less shared memory (which cannot be
-    /// dropped like cache).
-    pub page_cache_bytes: u64,
-    pub shmem_bytes: u64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct VmStat {
-    pub major_faults: u64,
-    pub swap_in_pages: u64,
-    pub swap_out_pages: u64,
-    pub alloc_stalls: u64,
-    pub direct_scans: u64,
-    pub oom_kills: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct CgroupMemory {
-    pub anon_bytes: u64,
-    pub file_bytes: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Report {
-    pub v: u64,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub reason: ReportReason,
-    pub seq: u64,
-    pub meminfo: MemInfo,
-    pub vmstat: VmStat,
-    pub psi: Option<Psi>,
-    pub cgroup: Option<CgroupMemory>,
-}
+pub use balloon_protocol::agent::{CgroupMemory, MemInfo, Report, VmStat};
 
 fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
@@ -98,7 +57,6 @@ pub fn collect(sources: &Sources, reason: ReportReason, seq: u64) -> Report {
     });
     Report {
         v: PROTOCOL_VERSION,
-        kind: "report",
         reason,
         seq,
         meminfo: meminfo(sources),
@@ -115,8 +73,9 @@ pub fn collect(sources: &Sources, reason: ReportReason, seq: u64) -> Report {
     }
 }
 
-pub fn to_json(report: &Report) -> Value {
-    serde_json::to_value(report).unwrap_or(Value::Null)
+/// The report as the agent sends it.
+pub fn to_message(report: Report) -> FromAgent {
+    FromAgent::Report(report)
 }
 
 #[cfg(test)]
@@ -145,7 +104,8 @@ mod tests {
         assert_eq!(report.vmstat.oom_kills, 1);
         assert_eq!(report.psi.unwrap().some.avg10, 3.0);
         assert_eq!(report.cgroup, None);
-        let json = to_json(&report);
+        let json: serde_json::Value =
+            serde_json::from_slice(&to_message(report).to_line().unwrap()).unwrap();
         assert_eq!(json["type"], "report");
         assert_eq!(json["reason"], "timer");
         assert_eq!(json["v"], 1);

@@ -2,6 +2,7 @@
 //! state, run the policy, apply and log the changes, and record them for
 //! `host-policy status`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,10 +11,12 @@ use log::{debug, error, info, warn};
 use serde::{Deserialize, Serialize};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::agent_client::{AgentClient, AgentReport};
-use crate::client::{BackendClient, BackendStatus};
+use balloon_protocol::agent::Report as AgentReport;
+use balloon_protocol::control::StatusReply;
+
 use crate::config::{Config, VmPolicy};
 use crate::host::read_host;
+use crate::links::{tick_reply_timeout, Gate, VmLink};
 use crate::policy::{
     decide, Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput,
 };
@@ -72,7 +75,7 @@ pub fn unix_now_s() -> u64 {
 }
 
 /// The policy input for one VM from its backend's status.
-pub fn vm_input(vm: &ManagedVm, status: &BackendStatus, now_unix_s: u64) -> VmInput {
+pub fn vm_input(vm: &ManagedVm, status: &StatusReply, now_unix_s: u64) -> VmInput {
     let sample = status.stats.as_ref().and_then(|stats| {
         let available_bytes = stats.available_bytes.or(stats.free_bytes)?;
         Some(GuestSample {
@@ -106,7 +109,13 @@ pub struct StateFile {
     pub decision: Decision,
     /// The latest guest-agent report of each VM that has one.
     #[serde(default)]
-    pub agents: std::collections::BTreeMap<String, AgentReport>,
+    pub agents: BTreeMap<String, AgentReport>,
+    /// Each VM's connection and protocol fault counters, by name.
+    #[serde(default)]
+    pub errors: BTreeMap<String, BTreeMap<String, u64>>,
+    /// How long the tick took, from reading the host to the last reply.
+    #[serde(default)]
+    pub tick_ms: u64,
 }
 
 pub struct Daemon {
@@ -114,7 +123,7 @@ pub struct Daemon {
     memory: PolicyMemory,
     dry_run: bool,
     started: Instant,
-    agents: std::collections::BTreeMap<String, AgentClient>,
+    links: BTreeMap<String, VmLink>,
 }
 
 impl Daemon {
@@ -124,7 +133,7 @@ impl Daemon {
             memory: PolicyMemory::default(),
             dry_run,
             started: Instant::now(),
-            agents: std::collections::BTreeMap::new(),
+            links: BTreeMap::new(),
         }
     }
 
@@ -137,32 +146,56 @@ impl Daemon {
         self.config = config;
     }
 
-    /// One tick. Backends that cannot be reached are skipped this tick.
+    /// Each VM's fault counters so far.
+    pub fn errors(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.links
+            .iter()
+            .map(|(name, link)| (name.clone(), link.faults.counts()))
+            .filter(|(_, counts)| !counts.is_empty())
+            .collect()
+    }
+
+    /// One tick. Every backend is asked at once and answers by one common
+    /// deadline, so a silent backend costs the tick that deadline once, not
+    /// once per VM; agents are read without waiting. Backends that do not
+    /// answer are skipped this tick.
     pub fn tick(&mut self) -> anyhow::Result<Decision> {
+        let tick_started = Instant::now();
         let host = read_host(&self.config.host.meminfo)?;
         let now_unix_s = unix_now_s();
+        let vms = managed_vms(&self.config);
+        self.links
+            .retain(|name, _| vms.iter().any(|vm| vm.name == *name));
+        for vm in &vms {
+            self.links
+                .entry(vm.name.clone())
+                .or_insert_with(|| VmLink::new(&vm.name))
+                .send_status(&vm.control);
+        }
+        let reply_timeout = tick_reply_timeout(Duration::from_secs(self.config.host.interval_s.0));
+        let deadline = Instant::now() + reply_timeout;
         let mut inputs = Vec::new();
-        let mut clients = Vec::new();
-        for vm in managed_vms(&self.config) {
-            let status = BackendClient::connect(&vm.control).and_then(|mut client| {
-                let status = client.status()?;
-                Ok((client, status))
-            });
-            match status {
-                Ok((_, status)) if !status.connected => {
+        let mut agents = BTreeMap::new();
+        for vm in &vms {
+            let Some(link) = self.links.get_mut(&vm.name) else {
+                continue;
+            };
+            let report = vm.agent.as_ref().and_then(|path| link.poll_agent(path));
+            if let Some(report) = &report {
+                agents.insert(vm.name.clone(), report.clone());
+            }
+            match link.receive_status(deadline) {
+                Some(status) if !status.connected => {
                     debug!("vm {}: no guest attached yet", vm.name)
                 }
-                Ok((client, status)) => {
-                    let mut input = vm_input(&vm, &status, now_unix_s);
-                    if let (Some(report), Some(sample)) =
-                        (self.agent_report(&vm), input.sample.as_mut())
-                    {
+                Some(status) => {
+                    let mut input = vm_input(vm, &status, now_unix_s);
+                    if let (Some(report), Some(sample)) = (&report, input.sample.as_mut()) {
                         sample.psi_some_avg10 = report.psi.map(|p| p.some.avg10);
                     }
                     inputs.push(input);
-                    clients.push((client, vm));
                 }
-                Err(error) => warn!("vm {}: skipped this tick: {error}", vm.name),
+                None => debug!("vm {}: skipped this tick", vm.name),
             }
         }
         let thresholds = HostThresholds {
@@ -171,16 +204,29 @@ impl Daemon {
             give_back_percent: self.config.host.give_back_percent.0,
         };
         let now_s = self.started.elapsed().as_secs();
-        let decision = decide(now_s, &host, &thresholds, &inputs, &self.memory);
+        let mut decision = decide(now_s, &host, &thresholds, &inputs, &self.memory);
         if decision.mode != self.memory.mode {
             info!(
                 "host mode {:?} -> {:?} ({:.1}% available)",
                 self.memory.mode, decision.mode, decision.host_available_percent
             );
         }
-        for (vm, (client, managed)) in decision.vms.iter().zip(clients.iter_mut()) {
+        let mut sent = Vec::new();
+        for vm in decision.vms.iter_mut() {
+            let Some(link) = self.links.get_mut(&vm.name) else {
+                continue;
+            };
             if vm.target_bytes > vm.previous_bytes && !self.dry_run {
-                self.reclaim_cache_first(managed, vm.target_bytes - vm.previous_bytes);
+                if let Gate::Hold(why) = link.gate_inflation(vm.target_bytes - vm.previous_bytes) {
+                    info!(
+                        "vm {}: holding the balloon at {} MiB: {why}",
+                        vm.name,
+                        vm.previous_bytes >> 20
+                    );
+                    vm.target_bytes = vm.previous_bytes;
+                    vm.reason = why;
+                    continue;
+                }
             }
             if vm.target_bytes == vm.previous_bytes {
                 debug!(
@@ -199,19 +245,20 @@ impl Daemon {
                 vm.target_bytes >> 20,
                 vm.reason
             );
-            if !self.dry_run {
-                if let Err(error) = client.set_target(vm.target_bytes) {
-                    error!("vm {}: setting the target failed: {error}", vm.name);
+            if !self.dry_run && link.send_target(vm.target_bytes) {
+                sent.push(vm.name.clone());
+            }
+        }
+        let deadline = Instant::now() + reply_timeout;
+        for name in sent {
+            if let Some(link) = self.links.get_mut(&name) {
+                if !link.receive_target(deadline) {
+                    error!("vm {name}: setting the target failed (see the counters in `host-policy status`)");
                 }
             }
         }
         self.memory = decision.memory.clone();
         if let Some(path) = &self.config.host.state_file {
-            let agents = self
-                .agents
-                .iter()
-                .filter_map(|(name, agent)| agent.latest().map(|r| (name.clone(), r.clone())))
-                .collect();
             write_state(
                 path,
                 &StateFile {
@@ -219,63 +266,12 @@ impl Daemon {
                     dry_run: self.dry_run,
                     decision: decision.clone(),
                     agents,
+                    errors: self.errors(),
+                    tick_ms: u64::try_from(tick_started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 },
             );
         }
         Ok(decision)
-    }
-
-    /// The VM's latest guest-agent report, (re)connecting as needed.
-    fn agent_report(&mut self, vm: &ManagedVm) -> Option<AgentReport> {
-        let path = vm.agent.as_ref()?;
-        if !self.agents.contains_key(&vm.name) {
-            match AgentClient::connect(path) {
-                Ok(agent) => {
-                    info!(
-                        "vm {}: guest agent connected at {}",
-                        vm.name,
-                        path.display()
-                    );
-                    self.agents.insert(vm.name.clone(), agent);
-                }
-                Err(error) => {
-                    debug!("vm {}: {error}", vm.name);
-                    return None;
-                }
-            }
-        }
-        let agent = self.agents.get_mut(&vm.name)?;
-        match agent.poll() {
-            Ok(report) => report.cloned(),
-            Err(error) => {
-                warn!("vm {}: {error}; reconnecting next tick", vm.name);
-                self.agents.remove(&vm.name);
-                None
-            }
-        }
-    }
-
-    /// Before inflating a VM with a large page cache, asks its agent to
-    /// drop that much cache first, so the balloon takes cold cache rather
-    /// than warm anonymous memory.
-    fn reclaim_cache_first(&mut self, vm: &ManagedVm, bytes: u64) {
-        let Some(agent) = self.agents.get_mut(&vm.name) else {
-            return;
-        };
-        let cache = agent.latest().map_or(0, |r| r.meminfo.page_cache_bytes);
-        if cache < bytes {
-            return;
-        }
-        match agent.reclaim(bytes) {
-            Ok(reply) => info!(
-                "vm {}: asked the guest agent to reclaim {} MiB of page cache before inflating: {} MiB reclaimed ({})",
-                vm.name,
-                bytes >> 20,
-                reply["reclaimed_bytes"].as_u64().unwrap_or(0) >> 20,
-                reply["method"].as_str().unwrap_or("?")
-            ),
-            Err(error) => warn!("vm {}: guest agent reclaim failed: {error}", vm.name),
-        }
     }
 }
 
@@ -321,10 +317,12 @@ pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
     );
     let mut daemon = Daemon::new(config, dry_run);
     loop {
+        let tick_started = Instant::now();
         if let Err(error) = daemon.tick() {
             error!("tick failed: {error:#}");
         }
-        let next_tick = Instant::now() + Duration::from_secs(daemon.config().host.interval_s.0);
+        // Paced from the tick's start, so slow peers do not stretch it.
+        let next_tick = tick_started + Duration::from_secs(daemon.config().host.interval_s.0);
         loop {
             let left = next_tick.saturating_duration_since(Instant::now());
             match signal_rx.recv_timeout(left) {

@@ -15,19 +15,13 @@ pub enum HostError {
     Missing { path: String, field: &'static str },
 }
 
-/// Parses MemTotal and MemAvailable (kB) from meminfo text.
+/// MemTotal and MemAvailable, in bytes, from meminfo text.
 pub fn parse_meminfo(text: &str) -> (Option<u64>, Option<u64>) {
-    let field = |name: &str| {
-        text.lines().find_map(|line| {
-            let rest = line.strip_prefix(name)?.strip_prefix(':')?;
-            rest.split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-                .map(|kib| kib * 1024)
-        })
-    };
-    (field("MemTotal"), field("MemAvailable"))
+    let fields = balloon_protocol::meminfo::parse_meminfo(text);
+    (
+        fields.get("MemTotal").copied(),
+        fields.get("MemAvailable").copied(),
+    )
 }
 
 pub fn read_host(path: &Path) -> Result<HostState, HostError> {

@@ -3,11 +3,10 @@
 
 #![forbid(unsafe_code)]
 
-pub mod agent_client;
-pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod host;
+pub mod links;
 pub mod policy;
 pub mod simulate;
 pub mod status;

@@ -9,7 +9,8 @@ macro_rules! push_line {
     };
 }
 
-use crate::client::BackendClient;
+use balloon_protocol::control::ControlClient;
+
 use crate::config::Config;
 use crate::daemon::{managed_vms, StateFile};
 use crate::policy::limit_bytes;
@@ -47,7 +48,8 @@ pub fn render(config: &Config) -> String {
         "avail MiB"
     );
     for vm in managed_vms(config) {
-        let status = BackendClient::connect(&vm.control).and_then(|mut c| c.status());
+        let status = ControlClient::connect(&vm.control, crate::links::BACKEND_REPLY_TIMEOUT)
+            .and_then(|mut c| c.status());
         let last = state
             .as_ref()
             .and_then(|s| s.decision.vms.iter().find(|d| d.name == vm.name));
@@ -74,6 +76,13 @@ pub fn render(config: &Config) -> String {
             Err(error) => {
                 push_line!(out, "{:<12} unreachable: {error}", vm.name);
             }
+        }
+        if let Some(errors) = state.as_ref().and_then(|s| s.errors.get(&vm.name)) {
+            let listed: Vec<String> = errors
+                .iter()
+                .map(|(name, count)| format!("{name}={count}"))
+                .collect();
+            push_line!(out, "{:<12} errors: {}", "", listed.join(" "));
         }
     }
     out

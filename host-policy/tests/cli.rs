@@ -172,6 +172,22 @@ fn simulate_writes_a_csv_and_a_plot() {
     );
 }
 
+/// Kills the daemon if the test fails half-way.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            if let Err(error) = self.0.kill() {
+                eprintln!("killing host-policy: {error}");
+            }
+            if let Err(error) = self.0.wait() {
+                eprintln!("reaping host-policy: {error}");
+            }
+        }
+    }
+}
+
 #[test]
 fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,14 +196,18 @@ fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     let config = dir.path().join("host-policy.toml");
     let good = format!("[host]\ninterval_s = 1\nmeminfo = {meminfo:?}\n[[vm]]\nname = \"a\"\ncontrol = \"/nonexistent.ctl\"\n");
     std::fs::write(&config, &good).unwrap();
-    let mut child = Command::new(BINARY)
-        .args(["run", "--dry-run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
+    // Debug level: every tick logs "skipped this tick" for the VM that has
+    // no backend, which is how the test counts ticks.
+    let mut child = ChildGuard(
+        Command::new(BINARY)
+            .args(["run", "--dry-run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "host_policy=debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
     let signal = |sig: i32| {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))
@@ -198,7 +218,7 @@ fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     };
     // Collect the log as it comes, to wait for lines rather than for time.
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let mut stderr = child.stderr.take().unwrap();
+    let mut stderr = child.0.stderr.take().unwrap();
     let sink = log.clone();
     std::thread::spawn(move || {
         let mut buffer = [0u8; 4096];
@@ -259,7 +279,7 @@ fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     wait_log("host mode Normal -> Reclaim (50.0% available)");
     signal(15);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
+    while child.0.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < deadline,
             "host-policy did not stop on SIGTERM"

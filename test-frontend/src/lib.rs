@@ -8,7 +8,7 @@
 pub mod rig;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -18,6 +18,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use balloon_backend::features;
+use balloon_protocol::lines::{Limits, LineConnection};
 use serde_json::Value;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -209,8 +210,7 @@ pub struct Harness {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<TestQueue>,
     pub channel: UnixStream,
-    control: BufReader<UnixStream>,
-    control_writer: UnixStream,
+    control: Control,
     buffer_cursor: u64,
     stats_buffer: Option<u64>,
 }
@@ -331,7 +331,6 @@ impl Harness {
             frontend.set_vring_enable(index, true).unwrap();
             queues.push(queue);
         }
-        let control_writer = control_stream.try_clone().unwrap();
         let mut harness = Harness {
             child,
             dir,
@@ -340,8 +339,7 @@ impl Harness {
             mem,
             queues,
             channel,
-            control: BufReader::new(control_stream),
-            control_writer,
+            control: Control::from_stream(control_stream),
             buffer_cursor: BUFFER_AREA_GPA,
             stats_buffer: None,
         };
@@ -432,18 +430,11 @@ impl Harness {
     /// A second control connection, usable from another thread.
     pub fn control_clone(&self) -> Control {
         let control = self.dir.path().join("control.sock");
-        let stream = UnixStream::connect(control).unwrap();
-        Control {
-            writer: stream.try_clone().unwrap(),
-            reader: BufReader::new(stream),
-        }
+        Control::from_stream(UnixStream::connect(control).unwrap())
     }
 
     pub fn request(&mut self, request: &str) -> Value {
-        writeln!(self.control_writer, "{request}").unwrap();
-        let mut line = String::new();
-        self.control.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        self.control.request(request)
     }
 
     pub fn status(&mut self) -> Value {
@@ -560,17 +551,26 @@ impl Harness {
     }
 }
 
-/// A control socket connection.
+/// A control socket connection through the protocol crate's line client;
+/// requests are raw lines, so tests can send malformed ones too.
 pub struct Control {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
+    conn: LineConnection,
 }
 
+/// Longest a test waits for one control reply (refresh-stats may wait 60 s).
+const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(70);
+
 impl Control {
+    pub fn from_stream(stream: UnixStream) -> Self {
+        Control {
+            conn: LineConnection::from_stream("control.sock", stream, Limits::default()),
+        }
+    }
+
     pub fn request(&mut self, request: &str) -> Value {
-        writeln!(self.writer, "{request}").unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        let deadline = Instant::now() + CONTROL_REPLY_TIMEOUT;
+        self.conn.send(request.as_bytes(), deadline).unwrap();
+        let line = self.conn.next_line(deadline).unwrap();
+        serde_json::from_slice(&line).unwrap()
     }
 }

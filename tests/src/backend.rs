@@ -1,12 +1,12 @@
 //! A `balloon-backend` process and a client for its control socket.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use balloon_protocol::lines::{Limits, LineConnection};
 use serde_json::Value;
 
 use crate::env::TestEnv;
@@ -113,28 +113,28 @@ impl Drop for BackendProcess {
     }
 }
 
-/// One connection to the control socket.
+/// One connection to the control socket, through the protocol crate's
+/// line client (deadlines and caps as host-policy has them).
 pub struct ControlClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    conn: LineConnection,
 }
+
+/// Longest a test waits for one reply (refresh-stats may wait 60 s).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(70);
 
 impl ControlClient {
     pub fn connect(path: &Path) -> anyhow::Result<Self> {
-        let stream = UnixStream::connect(path)
-            .with_context(|| format!("connecting to {}", path.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(70)))?;
         Ok(ControlClient {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
+            conn: LineConnection::connect(path, Limits::default())?,
         })
     }
 
     pub fn request(&mut self, request: &Value) -> anyhow::Result<Value> {
-        writeln!(self.writer, "{request}")?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        serde_json::from_str(&line).with_context(|| format!("reply {line:?}"))
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        self.conn.send(request.to_string().as_bytes(), deadline)?;
+        let line = self.conn.next_line(deadline)?;
+        serde_json::from_slice(&line)
+            .with_context(|| format!("reply {:?}", String::from_utf8_lossy(&line)))
     }
 
     pub fn status(&mut self) -> anyhow::Result<Value> {

@@ -315,13 +315,8 @@ impl Vm {
     /// The guest's /proc/meminfo, in bytes.
     pub fn meminfo(&mut self) -> anyhow::Result<HashMap<String, u64>> {
         let text = self.sh("cat /proc/meminfo")?;
-        Ok(text
-            .lines()
-            .filter_map(|line| {
-                let (key, rest) = line.split_once(':')?;
-                let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
-                Some((key.to_string(), kib * 1024))
-            })
+        Ok(balloon_protocol::meminfo::parse_meminfo(&text)
+            .into_iter()
             .collect())
     }
 

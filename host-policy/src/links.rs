@@ -1,0 +1,438 @@
+//! The daemon's connections to one VM: its backend's control socket and its
+//! guest agent, kept open across ticks and reopened only after an error.
+//! Both peers are untrusted (the agent is the guest's; a backend may hang):
+//! every failure is counted per VM under its own name and logged at most
+//! once per interval per kind.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use balloon_protocol::agent::{AgentConnection, AgentCounters, Report};
+use balloon_protocol::control::{ControlClient, ControlError, Request, StatusReply};
+use balloon_protocol::lines::{LineCounters, LineError};
+use log::{info, warn};
+
+/// How long a backend has to answer `host-policy status`.
+pub const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the backends have to answer the requests of one tick: half the
+/// interval, between 200 ms and 2 s, so that a silent backend costs every
+/// tick at most that, once, and ticks keep their pace.
+pub fn tick_reply_timeout(interval: Duration) -> Duration {
+    (interval / 2).clamp(Duration::from_millis(200), BACKEND_REPLY_TIMEOUT)
+}
+/// How long a peer has to take one request line.
+pub const WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long the agent has to answer a reclaim before inflation goes ahead.
+pub const RECLAIM_TIMEOUT: Duration = Duration::from_secs(20);
+/// After a reclaim (answered or not), the next inflations go ahead without
+/// asking again for this long.
+pub const RECLAIM_REPEAT: Duration = Duration::from_secs(30);
+/// One kind of fault is logged at most this often per VM.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which peer a connection fault came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Backend,
+    Agent,
+}
+
+/// The counter a connection error falls under.
+fn line_fault(peer: Peer, error: &LineError) -> &'static str {
+    match (peer, error) {
+        (Peer::Backend, LineError::Connect { .. }) => "backend_connect_failures",
+        (Peer::Backend, LineError::Io { .. }) => "backend_io_errors",
+        (Peer::Backend, LineError::Closed { .. }) => "backend_closed",
+        (Peer::Backend, LineError::ReadTimeout { .. }) => "backend_read_timeouts",
+        (Peer::Backend, LineError::ReadCap { .. }) => "backend_read_cap_reached",
+        (Peer::Backend, LineError::WriteTimeout { .. }) => "backend_write_timeouts",
+        (Peer::Agent, LineError::Connect { .. }) => "agent_connect_failures",
+        (Peer::Agent, LineError::Io { .. }) => "agent_io_errors",
+        (Peer::Agent, LineError::Closed { .. }) => "agent_closed",
+        (Peer::Agent, LineError::ReadTimeout { .. }) => "agent_read_timeouts",
+        (Peer::Agent, LineError::ReadCap { .. }) => "agent_read_cap_reached",
+        (Peer::Agent, LineError::WriteTimeout { .. }) => "agent_write_timeouts",
+    }
+}
+
+fn control_fault(error: &ControlError) -> &'static str {
+    match error {
+        ControlError::Line(error) => line_fault(Peer::Backend, error),
+        ControlError::Reply { .. } => "backend_bad_replies",
+        ControlError::Refused { .. } => "backend_refusals",
+    }
+}
+
+/// Fault counters of one VM with a per-kind log rate limit.
+#[derive(Debug, Default)]
+pub struct VmFaults {
+    counts: BTreeMap<&'static str, u64>,
+    last_logged: BTreeMap<&'static str, Instant>,
+}
+
+impl VmFaults {
+    /// Counts `n` faults of kind `name` and logs `detail` unless this kind
+    /// was logged for this VM within the interval; says whether it logged.
+    pub fn record(
+        &mut self,
+        vm: &str,
+        name: &'static str,
+        n: u64,
+        detail: impl FnOnce() -> String,
+    ) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let count = self.counts.entry(name).or_default();
+        *count = count.saturating_add(n);
+        let total = *count;
+        let now = Instant::now();
+        let due = self
+            .last_logged
+            .get(name)
+            .is_none_or(|at| now.duration_since(*at) >= LOG_INTERVAL);
+        if due {
+            self.last_logged.insert(name, now);
+            let detail = detail();
+            warn!("vm {vm}: {name}: {detail} (total {total})");
+        }
+        due
+    }
+
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.counts
+            .iter()
+            .map(|(name, count)| ((*name).to_string(), *count))
+            .collect()
+    }
+}
+
+/// Where a reclaim request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reclaim {
+    Idle { last_done: Option<Instant> },
+    Waiting { id: u64, bytes: u64, sent: Instant },
+}
+
+/// Whether an inflation may be applied this tick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Proceed,
+    Hold(String),
+}
+
+/// One VM's connections and what they have cost.
+pub struct VmLink {
+    name: String,
+    backend: Option<ControlClient>,
+    backend_seen: LineCounters,
+    /// A status request is in flight on `backend`.
+    awaiting_status: bool,
+    agent: Option<AgentConnection>,
+    agent_seen: AgentCounters,
+    reclaim: Reclaim,
+    pub faults: VmFaults,
+}
+
+impl VmLink {
+    pub fn new(name: &str) -> Self {
+        VmLink {
+            name: name.to_string(),
+            backend: None,
+            backend_seen: LineCounters::default(),
+            awaiting_status: false,
+            agent: None,
+            agent_seen: AgentCounters::default(),
+            reclaim: Reclaim::Idle { last_done: None },
+            faults: VmFaults::default(),
+        }
+    }
+
+    fn backend_failed(&mut self, error: &ControlError) {
+        let name = control_fault(error);
+        let vm = self.name.clone();
+        self.faults
+            .record(&vm, name, 1, || format!("{error}; trying again next tick"));
+        self.take_backend_counters();
+        self.backend = None;
+        self.awaiting_status = false;
+    }
+
+    /// Adds what the backend connection's line counters gained.
+    fn take_backend_counters(&mut self) {
+        let Some(backend) = &self.backend else { return };
+        let now = backend.counters();
+        let seen = std::mem::replace(&mut self.backend_seen, now);
+        let vm = self.name.clone();
+        let oversized = now.oversized_lines.saturating_sub(seen.oversized_lines);
+        self.faults
+            .record(&vm, "backend_oversized_lines", oversized, || {
+                format!("{oversized} reply lines over the line cap dropped")
+            });
+        let dropped = now.dropped_lines.saturating_sub(seen.dropped_lines);
+        self.faults
+            .record(&vm, "backend_unread_lines", dropped, || {
+                format!("{dropped} unrequested lines dropped")
+            });
+    }
+
+    /// Sends this tick's status request, connecting first when needed.
+    pub fn send_status(&mut self, control: &Path) {
+        if self.backend.is_none() {
+            match ControlClient::connect(control, BACKEND_REPLY_TIMEOUT) {
+                Ok(client) => {
+                    self.backend_seen = LineCounters::default();
+                    self.backend = Some(client);
+                }
+                Err(error) => return self.backend_failed(&error),
+            }
+        }
+        let Some(backend) = self.backend.as_mut() else {
+            return;
+        };
+        match backend.send(&Request::Status {}, Instant::now() + WRITE_TIMEOUT) {
+            Ok(()) => self.awaiting_status = true,
+            Err(error) => self.backend_failed(&error),
+        }
+    }
+
+    /// The reply to this tick's status request, waiting until `deadline`.
+    pub fn receive_status(&mut self, deadline: Instant) -> Option<StatusReply> {
+        if !self.awaiting_status {
+            return None;
+        }
+        self.awaiting_status = false;
+        let reply = self.backend.as_mut()?.receive::<StatusReply>(deadline);
+        self.take_backend_counters();
+        match reply {
+            Ok(status) => Some(status),
+            Err(error) => {
+                self.backend_failed(&error);
+                None
+            }
+        }
+    }
+
+    /// Sends a new target; its reply is collected by `receive_target`.
+    pub fn send_target(&mut self, bytes: u64) -> bool {
+        let Some(backend) = self.backend.as_mut() else {
+            return false;
+        };
+        let sent = backend.send(
+            &Request::SetTarget { bytes },
+            Instant::now() + WRITE_TIMEOUT,
+        );
+        match sent {
+            Ok(()) => true,
+            Err(error) => {
+                self.backend_failed(&error);
+                false
+            }
+        }
+    }
+
+    pub fn receive_target(&mut self, deadline: Instant) -> bool {
+        let Some(backend) = self.backend.as_mut() else {
+            return false;
+        };
+        let reply = backend.receive::<balloon_protocol::control::SetTargetReply>(deadline);
+        self.take_backend_counters();
+        match reply {
+            Ok(_) => true,
+            Err(error) => {
+                self.backend_failed(&error);
+                false
+            }
+        }
+    }
+
+    fn agent_failed(&mut self, error: &LineError) {
+        let name = line_fault(Peer::Agent, error);
+        let vm = self.name.clone();
+        self.faults
+            .record(&vm, name, 1, || format!("{error}; trying again next tick"));
+        self.take_agent_counters();
+        self.agent = None;
+        if let Reclaim::Waiting { .. } = self.reclaim {
+            self.reclaim = Reclaim::Idle {
+                last_done: Some(Instant::now()),
+            };
+        }
+    }
+
+    /// Adds what the agent connection's counters gained.
+    fn take_agent_counters(&mut self) {
+        let Some(agent) = &self.agent else { return };
+        let now = agent.counters();
+        let seen = std::mem::replace(&mut self.agent_seen, now);
+        let vm = self.name.clone();
+        for (name, gained, what) in [
+            (
+                "agent_oversized_lines",
+                now.lines
+                    .oversized_lines
+                    .saturating_sub(seen.lines.oversized_lines),
+                "lines over the 64 KiB cap dropped",
+            ),
+            (
+                "agent_read_cap_reached",
+                now.lines
+                    .read_cap_reached
+                    .saturating_sub(seen.lines.read_cap_reached),
+                "ticks that stopped reading at the per-tick cap",
+            ),
+            (
+                "agent_unread_lines",
+                now.lines
+                    .dropped_lines
+                    .saturating_sub(seen.lines.dropped_lines),
+                "lines dropped unread",
+            ),
+            (
+                "agent_malformed_lines",
+                now.malformed_lines.saturating_sub(seen.malformed_lines),
+                "lines that are no report or reply",
+            ),
+            (
+                "agent_unexpected_replies",
+                now.unexpected_replies
+                    .saturating_sub(seen.unexpected_replies),
+                "replies to no request in flight",
+            ),
+        ] {
+            self.faults
+                .record(&vm, name, gained, || format!("{gained} {what}"));
+        }
+    }
+
+    /// Takes in the agent's reports and replies (connecting when needed)
+    /// and settles an answered or expired reclaim; returns the latest
+    /// report.
+    pub fn poll_agent(&mut self, path: &Path) -> Option<Report> {
+        if self.agent.is_none() {
+            match AgentConnection::connect(path) {
+                Ok(agent) => {
+                    info!(
+                        "vm {}: guest agent connected at {}",
+                        self.name,
+                        path.display()
+                    );
+                    self.agent_seen = AgentCounters::default();
+                    self.agent = Some(agent);
+                }
+                Err(error) => {
+                    self.agent_failed(&error);
+                    return None;
+                }
+            }
+        }
+        let polled = self.agent.as_mut()?.poll();
+        self.take_agent_counters();
+        if let Err(error) = polled {
+            self.agent_failed(&error);
+            return None;
+        }
+        self.settle_reclaim();
+        self.agent.as_ref()?.latest().cloned()
+    }
+
+    fn settle_reclaim(&mut self) {
+        let Reclaim::Waiting { id, bytes, sent } = self.reclaim else {
+            return;
+        };
+        let Some(agent) = self.agent.as_mut() else {
+            return;
+        };
+        let vm = self.name.clone();
+        if let Some(reply) = agent.take_reply(id) {
+            match (reply.ok, reply.reclaim) {
+                (true, Some(outcome)) => info!(
+                    "vm {vm}: guest agent reclaimed {} MiB of page cache ({}), {} MiB asked",
+                    outcome.reclaimed_bytes >> 20,
+                    outcome.method,
+                    bytes >> 20
+                ),
+                (_, _) => {
+                    let message = reply.error.unwrap_or_else(|| "no reclaim outcome".into());
+                    self.faults.record(&vm, "reclaim_refusals", 1, || {
+                        format!("guest agent refused to reclaim: {message}")
+                    });
+                }
+            }
+            self.reclaim = Reclaim::Idle {
+                last_done: Some(Instant::now()),
+            };
+        } else if sent.elapsed() >= RECLAIM_TIMEOUT {
+            agent.forget(id);
+            self.faults.record(&vm, "reclaim_timeouts", 1, || {
+                format!("guest agent did not answer a reclaim within {RECLAIM_TIMEOUT:?}; inflating without it")
+            });
+            self.reclaim = Reclaim::Idle {
+                last_done: Some(Instant::now()),
+            };
+        }
+    }
+
+    /// Before inflating by `bytes`: with a large page cache, first ask the
+    /// agent to drop that much cache (so the balloon takes cold cache rather
+    /// than warm anonymous memory) and hold the inflation until it answers
+    /// or its time runs out. Never waits.
+    pub fn gate_inflation(&mut self, bytes: u64) -> Gate {
+        match self.reclaim {
+            Reclaim::Waiting { sent, .. } => Gate::Hold(format!(
+                "waiting for the guest agent's reclaim (asked {} s ago)",
+                sent.elapsed().as_secs()
+            )),
+            Reclaim::Idle { last_done } => {
+                if last_done.is_some_and(|at| at.elapsed() < RECLAIM_REPEAT) {
+                    return Gate::Proceed;
+                }
+                let Some(agent) = self.agent.as_mut() else {
+                    return Gate::Proceed;
+                };
+                let cache = agent.latest().map_or(0, |r| r.meminfo.page_cache_bytes);
+                if cache < bytes {
+                    return Gate::Proceed;
+                }
+                match agent.send_reclaim(bytes, Instant::now() + WRITE_TIMEOUT) {
+                    Ok(id) => {
+                        info!(
+                            "vm {}: asked the guest agent to reclaim {} MiB of page cache before inflating",
+                            self.name,
+                            bytes >> 20
+                        );
+                        self.reclaim = Reclaim::Waiting {
+                            id,
+                            bytes,
+                            sent: Instant::now(),
+                        };
+                        Gate::Hold("waiting for the guest agent's reclaim".into())
+                    }
+                    Err(error) => {
+                        self.agent_failed(&error);
+                        Gate::Proceed
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_counted_every_time_and_logged_at_most_once_per_interval() {
+        let mut faults = VmFaults::default();
+        let logged = (0..5)
+            .filter(|_| faults.record("vm", "agent_malformed_lines", 3, String::new))
+            .count();
+        assert!(!faults.record("vm", "agent_closed", 0, String::new));
+        assert_eq!(logged, 1);
+        assert_eq!(faults.counts().get("agent_malformed_lines"), Some(&15));
+        assert_eq!(faults.counts().get("agent_closed"), None);
+    }
+}

@@ -2,7 +2,7 @@
 //! line. Only clients with this process's uid are served; every malformed
 //! request gets `{"ok":false,"error":…}` and the connection stays usable.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,10 +15,10 @@ use log::{debug, warn};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::device::{BalloonDevice, DeviceStatus};
+use crate::device::{BalloonDevice, DeviceStatus, TargetError};
 use crate::features;
 
-/// Longest request line accepted.
+/// Longest request line accepted, its newline not counted.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Clients served at once; more are answered with an error and closed.
 const MAX_CLIENTS: usize = 32;
@@ -28,6 +28,7 @@ const MAX_REFRESH_TIMEOUT_MS: u64 = 60_000;
 
 pub use balloon_protocol::control::{parse_request, Request};
 use balloon_protocol::control::{ErrorReply, RefreshStatsReply, SetTargetReply, StatusReply};
+use balloon_protocol::lines::{LineSplitter, Piece};
 
 fn error_reply(message: impl Into<String>) -> Value {
     to_reply(&ErrorReply::new(message))
@@ -87,6 +88,11 @@ pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request)
                 return error_reply(format!(
                     "timeout_ms must be between 0 and {MAX_REFRESH_TIMEOUT_MS}, got {timeout_ms}"
                 ));
+            }
+            // Without a guest nothing can answer: refuse at once, as
+            // set-target does, rather than wait and blame the guest.
+            if !device.guest_attached() {
+                return error_reply(TargetError::NoGuest.to_string());
             }
             match device.refresh_stats(Duration::from_millis(timeout_ms)) {
                 Some(stats) => to_reply(&RefreshStatsReply { ok: true, stats }),
@@ -180,38 +186,44 @@ pub fn serve(listener: UnixListener, device: Arc<BalloonDevice>, max_reclaim_per
     }
 }
 
-/// Serves one client: a reply line for every request line.
+/// The reply to one complete request line.
+pub fn reply_to_line(device: &BalloonDevice, max_reclaim_percent: u8, line: &[u8]) -> Value {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return error_reply("empty request: send one JSON object per line");
+    }
+    match parse_request(line) {
+        Ok(request) => handle(device, max_reclaim_percent, request),
+        Err(message) => error_reply(message),
+    }
+}
+
+/// Serves one client: exactly one reply line for every request line. A
+/// line over `MAX_REQUEST_BYTES` (newline not counted) gets one error reply
+/// and is dropped up to its newline; the connection stays open.
 pub fn serve_client(
-    stream: UnixStream,
+    mut stream: UnixStream,
     device: &BalloonDevice,
     max_reclaim_percent: u8,
 ) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
+    let mut splitter = LineSplitter::new(MAX_REQUEST_BYTES);
+    let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        line.clear();
-        let read = reader
-            .by_ref()
-            .take(MAX_REQUEST_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line)?;
-        if read == 0 {
-            return Ok(());
-        }
-        if line.len() > MAX_REQUEST_BYTES {
-            let reply = error_reply(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
-            writeln!(writer, "{reply}")?;
-            // The rest of that line cannot be resynchronised reliably.
-            return Ok(());
-        }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let reply = match parse_request(&line) {
-            Ok(request) => handle(device, max_reclaim_percent, request),
-            Err(message) => error_reply(message),
+        let read = match stream.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
         };
-        writeln!(writer, "{reply}")?;
+        for piece in splitter.push(buffer.get(..read).unwrap_or_default()) {
+            let reply = match piece {
+                Piece::Line(line) => reply_to_line(device, max_reclaim_percent, &line),
+                Piece::Oversized => error_reply(format!(
+                    "request longer than {MAX_REQUEST_BYTES} bytes; dropped up to its newline"
+                )),
+            };
+            writeln!(writer, "{reply}")?;
+        }
     }
 }
 

@@ -156,6 +156,12 @@ impl BalloonDevice {
         }
     }
 
+    /// Whether a guest is attached (a frontend sent its memory table).
+    pub fn guest_attached(&self) -> bool {
+        let state = self.state();
+        state.connected && state.ram.total_bytes() > 0
+    }
+
     /// Requests fresh statistics and waits up to `timeout` for them.
     pub fn refresh_stats(&self, timeout: Duration) -> Option<GuestStats> {
         let generation = self.state().stats_generation;

@@ -137,13 +137,68 @@ fn the_control_socket_survives_bad_input_and_serves_many_clients() {
         assert!(thread.join().unwrap());
     }
 
-    // An oversized line gets an error and that connection is closed; others are not affected.
-    let (mut big_w, mut big_r) = connect(&control);
-    let huge = vec![b' '; 70 * 1024];
-    let reply = ask(&mut big_w, &mut big_r, &huge);
+    // A line of exactly 65,536 bytes is accepted (the limit of the doc,
+    // newline not counted): a status request padded with spaces.
+    let mut exact = br#"{"cmd":"status"}"#.to_vec();
+    exact.resize(65_536, b' ');
+    assert_eq!(ask(&mut w, &mut r, &exact)["ok"], true);
+    // One byte more gets one error reply; the rest of that line, although
+    // it looks like a request, is dropped, not run; the connection stays.
+    let mut over = vec![b' '; 65_537];
+    over.extend_from_slice(br#"{"cmd":"set-target","bytes":4096}"#);
+    let reply = ask(&mut w, &mut r, &over);
     assert_eq!(reply["ok"], false);
-    assert!(reply["error"].as_str().unwrap().contains("longer than"));
+    assert!(
+        reply["error"].as_str().unwrap().contains("longer than"),
+        "{reply}"
+    );
+    let status = ask(&mut w, &mut r, br#"{"cmd":"status"}"#);
+    assert_eq!(status["target_bytes"], 0, "the tail of a long line was run");
+    // An empty line gets its one reply too.
+    let reply = ask(&mut w, &mut r, b"");
+    assert_eq!(reply["ok"], false);
+    assert!(
+        reply["error"].as_str().unwrap().contains("empty request"),
+        "{reply}"
+    );
     assert_eq!(ask(&mut w, &mut r, br#"{"cmd":"status"}"#)["ok"], true);
+}
+
+#[test]
+fn without_a_guest_refresh_stats_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("c.sock");
+    let mut child = Command::new(BINARY)
+        .arg("--socket")
+        .arg(dir.path().join("b.sock"))
+        .arg("--control")
+        .arg(&control)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&control).is_err() {
+        assert!(Instant::now() < deadline, "backend did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut w, mut r) = connect(&control);
+    // Refused with the no-guest error (not after its timeout, blaming the
+    // guest: the reader's own 10 s timeout would fail first).
+    let reply = ask(
+        &mut w,
+        &mut r,
+        br#"{"cmd":"refresh-stats","timeout_ms":60000}"#,
+    );
+    assert_eq!(reply["ok"], false);
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("no guest is attached"),
+        "{reply}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]

@@ -25,10 +25,22 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Seconds between guest statistics refreshes; 0 refreshes only on request.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    // Negative numbers are taken as this flag's (bad) value, so the error
+    // names the flag instead of calling "-1" an unexpected argument.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 5,
+        allow_negative_numbers = true
+    )]
     pub stats_interval: u64,
     /// Largest balloon, in percent of guest RAM (0 to 75).
-    #[arg(long, value_name = "PERCENT", default_value_t = DEFAULT_MAX_RECLAIM_PERCENT)]
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        default_value_t = DEFAULT_MAX_RECLAIM_PERCENT,
+        allow_negative_numbers = true
+    )]
     pub max_reclaim_percent: u8,
     /// Do not offer the statistics queue (STATS_VQ).
     #[arg(long)]
@@ -110,6 +122,25 @@ mod tests {
         let mut argv = vec!["balloon-backend", "--socket", "/run/b.sock"];
         argv.extend_from_slice(extra);
         BackendConfig::try_from(Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn values_clap_cannot_parse_name_their_flag() {
+        for (flag, value) in [
+            ("--max-reclaim-percent", "-1"),
+            ("--max-reclaim-percent", "300"),
+            ("--max-reclaim-percent", "ten"),
+            ("--stats-interval", "-5"),
+        ] {
+            let error = Args::try_parse_from(["balloon-backend", "--socket", "/s", flag, value])
+                .unwrap_err()
+                .to_string();
+            let first = error.lines().next().unwrap_or_default();
+            assert!(
+                first.contains(flag) && first.contains(value),
+                "{flag} {value}: {first}"
+            );
+        }
     }
 
     #[test]

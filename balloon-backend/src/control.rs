@@ -155,6 +155,13 @@ pub fn serve(listener: UnixListener, device: Arc<BalloonDevice>, max_reclaim_per
             Ok(uid) if uid == own_uid => {}
             Ok(uid) => {
                 warn!("control client with uid {uid} refused (only uid {own_uid} is served)");
+                // One line saying why, so the client does not see a bare close.
+                let reply = error_reply(format!(
+                    "refused: not the backend's user (uid {uid}; only uid {own_uid} is served)"
+                ));
+                if let Err(error) = writeln!(stream, "{reply}") {
+                    debug!("refused control client went away: {error}");
+                }
                 continue;
             }
             Err(error) => {

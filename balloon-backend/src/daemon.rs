@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,10 @@ use crate::device::{BalloonDevice, DeviceSettings, STATS_TIMER_EVENT};
 pub enum DaemonError {
     #[error("{flag} {path}: another process is listening there")]
     InUse { flag: &'static str, path: PathBuf },
+    #[error(
+        "{flag} {path}: exists and is not a socket; refusing to replace it (choose another path)"
+    )]
+    NotASocket { flag: &'static str, path: PathBuf },
     #[error("{flag} {path}: {source}")]
     Bind {
         flag: &'static str,
@@ -35,13 +40,43 @@ pub enum DaemonError {
     VhostUser(vhost_user_backend::Error),
 }
 
-/// Removes a stale socket file, refusing if something still listens on it.
+/// Makes way for a socket at `path`: nothing there is fine, and a socket
+/// file nobody listens on (left by a process that died) is removed. Any
+/// other file is refused and left untouched: a mistyped path must never
+/// cost an operator a file.
 fn claim_socket_path(flag: &'static str, path: &Path) -> Result<(), DaemonError> {
-    if UnixStream::connect(path).is_ok() {
-        return Err(DaemonError::InUse {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(DaemonError::Bind {
+                flag,
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(DaemonError::NotASocket {
             flag,
             path: path.to_path_buf(),
         });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => {
+            return Err(DaemonError::InUse {
+                flag,
+                path: path.to_path_buf(),
+            })
+        }
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(source) => {
+            return Err(DaemonError::Bind {
+                flag,
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     }
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),

@@ -202,6 +202,54 @@ fn without_a_guest_refresh_stats_is_refused_at_once() {
 }
 
 #[test]
+fn a_path_that_is_not_a_socket_is_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("keep.txt");
+    std::fs::write(&keep, "precious").unwrap();
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&keep, &link).unwrap();
+    for (flag, taken) in [
+        ("--control", &keep),
+        ("--socket", &keep),
+        ("--socket", &folder),
+        ("--control", &link),
+    ] {
+        let other = dir.path().join("other.sock");
+        let (socket, control) = if flag == "--socket" {
+            (taken.as_path(), other.as_path())
+        } else {
+            (other.as_path(), taken.as_path())
+        };
+        let out = Command::new(BINARY)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--control")
+            .arg(control)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag} {}", taken.display());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let error_line = stderr
+            .lines()
+            .find(|l| l.contains("not a socket"))
+            .unwrap_or_else(|| panic!("no error line naming the path: {stderr}"));
+        assert!(
+            error_line.contains(flag) && error_line.contains(&taken.display().to_string()),
+            "{error_line}"
+        );
+        assert_eq!(std::fs::read_to_string(&keep).unwrap(), "precious");
+        assert!(folder.is_dir());
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!other.exists(), "nothing bound when start-up fails");
+    }
+}
+
+#[test]
 fn sigterm_removes_the_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("b.sock");

@@ -546,7 +546,13 @@ impl BalloonDevice {
         );
         let previous = {
             let mut state = self.state();
-            state.stats = Some(stats);
+            // What the balloon held when the guest measured these values,
+            // so a policy can tell memory a landing step already took.
+            let balloon_bytes = u64::from(state.config.actual()) * PAGE_SIZE_BYTES;
+            state.stats = Some(GuestStats {
+                balloon_bytes: Some(balloon_bytes),
+                ..stats
+            });
             state.stats_generation += 1;
             state.held_stats.replace(head)
         };

@@ -52,6 +52,10 @@ pub struct GuestStats {
     pub direct_reclaims: Option<u64>,
     /// When the device last received these values (Unix time, milliseconds).
     pub updated_unix_ms: u64,
+    /// The balloon's size (the guest's `actual`) when these values arrived:
+    /// memory a later step takes is not yet out of `available_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_bytes: Option<u64>,
 }
 
 /// The reply to `status`.

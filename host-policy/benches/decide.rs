@@ -17,6 +17,7 @@ fn vms(count: usize) -> Vec<VmInput> {
             name: format!("vm{i}"),
             guest_ram_bytes: (4 + (i as u64 % 8)) * GIB,
             target_bytes: (i as u64 % 5) * (256 << 20),
+            actual_bytes: (i as u64 % 5) * (256 << 20),
             device_max_reclaim_bytes: 3 * GIB,
             sample: Some(GuestSample {
                 available_bytes: (1 + (i as u64 % 3)) * GIB,
@@ -26,6 +27,7 @@ fn vms(count: usize) -> Vec<VmInput> {
                 },
                 age_s: 2,
                 psi_some_avg10: None,
+                balloon_bytes: None,
             }),
             policy: VmPolicy::default(),
         })

@@ -89,12 +89,14 @@ pub fn vm_input(vm: &ManagedVm, status: &StatusReply, now_unix_s: u64) -> VmInpu
             },
             age_s: now_unix_s.saturating_sub(stats.updated_unix_ms / 1000),
             psi_some_avg10: None,
+            balloon_bytes: stats.balloon_bytes,
         })
     });
     VmInput {
         name: vm.name.clone(),
         guest_ram_bytes: status.guest_ram_bytes,
         target_bytes: status.target_bytes,
+        actual_bytes: status.actual_bytes,
         device_max_reclaim_bytes: status.max_reclaim_bytes,
         sample,
         policy: vm.policy.clone(),

@@ -67,6 +67,21 @@ pub struct GuestSample {
     pub age_s: u64,
     /// PSI memory `some` avg10 from the guest agent.
     pub psi_some_avg10: Option<f64>,
+    /// The balloon's size when the guest measured these values, when the
+    /// backend says (ours does).
+    pub balloon_bytes: Option<u64>,
+}
+
+impl GuestSample {
+    /// The guest's available memory once the current target has landed:
+    /// what the guest measured, less what the balloon will still take
+    /// beyond its size at that moment.
+    pub fn available_after_landing(&self, target_bytes: u64) -> u64 {
+        let still_to_take = self
+            .balloon_bytes
+            .map_or(0, |seen| target_bytes.saturating_sub(seen));
+        self.available_bytes.saturating_sub(still_to_take)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +90,8 @@ pub struct VmInput {
     pub guest_ram_bytes: u64,
     /// The balloon size now asked of the guest.
     pub target_bytes: u64,
+    /// The balloon size the guest reports having reached.
+    pub actual_bytes: u64,
     /// The device's own limit (its `--max-reclaim-percent`).
     pub device_max_reclaim_bytes: u64,
     pub sample: Option<GuestSample>,
@@ -85,6 +102,9 @@ pub struct VmInput {
 pub struct VmMemory {
     pub counters: Option<GuestCounters>,
     pub cooldown_until_s: u64,
+    /// When this VM's target last changed (policy seconds).
+    #[serde(default)]
+    pub last_change_s: Option<u64>,
 }
 
 /// What one tick hands to the next.
@@ -180,6 +200,20 @@ pub fn settling_ticks(vms: &[VmInput]) -> u64 {
     steps.saturating_add(vm_count).saturating_add(2)
 }
 
+/// Room kept above the floor when inflating: a guest's available memory
+/// moves a little as a balloon step lands, and a step that ends exactly on
+/// the floor would dip below it. An eighth of the floor, at least 8 MiB.
+pub fn floor_margin_bytes(vm: &VmInput) -> u64 {
+    page_floor((floor_bytes(vm) / 8).max(8 * MIB))
+}
+
+/// Memory the guest can give without going below floor and margin.
+fn idle_bytes(vm: &VmInput, sample: &GuestSample) -> u64 {
+    sample
+        .available_after_landing(vm.target_bytes)
+        .saturating_sub(floor_bytes(vm).saturating_add(floor_margin_bytes(vm)))
+}
+
 /// Splits `total` in proportion to `weights`, each share at most its cap,
 /// handing what a capped VM cannot take to the others (water-filling).
 ///
@@ -227,16 +261,11 @@ pub fn share_out(total: u64, weights: &[(u128, u64)]) -> Vec<u64> {
     shares.into_iter().map(page_floor).collect()
 }
 
-/// Why a VM is under pressure, if it is.
+/// Why a VM is under pressure, if it is: only the guest's own signals
+/// (PSI, OOM kills, stalls, direct reclaim, swap-ins, major faults) count.
+/// A guest below its floor because of our own last step is corrected, not
+/// treated as pressure (see `decide`).
 fn pressure(vm: &VmInput, sample: &GuestSample, before: Option<&GuestCounters>) -> Option<String> {
-    let floor = floor_bytes(vm);
-    if sample.available_bytes < floor && vm.target_bytes > 0 {
-        return Some(format!(
-            "guest available {} MiB is below its floor of {} MiB",
-            sample.available_bytes / MIB,
-            floor / MIB
-        ));
-    }
     if let Some(psi) = sample.psi_some_avg10 {
         if psi > vm.policy.psi_some_avg10 as f64 {
             return Some(format!(
@@ -298,6 +327,8 @@ pub fn decide(
         reason: Option<String>,
         may_inflate: bool,
         pressure: bool,
+        /// Returning memory to bring the guest back above its floor.
+        floor_correction: bool,
     }
     let mut plans: Vec<Plan> = Vec::with_capacity(vms.len());
     for vm in vms {
@@ -313,6 +344,7 @@ pub fn decide(
                 .then(|| format!("above the VM's limit of {} MiB", limit / MIB)),
             may_inflate: false,
             pressure: false,
+            floor_correction: false,
         };
         match fresh {
             None => {
@@ -333,12 +365,44 @@ pub fn decide(
                             format!("{why}: deflating at once, no inflation for {cooldown} s")
                         }
                     });
+                } else if sample.available_after_landing(vm.target_bytes) < floor_bytes(vm)
+                    && current > 0
+                {
+                    // Below the floor, most likely because our last step
+                    // landed heavier than measured: give back the deficit
+                    // and the margin, without a cool-down.
+                    let floor = floor_bytes(vm);
+                    let available = sample.available_after_landing(vm.target_bytes);
+                    let back = floor
+                        .saturating_sub(available)
+                        .saturating_add(floor_margin_bytes(vm))
+                        .min(vm.policy.deflate_step_bytes);
+                    plan.target = current.saturating_sub(back);
+                    plan.floor_correction = true;
+                    plan.reason = Some(format!(
+                        "guest available {} MiB is below its floor of {} MiB: returning {} MiB",
+                        available / MIB,
+                        floor / MIB,
+                        back.div_ceil(MIB)
+                    ));
                 } else if now_s < vm_memory.cooldown_until_s {
                     plan.reason.get_or_insert_with(|| {
                         format!(
                             "cooling down after guest pressure ({} s left)",
                             vm_memory.cooldown_until_s - now_s
                         )
+                    });
+                } else if sample.balloon_bytes.is_none()
+                    && (vm.actual_bytes != vm.target_bytes
+                        || remembered
+                            .and_then(|m| m.last_change_s)
+                            .is_some_and(|changed| now_s.saturating_sub(sample.age_s) <= changed))
+                {
+                    // Without the balloon's size at measurement time,
+                    // statistics from before the last step landed would
+                    // count that step's memory as still available: wait.
+                    plan.reason.get_or_insert_with(|| {
+                        "waiting for the last step to land and for statistics after it".to_string()
                     });
                 } else {
                     plan.may_inflate = true;
@@ -363,7 +427,7 @@ pub fn decide(
                     let Some(sample) = vm.sample.filter(|_| plan.may_inflate) else {
                         return (0, 0);
                     };
-                    let idle = sample.available_bytes.saturating_sub(floor_bytes(vm));
+                    let idle = idle_bytes(vm, &sample);
                     let step = if mode == HostMode::Hard {
                         vm.policy.hard_inflate_step_bytes
                     } else {
@@ -436,7 +500,7 @@ pub fn decide(
         }
     }
 
-    let decisions = vms
+    let decisions: Vec<VmDecision> = vms
         .iter()
         .zip(plans)
         .map(|(vm, plan)| {
@@ -447,6 +511,7 @@ pub fn decide(
                 && change < vm.policy.min_change_bytes
                 && target != 0
                 && plan.current == vm.target_bytes
+                && !plan.floor_correction
             {
                 reason = format!(
                     "change of {change} bytes is inside the dead band of {} MiB: holding",
@@ -463,6 +528,13 @@ pub fn decide(
             }
         })
         .collect();
+    for decision in &decisions {
+        if decision.target_bytes != decision.previous_bytes {
+            if let Some(memory) = next_memory.vms.get_mut(&decision.name) {
+                memory.last_change_s = Some(now_s);
+            }
+        }
+    }
     Decision {
         mode,
         host_available_percent: available_percent,
@@ -491,12 +563,14 @@ mod tests {
             name: name.into(),
             guest_ram_bytes: ram,
             target_bytes: target,
+            actual_bytes: target,
             device_max_reclaim_bytes: ram * 75 / 100,
             sample: available.map(|a| GuestSample {
                 available_bytes: a,
                 counters: GuestCounters::default(),
                 age_s: 1,
                 psi_some_avg10: None,
+                balloon_bytes: None,
             }),
             policy: VmPolicy::default(),
         }
@@ -575,6 +649,7 @@ mod tests {
                     ..Default::default()
                 }),
                 cooldown_until_s: 0,
+                last_change_s: None,
             },
         );
         if let Some(sample) = input.sample.as_mut() {
@@ -667,6 +742,7 @@ mod tests {
                     },
                     age_s,
                     psi_some_avg10: None,
+                    balloon_bytes: None,
                 });
                 input
             })
@@ -795,6 +871,95 @@ mod tests {
     }
 
     #[test]
+    fn below_the_floor_without_guest_signals_is_corrected_not_pressure() {
+        // Issue #18: 512 MiB guest, floor 128 MiB, our last step landed it
+        // at 127 MiB available. Give back the deficit and the margin, with
+        // no cool-down and no pressure flag.
+        let host = HostState {
+            total_bytes: 16 * GIB,
+            available_bytes: 16 * GIB * 15 / 100,
+        };
+        let mut input = vm("guest", 512 * MIB, 305 * MIB, Some(127 * MIB));
+        input.policy.min_free_percent = 0;
+        let memory = PolicyMemory {
+            mode: HostMode::Reclaim,
+            ..Default::default()
+        };
+        let decision = decide(100, &host, &thresholds(), &[input.clone()], &memory);
+        let d = &decision.vms[0];
+        assert!(!d.pressure, "{d:?}");
+        let margin = floor_margin_bytes(&input);
+        assert_eq!(d.target_bytes, 305 * MIB - (MIB + margin), "{d:?}");
+        assert!(d.reason.contains("below its floor"), "{}", d.reason);
+        assert_eq!(decision.memory.vms["guest"].cooldown_until_s, 0);
+        // A deficit smaller than min_change is still corrected.
+        let mut small = input.clone();
+        small.policy.min_change_bytes = 64 * MIB;
+        let decision = decide(100, &host, &thresholds(), &[small], &memory);
+        assert!(decision.vms[0].target_bytes < 305 * MIB);
+        // Next tick, back above the floor by the margin: no inflation yet
+        // (inside floor + margin), no deflation either.
+        let mut after = input.clone();
+        after.target_bytes = 305 * MIB - (MIB + margin);
+        after.actual_bytes = after.target_bytes;
+        if let Some(sample) = after.sample.as_mut() {
+            sample.available_bytes = 128 * MIB + margin;
+        }
+        let next = decide(
+            200,
+            &host,
+            &thresholds(),
+            &[after.clone()],
+            &decision.memory,
+        );
+        assert_eq!(
+            next.vms[0].target_bytes, after.target_bytes,
+            "{:?}",
+            next.vms[0]
+        );
+    }
+
+    #[test]
+    fn inflation_waits_for_the_last_step_to_land_and_for_later_statistics() {
+        let host = HostState {
+            total_bytes: 64 * GIB,
+            available_bytes: 5 * GIB,
+        };
+        let memory = PolicyMemory {
+            mode: HostMode::Reclaim,
+            ..Default::default()
+        };
+        // Not landed yet: actual below target.
+        let mut input = vm("web", 8 * GIB, GIB, Some(4 * GIB));
+        input.actual_bytes = GIB / 2;
+        let d = decide(100, &host, &thresholds(), &[input.clone()], &memory);
+        assert_eq!(d.vms[0].target_bytes, GIB, "{:?}", d.vms[0]);
+        assert!(d.vms[0].reason.contains("land"), "{}", d.vms[0].reason);
+        // Landed, but the statistics predate the last change (at 98 s).
+        input.actual_bytes = GIB;
+        let mut changed = memory.clone();
+        changed.vms.insert(
+            "web".into(),
+            VmMemory {
+                last_change_s: Some(98),
+                ..Default::default()
+            },
+        );
+        if let Some(sample) = input.sample.as_mut() {
+            sample.age_s = 5;
+        }
+        let d = decide(100, &host, &thresholds(), &[input.clone()], &changed);
+        assert_eq!(d.vms[0].target_bytes, GIB, "{:?}", d.vms[0]);
+        // Statistics taken after the change: inflate.
+        if let Some(sample) = input.sample.as_mut() {
+            sample.age_s = 1;
+        }
+        let d = decide(100, &host, &thresholds(), &[input], &changed);
+        assert!(d.vms[0].target_bytes > GIB, "{:?}", d.vms[0]);
+        assert_eq!(d.memory.vms["web"].last_change_s, Some(100));
+    }
+
+    #[test]
     fn share_out_hands_a_capped_vms_part_to_the_others() {
         // A heavy VM capped at 10 MiB: the light one takes the rest.
         let shares = share_out(100 * MIB, &[(1_000_000, 10 * MIB), (1, GIB)]);
@@ -833,6 +998,82 @@ mod tests {
                 handed + slack >= total.min(open_caps),
                 "handed out {} of {} with caps summing to {}", handed, total, open_caps
             );
+        }
+    }
+
+    proptest! {
+        /// Issue #18: statistics arrive while a step is still landing, so
+        /// they may count part of it as available. The policy must never
+        /// call that guest pressure (no deflate-at-once, no cool-down), may
+        /// dip below a floor by at most part of one step, and ends at or
+        /// above every floor.
+        #[test]
+        fn landing_steps_are_never_taken_for_pressure(
+            guests in proptest::collection::vec((1u64..16, 20u64..95), 1..5),
+            landed_percent in proptest::collection::vec(0u64..=100, 64),
+            total_gib in 16u64..128,
+            other_use_pct in 80u64..99,
+        ) {
+            let total = total_gib * GIB;
+            let host_base = total.saturating_sub(total * other_use_pct / 100);
+            let mut targets = vec![0u64; guests.len()];
+            let mut actuals = vec![0u64; guests.len()];
+            let mut memory = PolicyMemory::default();
+            let true_available = |i: usize, balloon: u64| {
+                let (ram_gib, avail_pct) = guests[i];
+                (ram_gib * GIB * avail_pct / 100).saturating_sub(balloon)
+            };
+            // The statistics were taken while the last step was landing:
+            // they saw the balloon only part of the way from its previous
+            // size, although it has landed by the time the policy decides.
+            let inputs_at = |targets: &[u64], actuals: &[u64], before: &[u64], tick: usize| -> Vec<VmInput> {
+                guests.iter().enumerate().map(|(i, &(ram_gib, _))| {
+                    let landed = landed_percent[tick % landed_percent.len()];
+                    let seen = before[i] + actuals[i].saturating_sub(before[i]) * landed / 100;
+                    let mut input = vm(&format!("vm{i}"), ram_gib * GIB, targets[i], Some(true_available(i, seen)));
+                    input.actual_bytes = actuals[i];
+                    if let Some(sample) = input.sample.as_mut() {
+                        sample.balloon_bytes = Some(seen);
+                    }
+                    input
+                }).collect()
+            };
+            let mut before = actuals.clone();
+            let probe = inputs_at(&targets, &actuals, &before, 0);
+            let ticks = settling_ticks(&probe) * 2 + 40;
+            let mut corrections = 0;
+            for tick in 0..ticks {
+                let vms = inputs_at(&targets, &actuals, &before, tick as usize);
+                let host = HostState {
+                    total_bytes: total,
+                    available_bytes: (host_base + actuals.iter().sum::<u64>()).min(total),
+                };
+                let decision = decide(tick * 5, &host, &thresholds(), &vms, &memory);
+                memory = decision.memory;
+                for (i, d) in decision.vms.iter().enumerate() {
+                    prop_assert!(!d.pressure, "tick {}: {:?}", tick, d);
+                    corrections += usize::from(d.reason.contains("below its floor"));
+                    // The new target lands within the tick.
+                    before[i] = actuals[i];
+                    actuals[i] = d.target_bytes;
+                    targets[i] = d.target_bytes;
+                    let floor = floor_bytes(&vms[i]);
+                    let available = true_available(i, actuals[i]);
+                    prop_assert!(
+                        available + vms[i].policy.hard_inflate_step_bytes >= floor,
+                        "tick {}: vm{} at {} MiB available, floor {} MiB", tick, i, available / MIB, floor / MIB
+                    );
+                }
+            }
+            // Knowing the balloon's size at measurement time, the policy
+            // never overshoots a floor, so it never has to correct.
+            prop_assert_eq!(corrections, 0);
+            for (i, vm) in inputs_at(&targets, &actuals, &actuals, 0).iter().enumerate() {
+                prop_assert!(
+                    true_available(i, targets[i]) >= floor_bytes(vm),
+                    "vm{} ends below its floor: target {} MiB", i, targets[i] / MIB
+                );
+            }
         }
     }
 

@@ -118,12 +118,16 @@ pub fn run(scenario: &Scenario) -> Vec<Sample> {
                 name: vm.name.clone(),
                 guest_ram_bytes: ram,
                 target_bytes: balloons[i],
+                // The simulated balloon lands within the tick.
+                actual_bytes: balloons[i],
                 device_max_reclaim_bytes: ram * 75 / 100,
                 sample: Some(GuestSample {
                     available_bytes: guest_free.max(0) as u64,
                     counters: counters[i],
                     age_s: 0,
                     psi_some_avg10: None,
+                    // The simulated balloon lands at once.
+                    balloon_bytes: Some(balloons[i]),
                 }),
                 policy: policies[i].clone(),
             });

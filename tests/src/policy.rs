@@ -41,8 +41,8 @@ impl PolicyProcess {
         Self::start_with_agent(env, dir, control, None, settings)
     }
 
-    /// Like `start`, with the VM's guest-agent socket. The daemon's log then
-    /// goes to `host-policy.log` in `dir`.
+    /// Like `start`, with the VM's guest-agent socket. The daemon's log goes
+    /// to `host-policy.log` in `dir`.
     pub fn start_with_agent(
         env: &TestEnv,
         dir: &Path,
@@ -67,10 +67,9 @@ impl PolicyProcess {
             // Decisions are logged at info; tests read them whatever RUST_LOG says.
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stderr(match agent {
-                Some(_) => Stdio::from(std::fs::File::create(dir.join("host-policy.log"))?),
-                None => Stdio::inherit(),
-            })
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.join("host-policy.log"),
+            )?))
             .spawn()
             .with_context(|| format!("starting {}", env.host_policy_binary.display()))?;
         Ok(PolicyProcess {

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use guest_tests::policy::PolicyProcess;
 use guest_tests::{wait_for, Stack, MIB};
 
@@ -69,5 +71,59 @@ fn host_pressure_inflates_and_relief_deflates() -> anyhow::Result<()> {
     let state = std::fs::read_to_string(stack.dir.path().join("host-policy.json"))?;
     assert!(state.contains("give-back"), "{state}");
     policy.stop()?;
+    Ok(())
+}
+
+/// Issue #18: with the host held in reclaim and the default floor (128 MiB),
+/// the balloon grows step by step and stops above the guest's floor; the
+/// guest dipping below its floor because of our own step is never taken for
+/// pressure (no deflate-at-once, no cool-down).
+#[test]
+fn a_steady_reclaim_stops_above_the_floor_without_deflating_at_once() -> anyhow::Result<()> {
+    let mut stack = Stack::start(512, &["--stats-interval", "1"], |_| {})?;
+    let policy = PolicyProcess::start(&stack.env, stack.dir.path(), &stack.backend.control, "")?;
+    // 15 % of the host available: reclaim, 64 MiB steps, towards 27.5 %.
+    policy.set_host(16384, 2457)?;
+    let state_path = stack.dir.path().join("host-policy.json");
+    let log_path = stack.dir.path().join("host-policy.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let settled = wait_for(
+        "the balloon to stop at the guest's floor",
+        Duration::from_secs(120),
+        || {
+            let state: serde_json::Value = match std::fs::read(&state_path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                Err(_) => return Ok(None),
+            };
+            let reason = state["decision"]["vms"][0]["reason"].as_str().unwrap_or("");
+            let status = stack.control.status()?;
+            let landed = status["actual_bytes"] == status["target_bytes"];
+            Ok(
+                (reason.contains("no idle memory above the floor") && landed)
+                    .then(|| status["actual_bytes"].as_u64().unwrap_or(0)),
+            )
+        },
+    )
+    .with_context(|| format!("host-policy log:\n{}", log()))?;
+    let available = stack
+        .vm
+        .meminfo()?
+        .get("MemAvailable")
+        .copied()
+        .unwrap_or(0);
+    eprintln!(
+        "[j] steady reclaim: balloon {} MiB, guest MemAvailable {} MiB",
+        settled / MIB,
+        available / MIB
+    );
+    let log = log();
+    assert!(settled >= 128 * MIB, "the balloon barely grew:\n{log}");
+    assert!(!log.contains("deflating at once"), "{log}");
+    assert!(!log.contains("below its floor"), "{log}");
+    assert!(
+        available >= 128 * MIB,
+        "guest left with {} MiB available, floor 128 MiB",
+        available / MIB
+    );
     Ok(())
 }

@@ -164,23 +164,34 @@ fn the_control_socket_survives_bad_input_and_serves_many_clients() {
     assert_eq!(ask(&mut w, &mut r, br#"{"cmd":"status"}"#)["ok"], true);
 }
 
-#[test]
-fn without_a_guest_refresh_stats_is_refused_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let control = dir.path().join("c.sock");
-    let mut child = Command::new(BINARY)
+/// The backend with both sockets and no frontend, once its control socket
+/// answers.
+fn start_without_a_frontend(
+    socket: &std::path::Path,
+    control: &std::path::Path,
+) -> std::process::Child {
+    let child = Command::new(BINARY)
         .arg("--socket")
-        .arg(dir.path().join("b.sock"))
+        .arg(socket)
         .arg("--control")
-        .arg(&control)
+        .arg(control)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&control).is_err() {
+    while UnixStream::connect(control).is_err() {
         assert!(Instant::now() < deadline, "backend did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
+    child
+}
+
+#[test]
+fn without_a_guest_refresh_stats_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("b.sock");
+    let control = dir.path().join("c.sock");
+    let mut child = start_without_a_frontend(&socket, &control);
     let (mut w, mut r) = connect(&control);
     // Refused with the no-guest error (not after its timeout, blaming the
     // guest: the reader's own 10 s timeout would fail first).
@@ -254,19 +265,7 @@ fn sigterm_removes_the_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("b.sock");
     let control = dir.path().join("c.sock");
-    let mut child = Command::new(BINARY)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--control")
-        .arg(&control)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&control).is_err() {
-        assert!(Instant::now() < deadline, "backend did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = start_without_a_frontend(&socket, &control);
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().unwrap();

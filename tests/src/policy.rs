@@ -14,6 +14,8 @@ pub struct PolicyProcess {
     child: Child,
     pub meminfo: PathBuf,
     pub config: PathBuf,
+    /// The daemon's state file (its last decisions, agent reports, counters).
+    pub state_file: PathBuf,
 }
 
 /// Writes a meminfo file with the given host size and available memory.
@@ -76,7 +78,14 @@ impl PolicyProcess {
             child,
             meminfo,
             config,
+            state_file: dir.join("host-policy.json"),
         })
+    }
+
+    /// The last state the daemon wrote; `None` before its first tick.
+    pub fn state(&self) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(&self.state_file).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     pub fn pid(&self) -> u32 {

@@ -84,16 +84,14 @@ fn a_steady_reclaim_stops_above_the_floor_without_deflating_at_once() -> anyhow:
     let policy = PolicyProcess::start(&stack.env, stack.dir.path(), &stack.backend.control, "")?;
     // 15 % of the host available: reclaim, 64 MiB steps, towards 27.5 %.
     policy.set_host(16384, 2457)?;
-    let state_path = stack.dir.path().join("host-policy.json");
     let log_path = stack.dir.path().join("host-policy.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let settled = wait_for(
         "the balloon to stop at the guest's floor",
         Duration::from_secs(120),
         || {
-            let state: serde_json::Value = match std::fs::read(&state_path) {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-                Err(_) => return Ok(None),
+            let Some(state) = policy.state() else {
+                return Ok(None);
             };
             let reason = state["decision"]["vms"][0]["reason"].as_str().unwrap_or("");
             let status = stack.control.status()?;

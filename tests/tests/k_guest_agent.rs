@@ -87,7 +87,6 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         )
     };
     let mut policy = start_policy(&stack)?;
-    let state_path = stack.dir.path().join("host-policy.json");
     let log_path = stack.dir.path().join("host-policy.log");
 
     // 1. Reports reach host-policy.
@@ -95,9 +94,8 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         "an agent report in host-policy's state",
         Duration::from_secs(30),
         || {
-            let state: serde_json::Value = match std::fs::read(&state_path) {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-                Err(_) => return Ok(None),
+            let Some(state) = policy.state() else {
+                return Ok(None);
             };
             Ok(state["agents"]["guest"]["seq"]
                 .as_u64()
@@ -123,16 +121,15 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
 
     // The host side goes away and comes back: the agent reconnects.
     policy.stop()?;
-    std::fs::remove_file(&state_path)?;
+    std::fs::remove_file(&policy.state_file)?;
     let mut policy = start_policy(&stack)?;
     wait_for(
         "reports after host-policy restarted",
         Duration::from_secs(30),
         || {
-            let Ok(bytes) = std::fs::read(&state_path) else {
+            let Some(state) = policy.state() else {
                 return Ok(None);
             };
-            let state: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
             Ok(state["agents"]["guest"]["seq"].as_u64().map(drop))
         },
     )?;
@@ -177,8 +174,7 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         "the agent to report the page cache",
         Duration::from_secs(20),
         || {
-            let state: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&state_path)?).unwrap_or_default();
+            let state = policy.state().unwrap_or_default();
             Ok((state["agents"]["guest"]["meminfo"]["page_cache_bytes"]
                 .as_u64()
                 .unwrap_or(0)

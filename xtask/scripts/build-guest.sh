@@ -16,16 +16,10 @@ mkdir -p "$work/debs" "$work/root"
 
 step() { printf '[guest] %s\n' "$*"; }
 
-mirror=$(bash "$here/debian-mirror.sh")
-if [ ! -f /etc/apt/sources.list.d/balloon-backports.sources ]; then
-  step "adding bookworm-backports from $mirror (for the 6.12 kernel)"
-  cat > /etc/apt/sources.list.d/balloon-backports.sources <<SRC
-Types: deb
-URIs: $mirror
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+backports=/etc/apt/sources.list.d/balloon-backports.sources
+if [ ! -f "$backports" ]; then
+  added=$(bash "$here/apt-source.sh" "$backports" deb bookworm-backports)
+  step "added $added (for the 6.12 kernel)"
   apt-get update -qq
 fi
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

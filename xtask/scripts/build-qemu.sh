@@ -17,33 +17,19 @@ mkdir -p "$work"
 step() { printf '[qemu] %s\n' "$*"; }
 here=$(cd "$(dirname "$0")" && pwd)
 
-# Reuse the machine's configured Debian mirror: never name one here.
-mirror=$(bash "$here/debian-mirror.sh")
-# Two apt sources, both documented in docs/qemu.md ("Apt sources the build
-# adds"): bookworm-backports stays (meson >= 1.5 and pycotap come from it;
-# backports never upgrade installed packages on their own), the unstable
+# Two apt sources on the machine's own Debian mirror, both documented in
+# docs/qemu.md: bookworm-backports stays (meson >= 1.5 and pycotap come from
+# it; backports never upgrade installed packages on their own), the unstable
 # deb-src entry is removed again as soon as the source is downloaded.
 backports=/etc/apt/sources.list.d/balloon-backports.sources
 src_list=/etc/apt/sources.list.d/balloon-qemu-src.sources
 if [ ! -f "$backports" ]; then
-  step "adding bookworm-backports from $mirror (meson, pycotap)"
-  cat > "$backports" <<SRC
-Types: deb
-URIs: $mirror
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
+  added=$(bash "$here/apt-source.sh" "$backports" deb bookworm-backports)
+  step "added $added (meson, pycotap)"
 fi
-step "adding deb-src for unstable from $mirror (removed after the download)"
-cat > "$src_list" <<SRC
-Types: deb-src
-URIs: $mirror
-Suites: unstable
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
 trap 'rm -f "$src_list"' EXIT
+added=$(bash "$here/apt-source.sh" "$src_list" deb-src unstable)
+step "added $added (removed after the download)"
 apt-get update -qq
 
 step "installing build dependencies (Debian packages only)"

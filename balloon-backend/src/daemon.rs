@@ -177,8 +177,14 @@ impl Backend {
             .start(&mut self.listener)
             .map_err(DaemonError::VhostUser)?;
         info!("frontend connected");
-        if let Err(error) = daemon.wait() {
-            warn!("frontend connection ended with an error: {error}");
+        match daemon.wait() {
+            Ok(()) => {}
+            // QEMU closing its end (shutdown, migration, restart) is the
+            // normal end of a connection, not a fault.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => info!("frontend closed the connection"),
+            Err(error) => warn!("frontend connection ended with an error: {error}"),
         }
         // The worker threads exit only on their exit events; a daemon
         // dropped without them hangs on join.

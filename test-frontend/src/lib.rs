@@ -261,7 +261,9 @@ impl Harness {
             .args(extra_args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("backend.log")).unwrap(),
+            ))
             .spawn()
             .unwrap();
         let control_stream = wait_for("the control socket", Duration::from_secs(20), || {
@@ -435,6 +437,11 @@ impl Harness {
 
     pub fn request(&mut self, request: &str) -> Value {
         self.control.request(request)
+    }
+
+    /// What the backend has logged so far (it logs at debug level).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("backend.log")).unwrap_or_default()
     }
 
     pub fn status(&mut self) -> Value {

@@ -30,6 +30,30 @@ impl<const MIN: u64, const MAX: u64> fmt::Display for Bounded<MIN, MAX> {
     }
 }
 
+/// A percentage with decimals (PSI averages are), between 0.1 and 100.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Percent(pub f64);
+
+impl Percent {
+    pub const MIN: f64 = 0.1;
+    pub const MAX: f64 = 100.0;
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = f64::deserialize(deserializer)?;
+        if value.is_finite() && (Self::MIN..=Self::MAX).contains(&value) {
+            Ok(Percent(value))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "must be between {} and {} (decimals allowed), got {value}",
+                Self::MIN,
+                Self::MAX
+            )))
+        }
+    }
+}
+
 pub const MIB: u64 = 1 << 20;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -88,11 +112,11 @@ pub struct VmSettings {
     /// Major faults per tick above which the guest counts as under pressure.
     pub major_faults_per_tick: Option<Bounded<1, 100000000>>,
     /// Guest PSI memory `some` avg10 (percent) above which it is under pressure.
-    pub psi_some_avg10: Option<Bounded<1, 100>>,
+    pub psi_some_avg10: Option<Percent>,
 }
 
 /// Resolved settings of one VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct VmPolicy {
     pub max_reclaim_percent: u64,
     pub min_free_bytes: u64,
@@ -105,7 +129,7 @@ pub struct VmPolicy {
     pub stats_max_age_s: u64,
     pub min_change_bytes: u64,
     pub major_faults_per_tick: u64,
-    pub psi_some_avg10: u64,
+    pub psi_some_avg10: f64,
 }
 
 impl Default for VmPolicy {
@@ -122,7 +146,7 @@ impl Default for VmPolicy {
             stats_max_age_s: 30,
             min_change_bytes: 8 * MIB,
             major_faults_per_tick: 1000,
-            psi_some_avg10: 10,
+            psi_some_avg10: 10.0,
         }
     }
 }
@@ -436,6 +460,23 @@ mod tests {
     }
 
     const MINIMAL: &str = "[[vm]]\nname = \"web1\"\ncontrol = \"/run/balloon/web1.ctl\"\n";
+
+    #[test]
+    fn psi_thresholds_take_decimals_within_their_range() {
+        let config = parse(&format!("[defaults]\npsi_some_avg10 = 2.5\n{MINIMAL}")).unwrap();
+        assert_eq!(config.policy_for("web1").psi_some_avg10, 2.5);
+        let config = parse(&format!("[defaults]\npsi_some_avg10 = 7\n{MINIMAL}")).unwrap();
+        assert_eq!(config.policy_for("web1").psi_some_avg10, 7.0);
+        for bad in ["0.05", "101", "-1", "nan"] {
+            let error = parse(&format!("[defaults]\npsi_some_avg10 = {bad}\n{MINIMAL}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("psi_some_avg10") && error.contains("between 0.1 and 100"),
+                "{bad}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn defaults_apply_and_vm_settings_override_them() {

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use host_policy::config::Config;
 use host_policy::daemon::managed_vms;
@@ -62,6 +63,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, dry_run } => host_policy::daemon::run(&config, dry_run),
         Command::Check { config } => {
             let config = Config::load(&config)?;
+            // `run` reads it every tick: a missing or unreadable file fails
+            // here, not only once the daemon runs.
+            host_policy::host::read_host(&config.host.meminfo)
+                .with_context(|| format!("{}: [host] meminfo", config.path.display()))?;
             println!("{}: valid", config.path.display());
             println!(
                 "host: every {} s from {}; reclaim below {}% available, hard below {}%, give back above {}%",

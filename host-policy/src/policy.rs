@@ -267,7 +267,7 @@ pub fn share_out(total: u64, weights: &[(u128, u64)]) -> Vec<u64> {
 /// treated as pressure (see `decide`).
 fn pressure(vm: &VmInput, sample: &GuestSample, before: Option<&GuestCounters>) -> Option<String> {
     if let Some(psi) = sample.psi_some_avg10 {
-        if psi > vm.policy.psi_some_avg10 as f64 {
+        if psi > vm.policy.psi_some_avg10 {
             return Some(format!(
                 "guest agent: PSI memory some avg10 {psi:.1}% (threshold {}%)",
                 vm.policy.psi_some_avg10

@@ -50,6 +50,24 @@ fn check_accepts_the_example_and_names_mistakes() {
             && error.contains("between 2 and 100, got 101"),
         "{error}"
     );
+    // A meminfo file that does not exist fails `check`, as it would fail `run`.
+    let no_meminfo = dir.path().join("no-meminfo.toml");
+    std::fs::write(
+        &no_meminfo,
+        "[host]\nmeminfo = \"/no/such/meminfo\"\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BINARY)
+        .args(["check", "--config"])
+        .arg(&no_meminfo)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        error.contains("/no/such/meminfo") && error.contains("meminfo"),
+        "{error}"
+    );
     let out = Command::new(BINARY)
         .args(["check", "--config", "/no/such/file.toml"])
         .output()

@@ -69,7 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("{}: [host] meminfo", config.path.display()))?;
             println!("{}: valid", config.path.display());
             println!(
-                "host: every {} s from {}; reclaim below {}% available, hard below {}%, give back above {}%",
+                "host: every {} s from {}; reclaim below {}% available, hard below {}%, give back at or above {}%",
                 config.host.interval_s,
                 config.host.meminfo.display(),
                 config.host.reclaim_start_percent,

@@ -485,7 +485,7 @@ pub fn decide(
                 if back > 0 {
                     plan.target = plan.current - back;
                     plan.reason = Some(format!(
-                        "host {available_percent:.1}% available, above the give-back threshold of {}%: returning {} MiB",
+                        "host {available_percent:.1}% available, at or above the give-back threshold of {}%: returning {} MiB",
                         thresholds.give_back_percent,
                         back / MIB
                     ));

@@ -86,6 +86,11 @@ fn a_steady_reclaim_stops_above_the_floor_without_deflating_at_once() -> anyhow:
     policy.set_host(16384, 2457)?;
     let log_path = stack.dir.path().join("host-policy.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Settled: the landed target stays the same for 5 ticks in a row (the
+    // reason may be "no idle memory above the floor" or the min_change dead
+    // band, depending on where the last step ended).
+    let mut steady_ticks = 0;
+    let mut last: Option<(u64, u64)> = None; // (tick time, target)
     let settled = wait_for(
         "the balloon to stop at the guest's floor",
         Duration::from_secs(120),
@@ -93,13 +98,24 @@ fn a_steady_reclaim_stops_above_the_floor_without_deflating_at_once() -> anyhow:
             let Some(state) = policy.state() else {
                 return Ok(None);
             };
-            let reason = state["decision"]["vms"][0]["reason"].as_str().unwrap_or("");
+            let tick = state["unix_s"].as_u64().unwrap_or(0);
+            let target = state["decision"]["vms"][0]["target_bytes"]
+                .as_u64()
+                .unwrap_or(0);
             let status = stack.control.status()?;
-            let landed = status["actual_bytes"] == status["target_bytes"];
-            Ok(
-                (reason.contains("no idle memory above the floor") && landed)
-                    .then(|| status["actual_bytes"].as_u64().unwrap_or(0)),
-            )
+            let landed = status["actual_bytes"].as_u64() == Some(target);
+            match last {
+                Some((seen_tick, _)) if seen_tick == tick => {}
+                Some((_, seen_target)) if seen_target == target && landed && target > 0 => {
+                    steady_ticks += 1;
+                    last = Some((tick, target));
+                }
+                _ => {
+                    steady_ticks = 0;
+                    last = Some((tick, target));
+                }
+            }
+            Ok((steady_ticks >= 5).then_some(target))
         },
     )
     .with_context(|| format!("host-policy log:\n{}", log()))?;

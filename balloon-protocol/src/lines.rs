@@ -149,6 +149,8 @@ pub struct LineConnection {
     splitter: LineSplitter,
     ready: VecDeque<Vec<u8>>,
     counters: LineCounters,
+    /// Reused for every read, so polling allocates nothing per call.
+    chunk: Vec<u8>,
 }
 
 fn is_timeout(error: &std::io::Error) -> bool {
@@ -174,6 +176,7 @@ impl LineConnection {
             splitter: LineSplitter::new(limits.max_line_bytes),
             ready: VecDeque::new(),
             counters: LineCounters::default(),
+            chunk: vec![0u8; READ_CHUNK_BYTES],
         }
     }
 
@@ -262,9 +265,15 @@ impl LineConnection {
             }),
         }
         .map_err(|e| self.io(e))?;
-        let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let outcome = self.read_into(&mut chunk);
+        self.chunk = chunk;
+        outcome
+    }
+
+    fn read_into(&mut self, chunk: &mut [u8]) -> Result<usize, LineError> {
         loop {
-            match self.stream.read(&mut chunk) {
+            match self.stream.read(chunk) {
                 Ok(0) => {
                     return Err(LineError::Closed {
                         path: self.path.clone(),

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use balloon_protocol::agent::{AgentConnection, AgentCounters, Report};
-use balloon_protocol::control::{ControlClient, ControlError, Request, StatusReply};
+use balloon_protocol::control::{
+    ControlClient, ControlError, Request, SetTargetReply, StatusReply,
+};
 use balloon_protocol::lines::{LineCounters, LineError};
 use log::{info, warn};
 
@@ -189,42 +191,33 @@ impl VmLink {
                 Err(error) => return self.backend_failed(&error),
             }
         }
-        let Some(backend) = self.backend.as_mut() else {
-            return;
-        };
-        match backend.send(&Request::Status {}, Instant::now() + WRITE_TIMEOUT) {
-            Ok(()) => self.awaiting_status = true,
-            Err(error) => self.backend_failed(&error),
-        }
+        self.awaiting_status = self.send(&Request::Status {});
     }
 
     /// The reply to this tick's status request, waiting until `deadline`.
     pub fn receive_status(&mut self, deadline: Instant) -> Option<StatusReply> {
-        if !self.awaiting_status {
+        if !std::mem::take(&mut self.awaiting_status) {
             return None;
         }
-        self.awaiting_status = false;
-        let reply = self.backend.as_mut()?.receive::<StatusReply>(deadline);
-        self.take_backend_counters();
-        match reply {
-            Ok(status) => Some(status),
-            Err(error) => {
-                self.backend_failed(&error);
-                None
-            }
-        }
+        self.receive(deadline)
     }
 
     /// Sends a new target; its reply is collected by `receive_target`.
     pub fn send_target(&mut self, bytes: u64) -> bool {
+        self.send(&Request::SetTarget { bytes })
+    }
+
+    pub fn receive_target(&mut self, deadline: Instant) -> bool {
+        self.receive::<SetTargetReply>(deadline).is_some()
+    }
+
+    /// Sends a request on the open backend connection; a failure is counted
+    /// and drops the connection.
+    fn send(&mut self, request: &Request) -> bool {
         let Some(backend) = self.backend.as_mut() else {
             return false;
         };
-        let sent = backend.send(
-            &Request::SetTarget { bytes },
-            Instant::now() + WRITE_TIMEOUT,
-        );
-        match sent {
+        match backend.send(request, Instant::now() + WRITE_TIMEOUT) {
             Ok(()) => true,
             Err(error) => {
                 self.backend_failed(&error);
@@ -233,17 +226,16 @@ impl VmLink {
         }
     }
 
-    pub fn receive_target(&mut self, deadline: Instant) -> bool {
-        let Some(backend) = self.backend.as_mut() else {
-            return false;
-        };
-        let reply = backend.receive::<balloon_protocol::control::SetTargetReply>(deadline);
+    /// The reply to the oldest request sent, waiting until `deadline`; a
+    /// failure is counted and drops the connection.
+    fn receive<T: serde::de::DeserializeOwned>(&mut self, deadline: Instant) -> Option<T> {
+        let reply = self.backend.as_mut()?.receive::<T>(deadline);
         self.take_backend_counters();
         match reply {
-            Ok(_) => true,
+            Ok(reply) => Some(reply),
             Err(error) => {
                 self.backend_failed(&error);
-                false
+                None
             }
         }
     }

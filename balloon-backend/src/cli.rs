@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::features::FeatureSwitches;
+use crate::seccomp::SeccompMode;
 
 /// Largest maximum reclaim an operator may configure (percent of guest RAM).
 pub const MAX_RECLAIM_PERCENT_LIMIT: u8 = 75;
@@ -54,6 +55,11 @@ pub struct Args {
     /// Do not offer free page reporting (REPORTING).
     #[arg(long)]
     pub no_reporting: bool,
+    /// System-call filter: `enforce` kills the process with SIGSYS on a call
+    /// outside its thread's allow-list, `log` lets the kernel log such calls,
+    /// `off` installs no filter.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Enforce)]
+    pub seccomp: SeccompMode,
 }
 
 /// Validated configuration of one backend process.
@@ -64,6 +70,7 @@ pub struct BackendConfig {
     pub stats_interval_s: u64,
     pub max_reclaim_percent: u8,
     pub switches: FeatureSwitches,
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +117,7 @@ impl TryFrom<Args> for BackendConfig {
                 page_poison: !args.no_page_poison,
                 reporting: !args.no_reporting,
             },
+            seccomp: args.seccomp,
         })
     }
 }
@@ -150,6 +158,26 @@ mod tests {
         assert_eq!(config.stats_interval_s, 5);
         assert_eq!(config.switches, FeatureSwitches::default());
         assert_eq!(config.control, None);
+        assert_eq!(config.seccomp, SeccompMode::Enforce);
+    }
+
+    #[test]
+    fn seccomp_takes_its_three_modes_and_names_them_on_error() {
+        assert_eq!(
+            parse(&["--seccomp", "log"]).unwrap().seccomp,
+            SeccompMode::Log
+        );
+        assert_eq!(
+            parse(&["--seccomp", "off"]).unwrap().seccomp,
+            SeccompMode::Off
+        );
+        let error =
+            Args::try_parse_from(["balloon-backend", "--socket", "s", "--seccomp", "strict"])
+                .unwrap_err()
+                .to_string();
+        for word in ["--seccomp", "strict", "enforce", "log", "off"] {
+            assert!(error.contains(word), "{word} missing from: {error}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! socket here is bound to, or connected to, a path.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -96,20 +96,74 @@ impl ConfigNotifier {
     }
 }
 
+/// This process's `/proc/self/fd`, opened at start-up: listing it later
+/// needs no `open`, which the seccomp filters forbid once serving starts.
+#[derive(Debug)]
+pub struct FdDirectory {
+    directory: OwnedFd,
+}
+
+impl FdDirectory {
+    pub fn open() -> io::Result<Self> {
+        let file = std::fs::File::open("/proc/self/fd")?;
+        Ok(FdDirectory {
+            directory: file.into(),
+        })
+    }
+
+    /// The descriptors open now (the directory's contents are read afresh
+    /// on every listing).
+    pub fn list(&self) -> io::Result<Vec<RawFd>> {
+        // The duplicate shares the read position, so rewind it before reading.
+        let duplicate = self.directory.try_clone()?;
+        let names = read_directory_names(duplicate)?;
+        Ok(names
+            .iter()
+            .filter_map(|name| name.parse::<RawFd>().ok())
+            .collect())
+    }
+}
+
+/// The entry names of an open directory, read from its start; `directory`
+/// is consumed (closed) whatever happens.
+fn read_directory_names(directory: OwnedFd) -> io::Result<Vec<String>> {
+    use std::os::fd::IntoRawFd;
+    let raw = directory.into_raw_fd();
+    // SAFETY: `raw` is an open directory descriptor that we own; on success
+    // the DIR stream takes it over and closedir below closes it.
+    let stream = unsafe { libc::fdopendir(raw) };
+    if stream.is_null() {
+        let error = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so `raw` is still ours to close.
+        drop(unsafe { OwnedFd::from_raw_fd(raw) });
+        return Err(error);
+    }
+    let mut names = Vec::new();
+    // SAFETY: `stream` is a valid DIR stream used only by this thread;
+    // each dirent stays valid until the next readdir, and its name is a
+    // NUL-terminated string inside it.
+    unsafe {
+        libc::rewinddir(stream);
+        loop {
+            let entry = libc::readdir(stream);
+            if entry.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr());
+            names.push(name.to_string_lossy().into_owned());
+        }
+        libc::closedir(stream);
+    }
+    Ok(names)
+}
+
 /// Finds the backend request channel among this process's descriptors and
 /// returns our own duplicate of it.
-pub fn find_backend_channel() -> Result<UnixStream, NotifyError> {
+pub fn find_backend_channel(fds: &FdDirectory) -> Result<UnixStream, NotifyError> {
     let mut candidates = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/fd").map_err(NotifyError::ListFds)? {
-        let Ok(entry) = entry else { continue };
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        // Standard streams may be sockets set up by a supervisor.
+    for fd in fds.list().map_err(NotifyError::ListFds)? {
+        // Standard streams may be sockets set up by a supervisor; the
+        // listing's own descriptor is not a socket and drops out below.
         if fd > 2 && is_unnamed_stream_pair(fd) {
             candidates.push(fd);
         }
@@ -237,11 +291,25 @@ mod tests {
     }
 
     #[test]
+    fn the_fd_directory_lists_descriptors_opened_after_it() {
+        let fds = FdDirectory::open().unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        // Twice: the second listing must start from the top again.
+        for _ in 0..2 {
+            let listed = fds.list().unwrap();
+            assert!(listed.contains(&a.as_raw_fd()), "{listed:?}");
+        }
+    }
+
+    #[test]
     fn discovery_refuses_to_guess_between_two_candidates() {
         // Both ends of a socketpair live in this test process: ambiguous.
         // (Other tests may create pairs concurrently, so more is possible.)
         let (_a, _b) = UnixStream::pair().unwrap();
-        assert!(matches!(find_backend_channel(), Err(NotifyError::ChannelAmbiguous(n)) if n >= 2));
+        let fds = FdDirectory::open().unwrap();
+        assert!(
+            matches!(find_backend_channel(&fds), Err(NotifyError::ChannelAmbiguous(n)) if n >= 2)
+        );
         let listener_dir = tempfile::tempdir().unwrap();
         let path = listener_dir.path().join("s");
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();

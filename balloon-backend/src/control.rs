@@ -1,5 +1,5 @@
 //! The control socket: a Unix stream socket speaking one JSON object per
-//! line. Only clients with this process's uid are served; every malformed
+//! line. Only clients with this process's uid, or root, are served; every malformed
 //! request gets `{"ok":false,"error":…}` and the connection stays usable.
 
 use std::io::{self, Read, Write};
@@ -29,6 +29,14 @@ const MAX_REFRESH_TIMEOUT_MS: u64 = 60_000;
 pub use balloon_protocol::control::{parse_request, Request};
 use balloon_protocol::control::{ErrorReply, RefreshStatsReply, SetTargetReply, StatusReply};
 use balloon_protocol::lines::{LineSplitter, Piece};
+
+/// Writes one reply line with a single write: written piecemeal, a reply
+/// costs one system call per JSON token.
+fn send_reply(stream: &mut UnixStream, reply: &Value) -> io::Result<()> {
+    let mut line = reply.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes())
+}
 
 fn error_reply(message: impl Into<String>) -> Value {
     to_reply(&ErrorReply::new(message))
@@ -152,14 +160,15 @@ pub fn serve(listener: UnixListener, device: Arc<BalloonDevice>, max_reclaim_per
             }
         };
         match peer_uid(&stream) {
-            Ok(uid) if uid == own_uid => {}
+            // Root may always ask: it can read and change the process anyway.
+            Ok(uid) if uid == own_uid || uid == 0 => {}
             Ok(uid) => {
-                warn!("control client with uid {uid} refused (only uid {own_uid} is served)");
+                warn!("control client with uid {uid} refused (only uid {own_uid} and root are served)");
                 // One line saying why, so the client does not see a bare close.
                 let reply = error_reply(format!(
-                    "refused: not the backend's user (uid {uid}; only uid {own_uid} is served)"
+                    "refused: not the backend's user (uid {uid}; only uid {own_uid} and root are served)"
                 ));
-                if let Err(error) = writeln!(stream, "{reply}") {
+                if let Err(error) = send_reply(&mut stream, &reply) {
                     debug!("refused control client went away: {error}");
                 }
                 continue;
@@ -172,7 +181,7 @@ pub fn serve(listener: UnixListener, device: Arc<BalloonDevice>, max_reclaim_per
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
             active.fetch_sub(1, Ordering::SeqCst);
             let reply = error_reply(format!("too many control clients (at most {MAX_CLIENTS})"));
-            if let Err(error) = writeln!(stream, "{reply}") {
+            if let Err(error) = send_reply(&mut stream, &reply) {
                 debug!("control client went away: {error}");
             }
             continue;
@@ -229,7 +238,7 @@ pub fn serve_client(
                     "request longer than {MAX_REQUEST_BYTES} bytes; dropped up to its newline"
                 )),
             };
-            writeln!(writer, "{reply}")?;
+            send_reply(&mut writer, &reply)?;
         }
     }
 }

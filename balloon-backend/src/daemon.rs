@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::cli::BackendConfig;
 use crate::control;
 use crate::device::{BalloonDevice, DeviceSettings, STATS_TIMER_EVENT};
+use crate::seccomp::{self, ThreadRole};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -38,6 +39,8 @@ pub enum DaemonError {
     Device(io::Error),
     #[error("vhost-user: {0}")]
     VhostUser(vhost_user_backend::Error),
+    #[error("{0} (--seccomp off runs without a filter)")]
+    Seccomp(seccomp::SeccompError),
 }
 
 /// Makes way for a socket at `path`: nothing there is fine, and a socket
@@ -107,6 +110,7 @@ impl Backend {
             BalloonDevice::new(DeviceSettings {
                 switches: config.switches,
                 max_reclaim_percent: config.max_reclaim_percent,
+                seccomp: config.seccomp,
             })
             .map_err(DaemonError::Device)?,
         );
@@ -123,9 +127,13 @@ impl Backend {
             })?;
             let device = device.clone();
             let percent = config.max_reclaim_percent;
+            let mode = config.seccomp;
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || control::serve(control, device, percent))
+                .spawn(move || {
+                    seccomp::confine_or_exit(ThreadRole::Control, mode);
+                    control::serve(control, device, percent)
+                })
                 .map_err(DaemonError::Device)?;
         }
         Ok(Backend {
@@ -140,14 +148,21 @@ impl Backend {
         if self.config.stats_interval_s > 0 {
             let device = self.device.clone();
             let interval = Duration::from_secs(self.config.stats_interval_s);
+            let mode = self.config.seccomp;
             std::thread::Builder::new()
                 .name("stats-timer".into())
-                .spawn(move || loop {
-                    std::thread::sleep(interval);
-                    device.request_stats();
+                .spawn(move || {
+                    seccomp::confine_or_exit(ThreadRole::StatsTimer, mode);
+                    loop {
+                        std::thread::sleep(interval);
+                        device.request_stats();
+                    }
                 })
                 .map_err(DaemonError::Device)?;
         }
+        // Last: threads started after this inherit the main thread's filter.
+        seccomp::confine_current_thread(ThreadRole::Vhost, self.config.seccomp)
+            .map_err(DaemonError::Seccomp)?;
         info!("waiting for a frontend on {}", self.config.socket.display());
         loop {
             self.serve_one()?;

@@ -23,12 +23,13 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::chain::{bounded_chain, ChainCut, MAX_CHAIN_DESCRIPTORS};
-use crate::config_notify::{find_backend_channel, ConfigNotifier};
+use crate::config_notify::{find_backend_channel, ConfigNotifier, FdDirectory};
 use crate::config_space::ConfigSpace;
 use crate::faults::{Fault, FaultLog};
 use crate::features::{self, FeatureSwitches, QueueRole, MAX_QUEUES};
 use crate::host_memory::GuestRam;
 use crate::pfn::{self, RamRegion, RangeError, PAGE_SIZE_BYTES};
+use crate::seccomp::SeccompMode;
 use crate::stats::{self, GuestStats};
 use crate::tracker::BalloonTracker;
 
@@ -50,6 +51,8 @@ const MAX_STATS_BYTES: usize = 4096;
 pub struct DeviceSettings {
     pub switches: FeatureSwitches,
     pub max_reclaim_percent: u8,
+    /// How vring worker threads confine themselves on their first event.
+    pub seccomp: SeccompMode,
 }
 
 /// The outcome of a set-target request.
@@ -111,6 +114,8 @@ pub struct BalloonDevice {
     state: Mutex<DeviceState>,
     stats_updated: Condvar,
     notifier: Mutex<Option<ConfigNotifier>>,
+    /// Where the backend request channel is looked for.
+    open_fds: FdDirectory,
     stats_timer: EventFd,
     faults: FaultLog,
 }
@@ -128,6 +133,7 @@ impl BalloonDevice {
             state: Mutex::new(DeviceState::default()),
             stats_updated: Condvar::new(),
             notifier: Mutex::new(None),
+            open_fds: FdDirectory::open()?,
             stats_timer: EventFd::new(EFD_NONBLOCK)?,
             faults: FaultLog::default(),
         })
@@ -696,7 +702,7 @@ impl VhostUserBackend for BalloonDevice {
         let mut notifier = self.notifier.lock().unwrap_or_else(|e| e.into_inner());
         // Our copy of an older channel would make the search ambiguous.
         *notifier = None;
-        match find_backend_channel() {
+        match find_backend_channel(&self.open_fds) {
             Ok(stream) => {
                 info!("backend request channel found: config-change notifications enabled");
                 *notifier = Some(ConfigNotifier::new(stream));
@@ -746,6 +752,7 @@ impl VhostUserBackend for BalloonDevice {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        crate::seccomp::confine_vring_worker_once(self.settings.seccomp);
         if evset != EventSet::IN {
             return Ok(());
         }

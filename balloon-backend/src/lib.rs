@@ -12,5 +12,6 @@ pub mod faults;
 pub mod features;
 pub mod host_memory;
 pub mod pfn;
+pub mod seccomp;
 pub mod stats;
 pub mod tracker;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use balloon_backend::cli::{Args, BackendConfig};
 use balloon_backend::daemon::Backend;
+use balloon_backend::seccomp::{self, SeccompMode, ThreadRole};
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::io::Read;
@@ -41,9 +42,14 @@ fn run() -> anyhow::Result<()> {
         signal_hook::low_level::pipe::register(signal, writer)
             .context("installing signal handlers")?;
     }
+    let mode = config.seccomp;
+    if mode == SeccompMode::Enforce {
+        seccomp::install_sigsys_reporter()?;
+    }
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            seccomp::confine_or_exit(ThreadRole::Signals, mode);
             let mut byte = [0u8; 1];
             if wake_reader.read(&mut byte).is_ok() {
                 log::info!("signal received: removing sockets and exiting");

@@ -35,6 +35,8 @@ impl Rig {
             BalloonDevice::new(DeviceSettings {
                 switches: FeatureSwitches::default(),
                 max_reclaim_percent: 75,
+                // Test threads run the device in-process; they must stay free.
+                seccomp: balloon_backend::seccomp::SeccompMode::Off,
             })
             .unwrap(),
         );

@@ -12,10 +12,57 @@ use serde_json::Value;
 use crate::env::TestEnv;
 use crate::wait_for;
 
+/// When the tests run as root, the backend runs as this account, with no
+/// rights but its socket directory (the least privileges documented in
+/// docs/balloon-backend.md).
+const UNPRIVILEGED_USER: &str = "nobody";
+
+/// A uid and gid to run the backend as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The account the backend runs as: `nobody` when the tests run as root,
+/// or None (the tests' own user) otherwise.
+pub fn backend_account() -> anyhow::Result<Option<Account>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
+    let account = passwd
+        .lines()
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .find(|fields| fields.first() == Some(&UNPRIVILEGED_USER))
+        .and_then(|fields| {
+            Some(Account {
+                uid: fields.get(2)?.parse().ok()?,
+                gid: fields.get(3)?.parse().ok()?,
+            })
+        })
+        .with_context(|| format!("no user {UNPRIVILEGED_USER} in /etc/passwd"))?;
+    Ok(Some(account))
+}
+
+/// The real, effective, saved and filesystem uids of a process.
+fn process_uids(pid: u32) -> anyhow::Result<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .context("no Uid line")?;
+    line.split_whitespace()
+        .map(|field| Ok(field.parse()?))
+        .collect()
+}
+
 pub struct BackendProcess {
     child: Child,
     binary: PathBuf,
     args: Vec<String>,
+    account: Option<Account>,
     pub socket: PathBuf,
     pub control: PathBuf,
 }
@@ -32,11 +79,18 @@ impl BackendProcess {
             control.display().to_string(),
         ];
         args.extend(extra_args.iter().map(|a| a.to_string()));
-        let child = Self::spawn(&env.backend_binary, &args)?;
+        let account = backend_account()?;
+        if let Some(account) = account {
+            // Its socket directory is the one thing the backend may write.
+            std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))
+                .with_context(|| format!("giving {} to the backend's user", dir.display()))?;
+        }
+        let child = Self::spawn(&env.backend_binary, &args, account)?;
         let backend = BackendProcess {
             child,
             binary: env.backend_binary.clone(),
             args,
+            account,
             socket,
             control,
         };
@@ -44,8 +98,14 @@ impl BackendProcess {
         Ok(backend)
     }
 
-    fn spawn(binary: &Path, args: &[String]) -> anyhow::Result<Child> {
-        Command::new(binary)
+    fn spawn(binary: &Path, args: &[String], account: Option<Account>) -> anyhow::Result<Child> {
+        let mut command = Command::new(binary);
+        if let Some(account) = account {
+            use std::os::unix::process::CommandExt;
+            // std drops the supplementary groups when root sets a uid.
+            command.uid(account.uid).gid(account.gid);
+        }
+        command
             .args(args)
             .env(
                 "RUST_LOG",
@@ -63,14 +123,23 @@ impl BackendProcess {
             "the backend's control socket",
             Duration::from_secs(20),
             || Ok(UnixStream::connect(&self.control).ok().map(drop)),
-        )
+        )?;
+        if let Some(account) = self.account {
+            let uids = process_uids(self.child.id())?;
+            anyhow::ensure!(
+                uids.iter().all(|uid| *uid == account.uid),
+                "the backend should run as uid {} but runs as {uids:?}",
+                account.uid
+            );
+        }
+        Ok(())
     }
 
     /// kill -9 the backend, then start it again with the same flags.
     pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
         self.child.wait()?;
-        self.child = Self::spawn(&self.binary, &self.args)?;
+        self.child = Self::spawn(&self.binary, &self.args, self.account)?;
         self.wait_ready()
     }
 

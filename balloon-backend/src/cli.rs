@@ -25,6 +25,17 @@ pub struct Args {
     /// Control socket (JSON lines) for status and balloon targets.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Permissions of the --socket file, in octal (0600 to 0777, owner
+    /// read and write included); default 0600, or 0660 with --socket-group.
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group of the --socket file (a name or a number), so that a QEMU
+    /// running as another user of that group can connect.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Create missing parent directories of --socket and --control (mode 0750).
+    #[arg(long)]
+    pub create_dirs: bool,
     /// Seconds between guest statistics refreshes; 0 refreshes only on request.
     // Negative numbers are taken as this flag's (bad) value, so the error
     // names the flag instead of calling "-1" an unexpected argument.
@@ -67,6 +78,11 @@ pub struct Args {
 pub struct BackendConfig {
     pub socket: PathBuf,
     pub control: Option<PathBuf>,
+    /// Permission bits given to the vhost-user socket file.
+    pub socket_mode: u32,
+    /// Group id given to the vhost-user socket file.
+    pub socket_gid: Option<u32>,
+    pub create_dirs: bool,
     pub stats_interval_s: u64,
     pub max_reclaim_percent: u8,
     pub switches: FeatureSwitches,
@@ -83,6 +99,78 @@ pub enum ConfigError {
     SamePath(PathBuf),
     #[error("{flag} must not be empty")]
     EmptyPath { flag: &'static str },
+    #[error("--socket-mode must be an octal mode from 0600 to 0777 that gives the owner read and write (for example 0660), got {0:?}")]
+    SocketMode(String),
+    #[error("--socket-group {0:?}: no such group (give a group name or number)")]
+    UnknownGroup(String),
+    /// The lookup's errno (kept as a number so that errors compare equal).
+    #[error("--socket-group {name:?}: looking up the group failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    GroupLookup { name: String, errno: i32 },
+}
+
+/// Default socket mode: only the backend's user may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// Default socket mode with --socket-group: the group may connect too.
+pub const DEFAULT_GROUP_SOCKET_MODE: u32 = 0o660;
+
+/// An octal mode such as `0660`, `660` or `0o660` that lets the owner read
+/// and write and sets nothing beyond the permission bits.
+pub fn parse_socket_mode(text: &str) -> Result<u32, ConfigError> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    let bad = || ConfigError::SocketMode(text.to_string());
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(bad());
+    }
+    let mode = u32::from_str_radix(digits, 8).map_err(|_| bad())?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(bad());
+    }
+    Ok(mode)
+}
+
+/// A group given by number or by name (looked up through NSS).
+pub fn resolve_group(text: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match group_id_by_name(text) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(ConfigError::UnknownGroup(text.to_string())),
+        Err(error) => Err(ConfigError::GroupLookup {
+            name: text.to_string(),
+            errno: error.raw_os_error().unwrap_or(0),
+        }),
+    }
+}
+
+/// getgrnam_r with a buffer that grows until the entry fits.
+fn group_id_by_name(name: &str) -> std::io::Result<Option<u32>> {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buffer: Vec<libc::c_char> = vec![0; 4096];
+    loop {
+        // SAFETY: group is plain old data; all-zero is a valid value.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live local of the stated size;
+        // the strings getgrnam_r stores point into `buffer`, unused after.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut group,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => return Ok(None),
+            0 => return Ok(Some(group.gr_gid)),
+            libc::ERANGE if buffer.len() < 1 << 20 => buffer.resize(buffer.len() * 2, 0),
+            errno => return Err(std::io::Error::from_raw_os_error(errno)),
+        }
+    }
 }
 
 impl TryFrom<Args> for BackendConfig {
@@ -106,9 +194,22 @@ impl TryFrom<Args> for BackendConfig {
                 return Err(ConfigError::SamePath(control.clone()));
             }
         }
+        let socket_gid = args
+            .socket_group
+            .as_deref()
+            .map(resolve_group)
+            .transpose()?;
+        let socket_mode = match (&args.socket_mode, socket_gid) {
+            (Some(text), _) => parse_socket_mode(text)?,
+            (None, Some(_)) => DEFAULT_GROUP_SOCKET_MODE,
+            (None, None) => DEFAULT_SOCKET_MODE,
+        };
         Ok(BackendConfig {
             socket: args.socket,
             control: args.control,
+            socket_mode,
+            socket_gid,
+            create_dirs: args.create_dirs,
             stats_interval_s: args.stats_interval,
             max_reclaim_percent: args.max_reclaim_percent,
             switches: FeatureSwitches {
@@ -159,6 +260,65 @@ mod tests {
         assert_eq!(config.switches, FeatureSwitches::default());
         assert_eq!(config.control, None);
         assert_eq!(config.seccomp, SeccompMode::Enforce);
+        assert_eq!(config.socket_mode, 0o600);
+        assert_eq!(config.socket_gid, None);
+        assert!(!config.create_dirs);
+    }
+
+    #[test]
+    fn socket_modes_are_octal_and_keep_the_owner_able_to_connect() {
+        for (text, mode) in [
+            ("0660", 0o660),
+            ("660", 0o660),
+            ("0o600", 0o600),
+            ("0777", 0o777),
+        ] {
+            assert_eq!(parse_socket_mode(text), Ok(mode), "{text}");
+        }
+        for bad in [
+            "",
+            "0o",
+            "0400",
+            "0060",
+            "1777",
+            "0888",
+            "rw-rw----",
+            "-0660",
+            "99999999999",
+        ] {
+            let error = parse_socket_mode(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("--socket-mode") && error.contains("0600 to 0777"),
+                "{bad}: {error}"
+            );
+        }
+        assert_eq!(
+            parse(&["--socket-mode", "0666"]).unwrap().socket_mode,
+            0o666
+        );
+    }
+
+    #[test]
+    fn socket_groups_are_names_or_numbers() {
+        let config = parse(&["--socket-group", "0"]).unwrap();
+        assert_eq!(config.socket_gid, Some(0));
+        assert_eq!(
+            config.socket_mode, 0o660,
+            "a group alone means group access"
+        );
+        assert_eq!(
+            parse(&["--socket-group", "root"]).unwrap().socket_gid,
+            Some(0)
+        );
+        let config = parse(&["--socket-group", "root", "--socket-mode", "0600"]).unwrap();
+        assert_eq!((config.socket_gid, config.socket_mode), (Some(0), 0o600));
+        let error = parse(&["--socket-group", "no-such-group-here"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--socket-group") && error.contains("no-such-group-here"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -35,6 +35,23 @@ pub enum DaemonError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error(
+        "{flag} {path}: the directory {dir} does not exist (create it, or pass --create-dirs)"
+    )]
+    NoDirectory {
+        flag: &'static str,
+        path: PathBuf,
+        dir: PathBuf,
+    },
+    #[error("{flag} {path}: creating the directory {dir}: {source}")]
+    CreateDirectory {
+        flag: &'static str,
+        path: PathBuf,
+        dir: PathBuf,
+        source: io::Error,
+    },
+    #[error("--socket-mode/--socket-group {path}: {source}")]
+    Permissions { path: PathBuf, source: io::Error },
     #[error("creating the device: {0}")]
     Device(io::Error),
     #[error("vhost-user: {0}")]
@@ -92,6 +109,52 @@ fn claim_socket_path(flag: &'static str, path: &Path) -> Result<(), DaemonError>
     }
 }
 
+/// Mode of directories made by --create-dirs: the owner's, readable by its
+/// group (QEMU's, when --socket-group is used), closed to others.
+const CREATED_DIRECTORY_MODE: u32 = 0o750;
+
+/// Makes sure the directory a socket goes into exists: created (with its
+/// parents) when `create` is set, otherwise a clear error naming the flag.
+fn prepare_directory(flag: &'static str, path: &Path, create: bool) -> Result<(), DaemonError> {
+    let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if !create {
+        return Err(DaemonError::NoDirectory {
+            flag,
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+        });
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(CREATED_DIRECTORY_MODE)
+        .create(dir)
+        .map_err(|source| DaemonError::CreateDirectory {
+            flag,
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Gives the vhost-user socket file its mode and group.
+fn set_socket_permissions(path: &Path, mode: u32, gid: Option<u32>) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |source| DaemonError::Permissions {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(failed)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)
+}
+
 /// Everything bound and ready; `run` serves until the process ends.
 pub struct Backend {
     config: BackendConfig,
@@ -102,8 +165,10 @@ pub struct Backend {
 impl Backend {
     /// Binds both sockets, so start-up problems surface before serving.
     pub fn bind(config: BackendConfig) -> Result<Self, DaemonError> {
+        prepare_directory("--socket", &config.socket, config.create_dirs)?;
         claim_socket_path("--socket", &config.socket)?;
         if let Some(control) = &config.control {
+            prepare_directory("--control", control, config.create_dirs)?;
             claim_socket_path("--control", control)?;
         }
         let device = Arc::new(
@@ -119,6 +184,15 @@ impl Backend {
             path: config.socket.clone(),
             source: io::Error::other(e),
         })?;
+        if let Err(error) =
+            set_socket_permissions(&config.socket, config.socket_mode, config.socket_gid)
+        {
+            // Nothing half-made is left behind.
+            if let Err(remove) = std::fs::remove_file(&config.socket) {
+                warn!("removing {}: {remove}", config.socket.display());
+            }
+            return Err(error);
+        }
         if let Some(path) = &config.control {
             let control = control::bind(path).map_err(|source| DaemonError::Bind {
                 flag: "--control",

@@ -347,23 +347,7 @@ impl Config {
         };
         let host_line = |keys: &[&str]| Locations::line(text, locations.host.as_ref(), keys);
         let host = raw.host.unwrap_or_default();
-        let (hard, start, give_back) = (
-            host.reclaim_hard_percent.0,
-            host.reclaim_start_percent.0,
-            host.give_back_percent.0,
-        );
-        if hard >= start {
-            return Err(at(
-                host_line(&["reclaim_hard_percent", "reclaim_start_percent"]),
-                format!("host.reclaim_hard_percent ({hard}) must be below host.reclaim_start_percent ({start})"),
-            ));
-        }
-        if start >= give_back {
-            return Err(at(
-                host_line(&["give_back_percent", "reclaim_start_percent"]),
-                format!("host.give_back_percent ({give_back}) must be above host.reclaim_start_percent ({start}), leaving a dead band between them"),
-            ));
-        }
+        check_host(&host).map_err(|(keys, message)| at(host_line(keys), message))?;
         let defaults_line =
             |keys: &[&str]| Locations::line(text, locations.defaults.as_ref(), keys);
         if raw.defaults.name.is_some()
@@ -393,12 +377,7 @@ impl Config {
                     format!("vm {name:?} needs control (its balloon-backend control socket)"),
                 )
             })?;
-            if name.is_empty() || name.contains(char::is_whitespace) {
-                return Err(at(
-                    entry_line(&["name"]),
-                    format!("vm name {name:?} must be non-empty without spaces"),
-                ));
-            }
+            check_vm_name(&name).map_err(|m| at(entry_line(&["name"]), m))?;
             if !names.insert(name.clone()) {
                 return Err(at(
                     entry_line(&["name"]),
@@ -439,8 +418,39 @@ impl Config {
     }
 }
 
+/// The host thresholds must be ordered hard < start < give back; on error,
+/// the keys to point at and the message.
+pub(crate) fn check_host(host: &HostSection) -> Result<(), (&'static [&'static str], String)> {
+    let (hard, start, give_back) = (
+        host.reclaim_hard_percent.0,
+        host.reclaim_start_percent.0,
+        host.give_back_percent.0,
+    );
+    if hard >= start {
+        return Err((
+            &["reclaim_hard_percent", "reclaim_start_percent"],
+            format!("host.reclaim_hard_percent ({hard}) must be below host.reclaim_start_percent ({start})"),
+        ));
+    }
+    if start >= give_back {
+        return Err((
+            &["give_back_percent", "reclaim_start_percent"],
+            format!("host.give_back_percent ({give_back}) must be above host.reclaim_start_percent ({start}), leaving a dead band between them"),
+        ));
+    }
+    Ok(())
+}
+
+/// A VM name: non-empty, no whitespace (it is used in logs and file names).
+pub(crate) fn check_vm_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains(char::is_whitespace) {
+        return Err(format!("vm name {name:?} must be non-empty without spaces"));
+    }
+    Ok(())
+}
+
 /// Deflate must be at least as fast as inflate (giving back is urgent).
-fn check_steps(what: &str, policy: &VmPolicy) -> Result<(), String> {
+pub(crate) fn check_steps(what: &str, policy: &VmPolicy) -> Result<(), String> {
     if policy.deflate_step_bytes < policy.inflate_step_bytes {
         return Err(format!(
             "{what}: deflate_step_mib ({}) must be at least inflate_step_mib ({}): deflating is the urgent direction",

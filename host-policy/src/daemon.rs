@@ -3,6 +3,7 @@
 //! `host-policy status`.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,30 +43,77 @@ pub fn managed_vms(config: &Config) -> Vec<ManagedVm> {
             policy: config.policy_for(&vm.name),
         })
         .collect();
-    if let Some(discover) = &config.discover {
-        let mut found: Vec<ManagedVm> = std::fs::read_dir(&discover.directory)
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .filter_map(|entry| {
-                        let file = entry.file_name().to_string_lossy().to_string();
-                        let name = file.strip_suffix(&discover.suffix)?.to_string();
-                        (!name.is_empty()).then_some((name, entry.path()))
-                    })
-                    .filter(|(name, _)| !vms.iter().any(|vm| vm.name == *name))
-                    .map(|(name, control)| ManagedVm {
-                        policy: config.policy_for(&name),
-                        name,
-                        control,
-                        agent: None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        found.sort_by(|a, b| a.name.cmp(&b.name));
-        vms.extend(found);
-    }
+    let (mut found, _skipped) = discovered_vms(config);
+    found.retain(|vm| !vms.iter().any(|configured| configured.name == vm.name));
+    vms.extend(found);
     vms
+}
+
+/// Why a file in the `[discover]` directory is not a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotDiscovered {
+    NotASocket,
+    BadName(String),
+}
+
+impl std::fmt::Display for NotDiscovered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotDiscovered::NotASocket => f.write_str("not a socket"),
+            NotDiscovered::BadName(message) => f.write_str(message),
+        }
+    }
+}
+
+/// Whether a directory entry named `file` is a VM: its name without
+/// `suffix`, or why not; None for files without the suffix.
+pub fn classify_discovered(
+    file: &str,
+    suffix: &str,
+    is_socket: bool,
+) -> Option<Result<String, NotDiscovered>> {
+    let name = file.strip_suffix(suffix)?;
+    if name.is_empty() {
+        return None;
+    }
+    if let Err(message) = crate::config::check_vm_name(name) {
+        return Some(Err(NotDiscovered::BadName(message)));
+    }
+    if !is_socket {
+        return Some(Err(NotDiscovered::NotASocket));
+    }
+    Some(Ok(name.to_string()))
+}
+
+/// The VMs in the `[discover]` directory, sorted by name, and the files
+/// with the suffix that were skipped, with the reason (`check` prints them).
+pub fn discovered_vms(config: &Config) -> (Vec<ManagedVm>, Vec<(PathBuf, NotDiscovered)>) {
+    let (mut found, mut skipped) = (Vec::new(), Vec::new());
+    let Some(discover) = &config.discover else {
+        return (found, skipped);
+    };
+    let Ok(entries) = std::fs::read_dir(&discover.directory) else {
+        return (found, skipped);
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let file = entry.file_name().to_string_lossy().to_string();
+        // Followed: a symbolic link to a control socket is a VM too.
+        let is_socket =
+            std::fs::metadata(entry.path()).is_ok_and(|meta| meta.file_type().is_socket());
+        match classify_discovered(&file, &discover.suffix, is_socket) {
+            None => {}
+            Some(Ok(name)) => found.push(ManagedVm {
+                policy: config.policy_for(&name),
+                name,
+                control: entry.path(),
+                agent: None,
+            }),
+            Some(Err(reason)) => skipped.push((entry.path(), reason)),
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    skipped.sort_by(|a, b| a.0.cmp(&b.0));
+    (found, skipped)
 }
 
 pub fn unix_now_s() -> u64 {

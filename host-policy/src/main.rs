@@ -76,6 +76,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.host.reclaim_hard_percent,
                 config.host.give_back_percent
             );
+            for (path, reason) in host_policy::daemon::discovered_vms(&config).1 {
+                println!("skipped {}: {reason}", path.display());
+            }
             for vm in managed_vms(&config) {
                 let p = &vm.policy;
                 println!(

@@ -65,6 +65,46 @@ fn default_tick() -> u64 {
     5
 }
 
+impl Scenario {
+    /// The checks `host-policy check` makes of a configuration, plus the
+    /// scenario's own: a run that means nothing is refused, not plotted.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tick_s == 0 {
+            return Err("tick_s must be at least 1 (seconds between ticks)".into());
+        }
+        if self.duration_s < self.tick_s {
+            return Err(format!(
+                "duration_s ({}) must be at least tick_s ({})",
+                self.duration_s, self.tick_s
+            ));
+        }
+        if self.host_total_mib == 0 {
+            return Err("host_total_mib must be at least 1".into());
+        }
+        if self.vm.is_empty() {
+            return Err("no VMs: add [[vm]] entries (name, ram_mib, working_set_mib)".into());
+        }
+        if let Some(host) = &self.host {
+            crate::config::check_host(host).map_err(|(_, message)| message)?;
+        }
+        let defaults = crate::config::resolve(&self.defaults, &VmPolicy::default());
+        crate::config::check_steps("defaults", &defaults)?;
+        let mut names = std::collections::BTreeSet::new();
+        for vm in &self.vm {
+            crate::config::check_vm_name(&vm.name)?;
+            if !names.insert(vm.name.as_str()) {
+                return Err(format!("vm name {:?} appears twice", vm.name));
+            }
+            if vm.ram_mib == 0 {
+                return Err(format!("vm {:?}: ram_mib must be at least 1", vm.name));
+            }
+            let policy = crate::config::resolve(&vm.policy, &defaults);
+            crate::config::check_steps(&format!("vm {:?}", vm.name), &policy)?;
+        }
+        Ok(())
+    }
+}
+
 /// One row of the simulation's output.
 #[derive(Clone, Debug)]
 pub struct Sample {
@@ -241,6 +281,9 @@ pub fn simulate(scenario_path: &Path, out: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("reading {}", scenario_path.display()))?;
     let scenario: Scenario =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", scenario_path.display()))?;
+    scenario
+        .validate()
+        .map_err(|message| anyhow::anyhow!("{}: {message}", scenario_path.display()))?;
     let samples = run(&scenario);
     let csv_path = out.with_extension("csv");
     let svg_path = out.with_extension("svg");
@@ -257,4 +300,72 @@ pub fn simulate(scenario_path: &Path, out: &Path) -> anyhow::Result<String> {
         csv_path.display(),
         svg_path.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/scenario.toml");
+
+    fn validate(text: &str) -> Result<(), String> {
+        let scenario: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
+        scenario.validate()
+    }
+
+    #[test]
+    fn the_example_scenario_is_valid() {
+        assert_eq!(validate(EXAMPLE), Ok(()));
+    }
+
+    #[test]
+    fn a_scenario_is_checked_as_a_configuration_is() {
+        for (from, to, expected) in [
+            ("tick_s = 5", "tick_s = 0", "tick_s must be at least 1"),
+            (
+                "duration_s = 1200",
+                "duration_s = 2",
+                "duration_s (2) must be at least tick_s (5)",
+            ),
+            (
+                "deflate_step_mib = 512",
+                "deflate_step_mib = 64",
+                "deflate_step_mib (64) must be at least inflate_step_mib (128)",
+            ),
+            (
+                "give_back_percent = 35",
+                "give_back_percent = 5",
+                "host.give_back_percent (5) must be above",
+            ),
+            (
+                "reclaim_hard_percent = 10",
+                "reclaim_hard_percent = 30",
+                "host.reclaim_hard_percent (30) must be below",
+            ),
+            (
+                "name = \"web\"",
+                "name = \"we b\"",
+                "vm name \"we b\" must be non-empty without spaces",
+            ),
+            (
+                "name = \"web\"",
+                "name = \"batch\"",
+                "vm name \"batch\" appears twice",
+            ),
+            (
+                "policy = { shares = 2000 }",
+                "policy = { inflate_step_mib = 1024 }",
+                "vm \"web\": deflate_step_mib (512) must be at least inflate_step_mib (1024)",
+            ),
+            (
+                "duration_s = 1200",
+                "duration_s = 1200\nbogus = 1",
+                "unknown field `bogus`",
+            ),
+        ] {
+            assert!(EXAMPLE.contains(from), "{from}");
+            let error = validate(&EXAMPLE.replacen(from, to, 1)).unwrap_err();
+            assert!(error.contains(expected), "{to}: {error}");
+        }
+    }
 }

@@ -38,14 +38,15 @@ pub fn render(config: &Config) -> String {
     }
     push_line!(
         out,
-        "{:<12} {:>8} {:>9} {:>10} {:>10} {:>10} {:>11}  last decision",
+        "{:<12} {:>8} {:>9} {:>10} {:>10} {:>10} {:>11} {:>8}  last decision",
         "VM",
         "RAM MiB",
         "limit MiB",
         "target MiB",
         "actual MiB",
         "free MiB",
-        "avail MiB"
+        "avail MiB",
+        "pressure"
     );
     for vm in managed_vms(config) {
         let status = ControlClient::connect(&vm.control, crate::links::BACKEND_REPLY_TIMEOUT)
@@ -86,4 +87,31 @@ pub fn render(config: &Config) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn every_column_has_a_heading() {
+        let config = Config::parse(
+            Path::new("host-policy.toml"),
+            "[host]\nstate_file = \"/nonexistent/state.json\"\n[[vm]]\nname = \"web\"\ncontrol = \"/nonexistent/web.ctl\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let table = render(&config);
+        let heading = table.lines().next().unwrap_or_default();
+        let words: Vec<&str> = heading.split_whitespace().collect();
+        assert_eq!(
+            words,
+            [
+                "VM", "RAM", "MiB", "limit", "MiB", "target", "MiB", "actual", "MiB", "free",
+                "MiB", "avail", "MiB", "pressure", "last", "decision"
+            ],
+            "{table}"
+        );
+        assert!(table.contains("web"), "{table}");
+    }
 }

@@ -207,6 +207,15 @@ fn control_sockets_in_a_directory_are_discovered() {
         sockets.join("web.ctl"),
     )
     .unwrap();
+    // Not VMs: a regular file with the suffix, a socket whose name has a
+    // space, and a file without the suffix.
+    std::fs::write(sockets.join("notes.ctl"), "keep").unwrap();
+    std::os::unix::fs::symlink(
+        s.vms[0].dir.path().join("control.sock"),
+        sockets.join("my vm.ctl"),
+    )
+    .unwrap();
+    std::fs::write(sockets.join("readme.txt"), "").unwrap();
     let path = s.dir.path().join("discover.toml");
     std::fs::write(
         &path,
@@ -217,8 +226,28 @@ fn control_sockets_in_a_directory_are_discovered() {
     )
     .unwrap();
     write_host(&s.meminfo, 1024, 150);
-    let mut daemon = Daemon::new(Config::load(&path).unwrap(), false);
+    let config = Config::load(&path).unwrap();
+    let (found, skipped) = host_policy::daemon::discovered_vms(&config);
+    let names: Vec<&str> = found.iter().map(|vm| vm.name.as_str()).collect();
+    assert_eq!(names, ["web"]);
+    let skipped: Vec<String> = skipped
+        .iter()
+        .map(|(path, reason)| format!("{}: {reason}", path.file_name().unwrap().to_string_lossy()))
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            "my vm.ctl: vm name \"my vm\" must be non-empty without spaces",
+            "notes.ctl: not a socket"
+        ]
+    );
+    let mut daemon = Daemon::new(config, false);
     let decision = daemon.tick().unwrap();
+    assert_eq!(decision.vms.len(), 1);
     assert_eq!(decision.vms[0].name, "web");
     assert!(s.vms[0].status()["target_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(
+        std::fs::read_to_string(sockets.join("notes.ctl")).unwrap(),
+        "keep"
+    );
 }

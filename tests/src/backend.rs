@@ -80,15 +80,22 @@ impl BackendProcess {
         ];
         args.extend(extra_args.iter().map(|a| a.to_string()));
         let account = backend_account()?;
+        let mut binary = env.backend_binary.clone();
         if let Some(account) = account {
             // Its socket directory is the one thing the backend may write.
             std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))
                 .with_context(|| format!("giving {} to the backend's user", dir.display()))?;
+            // A checkout under a private home directory is out of the other
+            // user's reach: run a copy from the directory it owns.
+            let copy = dir.join("balloon-backend");
+            std::fs::copy(&binary, &copy)
+                .with_context(|| format!("copying {} for the backend's user", binary.display()))?;
+            binary = copy;
         }
-        let child = Self::spawn(&env.backend_binary, &args, account)?;
+        let child = Self::spawn(&binary, &args, account)?;
         let backend = BackendProcess {
             child,
-            binary: env.backend_binary.clone(),
+            binary,
             args,
             account,
             socket,

@@ -222,8 +222,13 @@ impl Vm {
         let started = Instant::now();
         vm.wait_line(|l| l == "@@READY", timeout)
             .context("the guest did not boot to its shell")?;
+        let kernel = vm
+            .console()
+            .into_iter()
+            .find_map(|l| l.strip_prefix("@@GUEST kernel=").map(str::to_string))
+            .unwrap_or_else(|| "?".into());
         eprintln!(
-            "[guest-tests] guest booted in {:.1} s ({})",
+            "[guest-tests] guest booted in {:.1} s ({}, kernel {kernel})",
             started.elapsed().as_secs_f64(),
             env.accel
         );
@@ -321,6 +326,19 @@ impl Vm {
     }
 
     /// Bytes of guest RAM allocated on the host, measured on QEMU's memfd.
+    /// The guest kernel's (major, minor) version, from `uname -r`.
+    pub fn kernel_version(&mut self) -> anyhow::Result<(u32, u32)> {
+        let release = self.sh("uname -r")?;
+        let mut numbers = release
+            .trim()
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|part| part.parse::<u32>().ok());
+        match (numbers.next(), numbers.next()) {
+            (Some(major), Some(minor)) => Ok((major, minor)),
+            _ => anyhow::bail!("cannot read a kernel version from {release:?}"),
+        }
+    }
+
     pub fn host_resident_bytes(&self) -> anyhow::Result<u64> {
         host::allocated_bytes(&host::guest_ram_memfd(self.pid())?)
     }

@@ -31,11 +31,33 @@ fn statistics_match_the_guest_meminfo() -> anyhow::Result<()> {
         "total {total} vs MemTotal {guest_total}"
     );
     assert!(stats["available_bytes"].as_u64().is_some());
-    // Linux 6.12 sends tags 10-15 as well.
-    assert!(
-        stats["oom_kills"].is_u64(),
-        "no OOM-kill counter from the 6.12 driver: {stats}"
-    );
+    // Linux 6.12 added tags 10-15 (OOM kills, stalls, scans, reclaims):
+    // newer guests must send them, older ones cannot.
+    let newer_tags = [
+        "oom_kills",
+        "alloc_stalls",
+        "async_scans",
+        "direct_scans",
+        "async_reclaims",
+        "direct_reclaims",
+    ];
+    let version = stack.vm.kernel_version()?;
+    if version >= (6, 12) {
+        for tag in newer_tags {
+            assert!(
+                stats[tag].is_u64(),
+                "no {tag} from a {version:?} guest: {stats}"
+            );
+        }
+    } else {
+        for tag in newer_tags {
+            assert!(
+                stats[tag].is_null(),
+                "{tag} from a {version:?} guest: {stats}"
+            );
+        }
+        eprintln!("[absent] stats tags 10-15 (before Linux 6.12)");
+    }
     assert!(stats["updated_unix_ms"].as_u64().unwrap_or(0) > 0);
 
     // The timer keeps them fresh without asking.

@@ -1,10 +1,12 @@
 //! `cargo xtask demo`: a 1 GiB guest on the real backend. It shows, live,
-//! the guest's free memory (from the balloon statistics), the balloon target
-//! and actual size, and the host memory really backing the guest (allocated
-//! bytes of QEMU's guest-RAM memfd, measured on the host). The guest frees
-//! memory and free page reporting hands it back; then host-policy, seeing
-//! (simulated) host pressure, inflates the balloon, and gives the memory
-//! back when the pressure ends; then everything is stopped and cleaned up.
+//! the guest's free memory and page cache (from the balloon statistics),
+//! the balloon target and actual size, and the host memory really backing
+//! the guest (allocated bytes of QEMU's guest-RAM memfd, measured on the
+//! host). Free page reporting returns what the guest frees; memory the
+//! guest uses (here, page cache) only the balloon can take: host-policy,
+//! seeing (simulated) host pressure, inflates it, and gives the memory back
+//! when the pressure ends, after which the guest refills its cache. The
+//! summary names what each mechanism returned, measured on the host.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,10 @@ use serde_json::Value;
 const GUEST_MIB: u64 = 1024;
 /// The demo waits until host-policy has ballooned at least this much.
 const BALLOON_MIB: u64 = 600;
+/// What the guest writes to its tmpfs and frees again (for reporting).
+const FILL_MIB: u64 = 600;
+/// The guest's disk, read into its page cache (memory in use).
+const DISK_MIB: u64 = 640;
 
 struct Screen {
     started: Instant,
@@ -27,8 +33,13 @@ struct Screen {
 impl Screen {
     fn header(&self) {
         println!(
-            "{:>7}  {:>14}  {:>13}  {:>13}  {:>17}",
-            "time", "guest free", "balloon target", "balloon actual", "host RAM for guest"
+            "{:>7}  {:>10}  {:>11}  {:>14}  {:>14}  {:>18}",
+            "time",
+            "guest free",
+            "guest cache",
+            "balloon target",
+            "balloon actual",
+            "host RAM for guest"
         );
     }
 
@@ -38,9 +49,10 @@ impl Screen {
                 .map_or("-".to_string(), |b| format!("{} MiB", b / MIB))
         };
         println!(
-            "{:>6.1}s  {:>14}  {:>13}  {:>13}  {:>17}",
+            "{:>6.1}s  {:>10}  {:>11}  {:>14}  {:>14}  {:>18}",
             self.started.elapsed().as_secs_f64(),
             mib(&status["stats"]["free_bytes"]),
+            mib(&status["stats"]["disk_caches_bytes"]),
             mib(&status["target_bytes"]),
             mib(&status["actual_bytes"]),
             format!("{} MiB", resident_bytes / MIB),
@@ -68,10 +80,37 @@ impl Screen {
     }
 }
 
+/// One phase's line of the summary: host memory behind the guest before
+/// and after, in MiB.
+struct Returned {
+    before_mib: u64,
+    after_mib: u64,
+}
+
+impl Returned {
+    fn new(before_bytes: u64, after_bytes: u64) -> Self {
+        Returned {
+            before_mib: before_bytes / MIB,
+            after_mib: after_bytes / MIB,
+        }
+    }
+
+    fn freed_mib(&self) -> u64 {
+        self.before_mib.saturating_sub(self.after_mib)
+    }
+}
+
 pub fn run(env: &TestEnv) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a socket directory")?;
     let mut backend = BackendProcess::start(env, dir.path(), &["--stats-interval", "1"])?;
-    let config = VmConfig::with_backend(GUEST_MIB, backend.socket.clone());
+    // A sparse file: reading it fills the guest's page cache with pages the
+    // host allocates for guest RAM, not for the file.
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|file| file.set_len(DISK_MIB * MIB))
+        .context("creating the guest's disk")?;
+    let mut config = VmConfig::with_backend(GUEST_MIB, backend.socket.clone());
+    config.disk = Some(disk);
     println!(
         "\nballoon-backend --socket {} --control {} --stats-interval 1",
         backend.socket.display(),
@@ -89,22 +128,38 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
     };
 
     println!(
-        "== {GUEST_MIB} MiB guest booted ({}). The guest fills 700 MiB, then frees it:",
+        "== 1. {GUEST_MIB} MiB guest booted ({}). Free page reporting: the guest writes {FILL_MIB} MiB, \
+         then frees it, and the device punches the freed pages out of guest RAM.",
         env.accel
     );
     screen.header();
     screen.watch(&mut control, &vm, Duration::from_secs(10), |s, _| {
         !s["stats"].is_null()
     })?;
-    vm.sh("dd if=/dev/zero of=/mnt/data/fill bs=1M count=700 2>/dev/null")?;
-    let (_, peak) = screen.watch(&mut control, &vm, Duration::from_secs(2), |_, _| true)?;
+    vm.sh(&format!(
+        "dd if=/dev/zero of=/mnt/data/fill bs=1M count={FILL_MIB} 2>/dev/null"
+    ))?;
+    let (_, filled) = screen.watch(&mut control, &vm, Duration::from_secs(2), |_, _| true)?;
     vm.sh("rm /mnt/data/fill")?;
-    println!("-- freed in the guest; free page reporting returns it to the host:");
-    let (_, low) = screen.watch(&mut control, &vm, Duration::from_secs(20), |_, r| {
-        r + 500 * MIB < peak
+    let (_, reported) = screen.watch(&mut control, &vm, Duration::from_secs(20), |_, r| {
+        r + (FILL_MIB - 100) * MIB < filled
     })?;
+    let reporting = Returned::new(filled, reported);
 
-    println!("== host-policy takes charge; the host comes under pressure (simulated: 8 % of a 16 GiB host available):");
+    println!(
+        "== 2. Memory in use: the guest reads its {DISK_MIB} MiB disk into its page cache. \
+         Those pages are not free, so reporting cannot return them."
+    );
+    // The reader keeps the disk open: closing it would drop its cache.
+    vm.sh(&format!(
+        "sleep 100000 </dev/vda & dd if=/dev/vda of=/dev/null bs=1M count={DISK_MIB} 2>/dev/null"
+    ))?;
+    let (_, cached) = screen.watch(&mut control, &vm, Duration::from_secs(6), |_, _| false)?;
+
+    println!(
+        "== 3. The host comes under pressure (simulated: 8 % of a 16 GiB host available). \
+         host-policy inflates the balloon; the guest gives up its cache to fill it."
+    );
     let mut policy = PolicyProcess::start(
         env,
         dir.path(),
@@ -117,15 +172,24 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
         actual >= BALLOON_MIB * MIB && s["actual_bytes"] == s["target_bytes"]
     })?;
     control.request(&serde_json::json!({"cmd": "refresh-stats"}))?;
-    let (inflated, _) = screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
+    let (inflated, ballooned) =
+        screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
+    let balloon = Returned::new(cached, ballooned);
 
-    println!("== the pressure ends (60 % available): host-policy gives the memory back:");
+    println!(
+        "== 4. The pressure ends (60 % available): host-policy gives the memory back, \
+         and the guest refills its cache from its disk."
+    );
     policy.set_host(16384, 9830)?;
     screen.watch(&mut control, &vm, Duration::from_secs(120), |s, _| {
         s["actual_bytes"] == 0
     })?;
+    vm.sh(&format!(
+        "dd if=/dev/vda of=/dev/null bs=1M count={DISK_MIB} 2>/dev/null"
+    ))?;
     control.request(&serde_json::json!({"cmd": "refresh-stats"}))?;
-    let (deflated, _) = screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
+    let (refilled, restored) =
+        screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
     policy.stop()?;
 
     drop(vm);
@@ -135,17 +199,26 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
         .filter(|p| p.exists())
         .collect();
     anyhow::ensure!(leftovers.is_empty(), "sockets left behind: {leftovers:?}");
-    let free = |s: &Value| s["stats"]["free_bytes"].as_u64().unwrap_or(0) / MIB;
+    let cache = |s: &Value| s["stats"]["disk_caches_bytes"].as_u64().unwrap_or(0) / MIB;
     println!(
-        "\nSummary: reporting cut the host memory behind the guest from {} MiB to {} MiB; \
-         under host pressure host-policy ballooned {} MiB out of the guest (guest free {} MiB), \
-         then gave it back (guest free {} MiB). QEMU, host-policy and the backend are stopped \
-         and their sockets removed.",
-        peak / MIB,
-        low / MIB,
+        "\nSummary (host memory behind the guest, measured on the host):\n\
+         - free page reporting returned the guest's free pages: {} MiB ({} -> {} MiB);\n\
+         - with {} MiB of it in use as page cache, reporting returned nothing more ({} MiB behind the guest);\n\
+         - the balloon returned page cache and idle memory: {} MiB ({} -> {} MiB; balloon {} MiB, guest cache {} MiB);\n\
+         - after the pressure the guest took its memory back and refilled its cache ({} MiB cache, {} MiB behind the guest).\n\
+         QEMU, host-policy and the backend are stopped and their sockets removed.",
+        reporting.freed_mib(),
+        reporting.before_mib,
+        reporting.after_mib,
+        DISK_MIB,
+        balloon.before_mib,
+        balloon.freed_mib(),
+        balloon.before_mib,
+        balloon.after_mib,
         inflated["actual_bytes"].as_u64().unwrap_or(0) / MIB,
-        free(&inflated),
-        free(&deflated)
+        cache(&inflated),
+        cache(&refilled),
+        restored / MIB,
     );
     Ok(())
 }

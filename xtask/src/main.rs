@@ -5,6 +5,7 @@ mod bench;
 mod compare;
 mod demo;
 mod fuzz;
+mod matrix;
 mod provision;
 
 use std::process::{Command, ExitCode};
@@ -27,7 +28,14 @@ enum Task {
     /// Find or build a QEMU >= 10.2 with vhost-user-test-device-pci.
     Qemu,
     /// Build (or reuse) the test guest: kernel, busybox, balloon module.
-    Guest,
+    Guest {
+        /// The Debian suite whose cloud kernel the guest runs (default:
+        /// 6.12 from bookworm-backports, else bookworm's 6.1).
+        #[arg(long, value_enum)]
+        kernel: Option<provision::KernelSuite>,
+    },
+    /// Run scenarios a, b, c, d and g on every guest kernel and print a table.
+    GuestMatrix,
     /// Boot a 1 GiB guest and show its memory being reclaimed and given back.
     Demo,
     /// Run the benchmarks and write docs/performance.md.
@@ -63,11 +71,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", qemu.display());
             Ok(())
         }
-        Task::Guest => {
-            let guest = provision::ensure_guest()?;
+        Task::Guest { kernel } => {
+            let guest = provision::ensure_guest(kernel)?;
             println!("{}", guest.display());
             Ok(())
         }
+        Task::GuestMatrix => matrix::run(),
         Task::Demo => {
             let env = provision::ensure_all()?;
             demo::run(&env)

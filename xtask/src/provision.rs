@@ -144,16 +144,50 @@ fn build_guest_agent() -> anyhow::Result<PathBuf> {
     Ok(root.join("target").join(target).join("release/guest-agent"))
 }
 
-/// The guest image directory (vmlinuz, initramfs.gz), built if needed.
-pub fn ensure_guest() -> anyhow::Result<PathBuf> {
+/// Which Debian cloud kernel a guest image carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelSuite {
+    /// Debian 11's 5.10.
+    Bullseye,
+    /// Debian 12's 6.1.
+    Bookworm,
+    /// Debian 12 backports' 6.12.
+    BookwormBackports,
+    /// Debian unstable's newest.
+    Unstable,
+}
+
+impl KernelSuite {
+    pub const ALL: [KernelSuite; 4] = [
+        KernelSuite::Bullseye,
+        KernelSuite::Bookworm,
+        KernelSuite::BookwormBackports,
+        KernelSuite::Unstable,
+    ];
+
+    /// The suite's name in Debian's archive (and build-guest.sh's argument).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSuite::Bullseye => "bullseye",
+            KernelSuite::Bookworm => "bookworm",
+            KernelSuite::BookwormBackports => "bookworm-backports",
+            KernelSuite::Unstable => "unstable",
+        }
+    }
+}
+
+/// The guest image directory (vmlinuz, initramfs.gz), built if needed:
+/// the default kernel (6.12, else 6.1), or `suite`'s.
+pub fn ensure_guest(suite: Option<KernelSuite>) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let script = root.join("xtask/scripts/build-guest.sh");
     let init = root.join("xtask/guest/init.sh");
     let agent = build_guest_agent()?;
-    let dir = cache_root()?.join(format!(
-        "guest-{}",
-        recipe_hash(&[script.clone(), init, agent.clone()])?
-    ));
+    let hash = recipe_hash(&[script.clone(), init, agent.clone()])?;
+    let dir = cache_root()?.join(match suite {
+        None => format!("guest-{hash}"),
+        Some(suite) => format!("guest-{hash}-{}", suite.name()),
+    });
     if dir.join("initramfs.gz").is_file() && dir.join("vmlinuz").is_file() {
         eprintln!("[xtask] guest image: {} (cached)", dir.display());
         return Ok(dir);
@@ -163,12 +197,12 @@ pub fn ensure_guest() -> anyhow::Result<PathBuf> {
         "building the guest image needs root (apt-get install busybox-static cpio; apt-get download of the kernel)"
     );
     eprintln!("[xtask] building the guest image into {}", dir.display());
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(&dir)
-        .arg(&agent)
-        .status()
-        .context("running build-guest.sh")?;
+    let mut command = Command::new("bash");
+    command.arg(&script).arg(&dir).arg(&agent);
+    if let Some(suite) = suite {
+        command.arg(suite.name());
+    }
+    let status = command.status().context("running build-guest.sh")?;
     anyhow::ensure!(
         status.success(),
         "building the guest image failed ({status})"
@@ -245,7 +279,7 @@ fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
 /// Everything, recorded in `target/balloon-env.json` for the tests.
 pub fn ensure_all() -> anyhow::Result<TestEnv> {
     let qemu = ensure_qemu()?;
-    let guest_dir = ensure_guest()?;
+    let guest_dir = ensure_guest(None)?;
     let (backend_binary, host_policy_binary) = build_binaries()?;
     let mut env = TestEnv {
         qemu,

@@ -253,6 +253,25 @@ fn stream_io() -> Vec<Allowed> {
     ]
 }
 
+/// What a vring worker does: wait for kicks, read eventfds, punch holes
+/// in guest RAM's files (and nothing else to them).
+fn queue_work() -> Vec<Allowed> {
+    let mut list = vec![
+        allow!(SYS_read),
+        allow!(SYS_epoll_pwait),
+        allow!(
+            SYS_fallocate,
+            ArgLimit::OneOf {
+                index: 1,
+                values: &[PUNCH_HOLE_KEEP_SIZE]
+            }
+        ),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    list.push(allow!(SYS_epoll_wait));
+    list
+}
+
 /// The system calls a thread of `role` may make (its filter allows exactly
 /// these, with these argument limits).
 pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
@@ -289,21 +308,12 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
                 allow!(SYS_eventfd2),
                 allow!(SYS_epoll_create1),
                 allow!(SYS_epoll_ctl),
-                allow!(SYS_epoll_pwait),
                 allow!(SYS_getdents64),
                 allow!(SYS_fstat),
                 allow!(SYS_newfstatat),
                 allow!(SYS_statx),
-                allow!(
-                    SYS_fallocate,
-                    ArgLimit::OneOf {
-                        index: 1,
-                        values: &[PUNCH_HOLE_KEEP_SIZE]
-                    }
-                ),
             ]);
-            #[cfg(target_arch = "x86_64")]
-            list.push(allow!(SYS_epoll_wait));
+            list.extend(queue_work());
             // Lets the vring worker add its narrower filter; a filter can
             // only take calls away, never give them back.
             list.push(allow!(
@@ -321,21 +331,7 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
                 }
             ));
         }
-        ThreadRole::VringWorker => {
-            list.extend([
-                allow!(SYS_read),
-                allow!(SYS_epoll_pwait),
-                allow!(
-                    SYS_fallocate,
-                    ArgLimit::OneOf {
-                        index: 1,
-                        values: &[PUNCH_HOLE_KEEP_SIZE]
-                    }
-                ),
-            ]);
-            #[cfg(target_arch = "x86_64")]
-            list.push(allow!(SYS_epoll_wait));
-        }
+        ThreadRole::VringWorker => list.extend(queue_work()),
     }
     list
 }

@@ -170,11 +170,21 @@ fn start_without_a_frontend(
     socket: &std::path::Path,
     control: &std::path::Path,
 ) -> std::process::Child {
+    start_with_flags(socket, control, &[])
+}
+
+/// The same with extra flags.
+fn start_with_flags(
+    socket: &std::path::Path,
+    control: &std::path::Path,
+    flags: &[&str],
+) -> std::process::Child {
     let child = Command::new(BINARY)
         .arg("--socket")
         .arg(socket)
         .arg("--control")
         .arg(control)
+        .args(flags)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -296,20 +306,7 @@ fn socket_directories_modes_and_groups_are_what_the_flags_say() {
     );
     assert!(!dir.path().join("run").exists(), "nothing created");
 
-    let mut child = Command::new(BINARY)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--control")
-        .arg(&control)
-        .args(["--create-dirs", "--socket-group", "0"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&control).is_err() {
-        assert!(Instant::now() < deadline, "backend did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = start_with_flags(&socket, &control, &["--create-dirs", "--socket-group", "0"]);
     let created = std::fs::metadata(&nested).unwrap();
     assert_eq!(created.mode() & 0o7777, 0o750);
     let socket_meta = std::fs::metadata(&socket).unwrap();
@@ -327,48 +324,25 @@ fn socket_directories_modes_and_groups_are_what_the_flags_say() {
     for (extra, mode) in [(None, 0o600), (Some("0666"), 0o666)] {
         let socket = dir.path().join("plain.sock");
         let control = dir.path().join("plain.ctl");
-        let mut command = Command::new(BINARY);
-        command
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control);
-        if let Some(extra) = extra {
-            command.args(["--socket-mode", extra]);
-        }
-        let mut child = command.stderr(Stdio::null()).spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&control).is_err() {
-            assert!(Instant::now() < deadline, "backend did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let flags: Vec<&str> = extra
+            .into_iter()
+            .flat_map(|m| ["--socket-mode", m])
+            .collect();
+        let mut child = start_with_flags(&socket, &control, &flags);
         assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o7777, mode);
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
-    let (code, stderr) = run_to_exit(&[
-        "--socket",
-        &dir.path().join("x.sock").display().to_string(),
-        "--socket-mode",
-        "0400",
-    ]);
-    assert_eq!(code, 1);
-    assert!(
-        stderr.contains("--socket-mode") && stderr.contains("0400"),
-        "{stderr}"
-    );
-    let (code, stderr) = run_to_exit(&[
-        "--socket",
-        &dir.path().join("x.sock").display().to_string(),
-        "--socket-group",
-        "no-such-group-here",
-    ]);
-    assert_eq!(code, 1);
-    assert!(
-        stderr.contains("--socket-group") && stderr.contains("no-such-group-here"),
-        "{stderr}"
-    );
+    for (flag, value) in [
+        ("--socket-mode", "0400"),
+        ("--socket-group", "no-such-group-here"),
+    ] {
+        let socket = dir.path().join("x.sock").display().to_string();
+        let (code, stderr) = run_to_exit(&["--socket", &socket, flag, value]);
+        assert_eq!(code, 1);
+        assert!(stderr.contains(flag) && stderr.contains(value), "{stderr}");
+    }
     assert!(!dir.path().join("x.sock").exists());
 }
 

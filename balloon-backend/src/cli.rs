@@ -1,4 +1,4 @@
-//! Command-line flags and their validation into a `BackendConfig`.
+//! Command-line flags and their validation into a `BackendOptions`.
 
 use std::path::PathBuf;
 
@@ -75,7 +75,7 @@ pub struct Args {
 
 /// Validated configuration of one backend process.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendConfig {
+pub struct BackendOptions {
     pub socket: PathBuf,
     pub control: Option<PathBuf>,
     /// Permission bits given to the vhost-user socket file.
@@ -90,7 +90,7 @@ pub struct BackendConfig {
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
+pub enum FlagError {
     #[error("--max-reclaim-percent must be between 0 and {MAX_RECLAIM_PERCENT_LIMIT}, got {0}")]
     MaxReclaimPercent(u8),
     #[error("--stats-interval must be between 0 and {MAX_STATS_INTERVAL_S} seconds, got {0}")]
@@ -115,9 +115,9 @@ pub const DEFAULT_GROUP_SOCKET_MODE: u32 = 0o660;
 
 /// An octal mode such as `0660`, `660` or `0o660` that lets the owner read
 /// and write and sets nothing beyond the permission bits.
-pub fn parse_socket_mode(text: &str) -> Result<u32, ConfigError> {
+pub fn parse_socket_mode(text: &str) -> Result<u32, FlagError> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
-    let bad = || ConfigError::SocketMode(text.to_string());
+    let bad = || FlagError::SocketMode(text.to_string());
     if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
         return Err(bad());
     }
@@ -129,14 +129,14 @@ pub fn parse_socket_mode(text: &str) -> Result<u32, ConfigError> {
 }
 
 /// A group given by number or by name (looked up through NSS).
-pub fn resolve_group(text: &str) -> Result<u32, ConfigError> {
+pub fn resolve_group(text: &str) -> Result<u32, FlagError> {
     if let Ok(gid) = text.parse::<u32>() {
         return Ok(gid);
     }
     match group_id_by_name(text) {
         Ok(Some(gid)) => Ok(gid),
-        Ok(None) => Err(ConfigError::UnknownGroup(text.to_string())),
-        Err(error) => Err(ConfigError::GroupLookup {
+        Ok(None) => Err(FlagError::UnknownGroup(text.to_string())),
+        Err(error) => Err(FlagError::GroupLookup {
             name: text.to_string(),
             errno: error.raw_os_error().unwrap_or(0),
         }),
@@ -173,25 +173,25 @@ fn group_id_by_name(name: &str) -> std::io::Result<Option<u32>> {
     }
 }
 
-impl TryFrom<Args> for BackendConfig {
-    type Error = ConfigError;
+impl TryFrom<Args> for BackendOptions {
+    type Error = FlagError;
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
         if args.max_reclaim_percent > MAX_RECLAIM_PERCENT_LIMIT {
-            return Err(ConfigError::MaxReclaimPercent(args.max_reclaim_percent));
+            return Err(FlagError::MaxReclaimPercent(args.max_reclaim_percent));
         }
         if args.stats_interval > MAX_STATS_INTERVAL_S {
-            return Err(ConfigError::StatsInterval(args.stats_interval));
+            return Err(FlagError::StatsInterval(args.stats_interval));
         }
         if args.socket.as_os_str().is_empty() {
-            return Err(ConfigError::EmptyPath { flag: "--socket" });
+            return Err(FlagError::EmptyPath { flag: "--socket" });
         }
         if let Some(control) = &args.control {
             if control.as_os_str().is_empty() {
-                return Err(ConfigError::EmptyPath { flag: "--control" });
+                return Err(FlagError::EmptyPath { flag: "--control" });
             }
             if *control == args.socket {
-                return Err(ConfigError::SamePath(control.clone()));
+                return Err(FlagError::SamePath(control.clone()));
             }
         }
         let socket_gid = args
@@ -204,7 +204,7 @@ impl TryFrom<Args> for BackendConfig {
             (None, Some(_)) => DEFAULT_GROUP_SOCKET_MODE,
             (None, None) => DEFAULT_SOCKET_MODE,
         };
-        Ok(BackendConfig {
+        Ok(BackendOptions {
             socket: args.socket,
             control: args.control,
             socket_mode,
@@ -227,10 +227,10 @@ impl TryFrom<Args> for BackendConfig {
 mod tests {
     use super::*;
 
-    fn parse(extra: &[&str]) -> Result<BackendConfig, ConfigError> {
+    fn parse(extra: &[&str]) -> Result<BackendOptions, FlagError> {
         let mut argv = vec!["balloon-backend", "--socket", "/run/b.sock"];
         argv.extend_from_slice(extra);
-        BackendConfig::try_from(Args::try_parse_from(argv).unwrap())
+        BackendOptions::try_from(Args::try_parse_from(argv).unwrap())
     }
 
     #[test]
@@ -362,8 +362,8 @@ mod tests {
         let mut args = Args::try_parse_from(["balloon-backend", "--socket", "s"]).unwrap();
         args.control = Some(PathBuf::new());
         assert_eq!(
-            BackendConfig::try_from(args).unwrap_err(),
-            ConfigError::EmptyPath { flag: "--control" }
+            BackendOptions::try_from(args).unwrap_err(),
+            FlagError::EmptyPath { flag: "--control" }
         );
     }
 

@@ -16,7 +16,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::cli::BackendConfig;
+use crate::cli::BackendOptions;
 use crate::control;
 use crate::device::{BalloonDevice, DeviceSettings, STATS_TIMER_EVENT};
 use crate::seccomp::{self, ThreadRole};
@@ -157,14 +157,14 @@ fn set_socket_permissions(path: &Path, mode: u32, gid: Option<u32>) -> Result<()
 
 /// Everything bound and ready; `run` serves until the process ends.
 pub struct Backend {
-    config: BackendConfig,
+    config: BackendOptions,
     device: Arc<BalloonDevice>,
     listener: Listener,
 }
 
 impl Backend {
     /// Binds both sockets, so start-up problems surface before serving.
-    pub fn bind(config: BackendConfig) -> Result<Self, DaemonError> {
+    pub fn bind(config: BackendOptions) -> Result<Self, DaemonError> {
         prepare_directory("--socket", &config.socket, config.create_dirs)?;
         claim_socket_path("--socket", &config.socket)?;
         if let Some(control) = &config.control {

@@ -13,8 +13,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 use vmm_sys_util::seek_hole::SeekHole;
 
-use crate::pfn::{RamRegion, PAGE_SIZE_BYTES};
-use crate::tracker::ByteRun;
+use crate::pfn::{ByteRun, RamRegion, PAGE_SIZE_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostMemoryError {

@@ -3,8 +3,7 @@
 
 pub mod chain;
 pub mod cli;
-pub mod config_notify;
-pub mod config_space;
+pub mod config_change;
 pub mod control;
 pub mod daemon;
 pub mod device;
@@ -15,3 +14,4 @@ pub mod pfn;
 pub mod seccomp;
 pub mod stats;
 pub mod tracker;
+pub mod virtio_config;

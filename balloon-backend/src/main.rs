@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use balloon_backend::cli::{Args, BackendConfig};
+use balloon_backend::cli::{Args, BackendOptions};
 use balloon_backend::daemon::Backend;
 use balloon_backend::seccomp::{self, SeccompMode, ThreadRole};
 use clap::Parser;
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let config = BackendConfig::try_from(Args::parse())?;
+    let config = BackendOptions::try_from(Args::parse())?;
     let sockets: Vec<_> = std::iter::once(config.socket.clone())
         .chain(config.control.clone())
         .collect();
@@ -33,7 +33,7 @@ fn run() -> anyhow::Result<()> {
     // after they appear is never missed; the files are removed only once
     // this process has bound them. A pipe, not a socketpair: the backend
     // request channel is found as the process's only unnamed socket pair
-    // (see config_notify).
+    // (see config_change).
     let bound = Arc::new(AtomicBool::new(false));
     let bound_for_signals = bound.clone();
     let (mut wake_reader, wake_writer) = std::io::pipe().context("creating the signal pipe")?;

@@ -27,6 +27,35 @@ pub struct PageRun {
     pub pages: u64,
 }
 
+/// Byte range inside one region (offset from the region's start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteRun {
+    pub region: usize,
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+}
+
+/// The whole host pages of `host_page_bytes` inside a run of 4 KiB pages:
+/// a reported range may start or end inside a huge page, and only whole
+/// host pages can be freed. None when no whole host page is inside.
+pub fn whole_host_pages(run: &PageRun, host_page_bytes: u64) -> Option<ByteRun> {
+    let host_page_bytes = host_page_bytes.max(PAGE_SIZE_BYTES);
+    let start = run
+        .first_page
+        .checked_mul(PAGE_SIZE_BYTES)?
+        .checked_next_multiple_of(host_page_bytes)?;
+    let end = run
+        .first_page
+        .checked_add(run.pages)?
+        .checked_mul(PAGE_SIZE_BYTES)?;
+    let end = end - end % host_page_bytes;
+    (end > start).then(|| ByteRun {
+        region: run.region,
+        offset_bytes: start,
+        len_bytes: end - start,
+    })
+}
+
 /// The outcome of compacting one inflate or deflate request.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PfnBatch {
@@ -258,7 +287,63 @@ mod tests {
         assert_eq!(parse_pfns(&[]), (vec![], false));
     }
 
+    #[test]
+    fn only_whole_host_pages_are_kept() {
+        let run = |first_page, pages| PageRun {
+            region: 1,
+            first_page,
+            pages,
+        };
+        let two_mib = 2 << 20;
+        // 4 KiB host pages: the run as it is.
+        assert_eq!(
+            whole_host_pages(&run(3, 5), PAGE_SIZE_BYTES),
+            Some(ByteRun {
+                region: 1,
+                offset_bytes: 3 * 4096,
+                len_bytes: 5 * 4096
+            })
+        );
+        // 2 MiB host pages: pages 1..1025 hold the huge page 512..1024 only.
+        assert_eq!(
+            whole_host_pages(&run(1, 1024), two_mib),
+            Some(ByteRun {
+                region: 1,
+                offset_bytes: two_mib,
+                len_bytes: two_mib
+            })
+        );
+        assert_eq!(whole_host_pages(&run(1, 600), two_mib), None);
+        assert_eq!(whole_host_pages(&run(u64::MAX, 2), PAGE_SIZE_BYTES), None);
+    }
+
     proptest! {
+        #[test]
+        fn whole_host_pages_are_exactly_the_aligned_pages_inside(
+            first_page in 0u64..4096,
+            pages in 0u64..4096,
+            shift in 0u32..4,
+        ) {
+            let host_page = PAGE_SIZE_BYTES << (shift * 3);
+            let run = PageRun { region: 0, first_page, pages };
+            let expected: Vec<u64> = (0..(first_page + pages) * PAGE_SIZE_BYTES / host_page + 1)
+                .map(|n| n * host_page)
+                .filter(|start| {
+                    *start >= first_page * PAGE_SIZE_BYTES
+                        && start + host_page <= (first_page + pages) * PAGE_SIZE_BYTES
+                })
+                .collect();
+            let got: Vec<u64> = whole_host_pages(&run, host_page)
+                .map(|r| {
+                    prop_assert_eq!(r.offset_bytes % host_page, 0);
+                    prop_assert_eq!(r.len_bytes % host_page, 0);
+                    Ok((r.offset_bytes..r.offset_bytes + r.len_bytes).step_by(host_page as usize).collect())
+                })
+                .transpose()?
+                .unwrap_or_default();
+            prop_assert_eq!(got, expected);
+        }
+
         #[test]
         fn runs_cover_exactly_the_valid_distinct_pfns(pfns in proptest::collection::vec(0u32..0x600, 0..600)) {
             let regions = two_regions();

@@ -5,15 +5,7 @@
 //! host page can be given back only once every 4 KiB piece of it is in the
 //! balloon, possibly across many requests.
 
-use crate::pfn::{PageRun, PAGE_SIZE_BYTES};
-
-/// Byte range inside one region (offset from the region's start).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteRun {
-    pub region: usize,
-    pub offset_bytes: u64,
-    pub len_bytes: u64,
-}
+use crate::pfn::{ByteRun, PageRun, PAGE_SIZE_BYTES};
 
 #[derive(Debug)]
 struct RegionPages {

@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use balloon_backend::config_space::ConfigSpace;
+use balloon_backend::virtio_config::ConfigSpace;
 use balloon_backend::stats;
 use libfuzzer_sys::fuzz_target;
 

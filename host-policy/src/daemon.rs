@@ -16,8 +16,8 @@ use balloon_protocol::agent::Report as AgentReport;
 use balloon_protocol::control::StatusReply;
 
 use crate::config::{Config, VmPolicy};
-use crate::host::read_host;
 use crate::links::{tick_reply_timeout, Gate, VmLink};
+use crate::meminfo_reader::read_host;
 use crate::policy::{
     decide, Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput,
 };

@@ -5,8 +5,8 @@
 
 pub mod config;
 pub mod daemon;
-pub mod host;
 pub mod links;
+pub mod meminfo_reader;
 pub mod policy;
 pub mod simulate;
 pub mod status;

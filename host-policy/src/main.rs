@@ -65,7 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             // `run` reads it every tick: a missing or unreadable file fails
             // here, not only once the daemon runs.
-            host_policy::host::read_host(&config.host.meminfo)
+            host_policy::meminfo_reader::read_host(&config.host.meminfo)
                 .with_context(|| format!("{}: [host] meminfo", config.path.display()))?;
             println!("{}: valid", config.path.display());
             println!(

@@ -5,8 +5,8 @@
 
 pub mod backend;
 pub mod env;
-pub mod host;
-pub mod policy;
+pub mod host_policy_process;
+pub mod memfd_residency;
 pub mod vm;
 
 use std::time::{Duration, Instant};

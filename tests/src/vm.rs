@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::env::TestEnv;
-use crate::host;
+use crate::memfd_residency;
 
 /// How the balloon device is attached.
 #[derive(Clone, Debug, Default)]
@@ -340,7 +340,7 @@ impl Vm {
     }
 
     pub fn host_resident_bytes(&self) -> anyhow::Result<u64> {
-        host::allocated_bytes(&host::guest_ram_memfd(self.pid())?)
+        memfd_residency::allocated_bytes(&memfd_residency::guest_ram_memfd(self.pid())?)
     }
 
     /// Every console line so far.

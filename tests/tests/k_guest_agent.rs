@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use guest_tests::policy::PolicyProcess;
+use guest_tests::host_policy_process::PolicyProcess;
 use guest_tests::{wait_for, Stack, MIB};
 
 /// host-policy `[defaults]`: small steps, no floor (so pressure is seen

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use guest_tests::policy::PolicyProcess;
+use guest_tests::host_policy_process::PolicyProcess;
 use guest_tests::vm::Vm;
 use guest_tests::Stack;
 
@@ -138,7 +138,7 @@ pub fn run() -> anyhow::Result<()> {
     let env = crate::provision::ensure_all()?;
     eprintln!("[xtask] measuring footprints with a real guest (about 40 s)");
     let footprint_table = footprint()?;
-    let comparison_table = crate::compare::run(&env)?;
+    let comparison_table = crate::qemu_comparison::run(&env)?;
     let document = format!(
         "# Performance\n\n\
          Measured by `cargo xtask bench` on {date}: {cpu}, {cores} cores, kernel {kernel}.\n\

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use guest_tests::backend::{BackendProcess, ControlClient};
 use guest_tests::env::TestEnv;
-use guest_tests::policy::PolicyProcess;
+use guest_tests::host_policy_process::PolicyProcess;
 use guest_tests::vm::{qemu_args, Vm, VmConfig};
 use guest_tests::MIB;
 use serde_json::Value;

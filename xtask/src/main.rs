@@ -2,11 +2,11 @@
 //! every test, run the benchmarks. `cargo xtask --help` lists them.
 
 mod bench;
-mod compare;
 mod demo;
 mod fuzz;
 mod matrix;
 mod provision;
+mod qemu_comparison;
 
 use std::process::{Command, ExitCode};
 

@@ -50,13 +50,13 @@ pub enum NotifyError {
 
 /// The backend request channel, owned by us.
 #[derive(Debug)]
-pub struct ConfigNotifier {
+pub struct ConfigChangeNotifier {
     stream: UnixStream,
 }
 
-impl ConfigNotifier {
+impl ConfigChangeNotifier {
     pub fn new(stream: UnixStream) -> Self {
-        ConfigNotifier { stream }
+        ConfigChangeNotifier { stream }
     }
 
     /// Sends the config-change message and waits for the frontend's ack
@@ -257,7 +257,7 @@ mod tests {
     fn sends_the_config_change_header_and_accepts_the_ack() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let frontend = frontend_answer(theirs, 0, VERSION_1 | REPLY);
-        ConfigNotifier::new(ours).notify().unwrap();
+        ConfigChangeNotifier::new(ours).notify().unwrap();
         let header = frontend.join().unwrap();
         assert_eq!(&header[0..4], &2u32.to_le_bytes());
         assert_eq!(&header[4..8], &(0x1u32 | 0x8).to_le_bytes());
@@ -269,7 +269,7 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let frontend = frontend_answer(theirs, 1, VERSION_1 | REPLY);
         assert!(matches!(
-            ConfigNotifier::new(ours).notify(),
+            ConfigChangeNotifier::new(ours).notify(),
             Err(NotifyError::Refused(1))
         ));
         frontend.join().unwrap();
@@ -277,7 +277,7 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let frontend = frontend_answer(theirs, 0, VERSION_1);
         assert!(matches!(
-            ConfigNotifier::new(ours).notify(),
+            ConfigChangeNotifier::new(ours).notify(),
             Err(NotifyError::MalformedReply { .. })
         ));
         frontend.join().unwrap();
@@ -287,7 +287,7 @@ mod tests {
     fn a_closed_channel_is_an_error_not_a_hang() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(theirs);
-        assert!(ConfigNotifier::new(ours).notify().is_err());
+        assert!(ConfigChangeNotifier::new(ours).notify().is_err());
     }
 
     #[test]

@@ -1,0 +1,289 @@
+//! The virtio-balloon device: its state and the operator's API (targets,
+//! status, statistics on request). The queue handlers are in `queues`, the
+//! vhost-user backend trait in `vhost`. Decisions come from the pure modules
+//! (`pfn`, `tracker`, `stats`, `virtio_config`); memory is freed through
+//! `host_memory`.
+
+use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::chain::{bounded_chain, ChainCut, MAX_CHAIN_DESCRIPTORS};
+use crate::config_change::{find_backend_channel, ConfigChangeNotifier, FdDirectory};
+use crate::faults::{Fault, FaultLog};
+use crate::features::{self, FeatureSwitches, QueueRole, MAX_QUEUES};
+use crate::host_memory::GuestRam;
+use crate::pfn::{self, RamRegion, RangeError, PAGE_SIZE_BYTES};
+use crate::seccomp::SeccompMode;
+use crate::stats::{self, GuestStats};
+use crate::tracker::BalloonTracker;
+use crate::virtio_config::ConfigSpace;
+
+mod queues;
+mod vhost_backend;
+
+type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+type ChainMemory = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+
+/// Event id of the stats timer: ids up to `MAX_QUEUES` are the queues and
+/// the exit event, so custom events start above that.
+pub const STATS_TIMER_EVENT: u16 = MAX_QUEUES as u16 + 1;
+/// Largest queue the device accepts (the reporting queue needs 32 entries).
+const MAX_QUEUE_SIZE: usize = 1024;
+/// Bytes read from one request at most: Linux sends 256 PFNs (1 KiB).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Bytes read from one stats buffer at most (Linux sends 16 records).
+const MAX_STATS_BYTES: usize = 4096;
+
+/// Settings fixed for the life of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSettings {
+    pub switches: FeatureSwitches,
+    pub max_reclaim_percent: u8,
+    /// How vring worker threads confine themselves on their first event.
+    pub seccomp: SeccompMode,
+}
+
+/// The outcome of a set-target request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetOutcome {
+    pub target_bytes: u64,
+    pub clamped: bool,
+    pub notified: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no guest is attached yet, so guest RAM size is unknown")]
+    NoGuest,
+}
+
+/// A snapshot for the control socket.
+#[derive(Clone, Debug)]
+pub struct DeviceStatus {
+    pub connected: bool,
+    pub guest_ram_bytes: u64,
+    pub target_bytes: u64,
+    pub actual_bytes: u64,
+    pub max_reclaim_bytes: u64,
+    pub ballooned_bytes: u64,
+    pub discarded_bytes: u64,
+    pub reported_bytes_total: u64,
+    pub resident_bytes: Option<u64>,
+    pub acked_features: u64,
+    pub config_notify: bool,
+    pub stats: Option<GuestStats>,
+    pub errors: Vec<(&'static str, u64)>,
+}
+
+#[derive(Default)]
+struct DeviceState {
+    acked_features: u64,
+    event_idx: bool,
+    roles: Vec<QueueRole>,
+    memory: Option<GuestMemory>,
+    ram: GuestRam,
+    layout: Vec<RamRegion>,
+    tracker: BalloonTracker,
+    config: ConfigSpace,
+    stats: Option<GuestStats>,
+    /// Bumped on every stats update, so waiters can tell fresh from old.
+    stats_generation: u64,
+    /// Head index of the stats buffer the device is holding.
+    held_stats: Option<u16>,
+    /// The vrings, kept to rewind the stats queue when it is stopped.
+    vrings: Vec<VringRwLock>,
+    reported_bytes_total: u64,
+    connected: bool,
+}
+
+/// The balloon device, shared by the vhost-user worker and the control socket.
+pub struct BalloonDevice {
+    settings: DeviceSettings,
+    state: Mutex<DeviceState>,
+    stats_updated: Condvar,
+    notifier: Mutex<Option<ConfigChangeNotifier>>,
+    /// Where the backend request channel is looked for.
+    open_fds: FdDirectory,
+    stats_timer: EventFd,
+    faults: FaultLog,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl BalloonDevice {
+    pub fn new(settings: DeviceSettings) -> io::Result<Self> {
+        Ok(BalloonDevice {
+            settings,
+            state: Mutex::new(DeviceState::default()),
+            stats_updated: Condvar::new(),
+            notifier: Mutex::new(None),
+            open_fds: FdDirectory::open()?,
+            stats_timer: EventFd::new(EFD_NONBLOCK)?,
+            faults: FaultLog::default(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, DeviceState> {
+        // A panic while holding the lock would be a bug; keep serving anyway.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn faults(&self) -> &FaultLog {
+        &self.faults
+    }
+
+    /// The eventfd the stats timer writes to ask for fresh statistics.
+    pub fn stats_timer(&self) -> &EventFd {
+        &self.stats_timer
+    }
+
+    /// Asks the worker to return the held stats buffer to the guest.
+    pub fn request_stats(&self) {
+        if let Err(error) = self.stats_timer.write(1) {
+            self.faults.record(Fault::QueueFailure, 1, || {
+                format!("waking the stats timer: {error}")
+            });
+        }
+    }
+
+    /// Whether a guest is attached (a frontend sent its memory table).
+    pub fn guest_attached(&self) -> bool {
+        let state = self.state();
+        state.connected && state.ram.total_bytes() > 0
+    }
+
+    /// Requests fresh statistics and waits up to `timeout` for them.
+    pub fn refresh_stats(&self, timeout: Duration) -> Option<GuestStats> {
+        let generation = self.state().stats_generation;
+        self.request_stats();
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        while state.stats_generation == generation {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            state = match self.stats_updated.wait_timeout(state, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        state.stats.clone()
+    }
+
+    pub fn max_reclaim_bytes(&self, guest_ram_bytes: u64) -> u64 {
+        let bytes = guest_ram_bytes * u64::from(self.settings.max_reclaim_percent) / 100;
+        bytes - bytes % PAGE_SIZE_BYTES
+    }
+
+    /// Sets the balloon size (memory taken from the guest), clamped to the
+    /// maximum reclaim, and tells the guest.
+    pub fn set_target(&self, requested_bytes: u64) -> Result<TargetOutcome, TargetError> {
+        let (target_bytes, clamped) = {
+            let mut state = self.state();
+            let ram = state.ram.total_bytes();
+            if !state.connected || ram == 0 {
+                return Err(TargetError::NoGuest);
+            }
+            let limit = self.max_reclaim_bytes(ram);
+            let clamped = requested_bytes > limit;
+            let bytes = requested_bytes.min(limit);
+            let pages = u32::try_from(bytes / PAGE_SIZE_BYTES).unwrap_or(u32::MAX);
+            state.config.set_num_pages(pages);
+            (u64::from(pages) * PAGE_SIZE_BYTES, clamped)
+        };
+        if clamped {
+            info!("target of {requested_bytes} bytes clamped to the maximum reclaim of {target_bytes} bytes");
+        }
+        // Sent without holding the state lock: QEMU may read the config
+        // (GET_CONFIG, served by the worker) before it acknowledges.
+        let notified = self.notify_config_change();
+        Ok(TargetOutcome {
+            target_bytes,
+            clamped,
+            notified,
+        })
+    }
+
+    fn notify_config_change(&self) -> bool {
+        let mut notifier = self.notifier.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(channel) = notifier.as_mut() else {
+            return false;
+        };
+        match channel.notify() {
+            Ok(()) => true,
+            Err(error) => {
+                self.faults
+                    .record(Fault::ConfigNotifyFailed, 1, || error.to_string());
+                *notifier = None;
+                false
+            }
+        }
+    }
+
+    pub fn status(&self) -> DeviceStatus {
+        // Walking the memory file's extents can take a while on a fragmented
+        // file: measure on a clone, outside the device lock.
+        let (ram, connected) = {
+            let state = self.state();
+            (state.ram.clone(), state.connected)
+        };
+        let resident_bytes = match ram.resident_bytes() {
+            Ok(bytes) if connected => Some(bytes),
+            Ok(_) => None,
+            Err(error) => {
+                warn!("{error}");
+                None
+            }
+        };
+        let state = self.state();
+        let guest_ram_bytes = state.ram.total_bytes();
+        DeviceStatus {
+            connected: state.connected,
+            guest_ram_bytes,
+            target_bytes: u64::from(state.config.num_pages()) * PAGE_SIZE_BYTES,
+            actual_bytes: u64::from(state.config.actual()) * PAGE_SIZE_BYTES,
+            max_reclaim_bytes: self.max_reclaim_bytes(guest_ram_bytes),
+            ballooned_bytes: state.tracker.ballooned_pages() * PAGE_SIZE_BYTES,
+            discarded_bytes: state.tracker.discarded_bytes(),
+            reported_bytes_total: state.reported_bytes_total,
+            resident_bytes,
+            acked_features: state.acked_features,
+            config_notify: self.notifier.lock().map(|n| n.is_some()).unwrap_or(false),
+            stats: state.stats.clone(),
+            errors: self.faults.snapshot(),
+        }
+    }
+
+    /// Marks the frontend gone (the vhost-user connection ended).
+    pub fn disconnected(&self) {
+        let mut state = self.state();
+        state.connected = false;
+        state.held_stats = None;
+        state.vrings.clear();
+        drop(state);
+        if let Ok(mut notifier) = self.notifier.lock() {
+            *notifier = None;
+        }
+    }
+}

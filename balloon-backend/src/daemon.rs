@@ -8,7 +8,6 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use log::{info, warn};
 use vhost::vhost_user::Listener;
@@ -18,7 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::cli::BackendOptions;
 use crate::control;
-use crate::device::{BalloonDevice, DeviceSettings, STATS_TIMER_EVENT};
+use crate::device::{BalloonDevice, DeviceSettings, STATS_INTERVAL_EVENT, STATS_REQUEST_EVENT};
 use crate::seccomp::{self, ThreadRole};
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +175,7 @@ impl Backend {
                 switches: config.switches,
                 max_reclaim_percent: config.max_reclaim_percent,
                 seccomp: config.seccomp,
+                stats_interval_s: config.stats_interval_s,
             })
             .map_err(DaemonError::Device)?,
         );
@@ -219,21 +219,6 @@ impl Backend {
 
     /// Serves frontends one after another, forever.
     pub fn run(mut self) -> Result<(), DaemonError> {
-        if self.config.stats_interval_s > 0 {
-            let device = self.device.clone();
-            let interval = Duration::from_secs(self.config.stats_interval_s);
-            let mode = self.config.seccomp;
-            std::thread::Builder::new()
-                .name("stats-timer".into())
-                .spawn(move || {
-                    seccomp::confine_or_exit(ThreadRole::StatsTimer, mode);
-                    loop {
-                        std::thread::sleep(interval);
-                        device.request_stats();
-                    }
-                })
-                .map_err(DaemonError::Device)?;
-        }
         // Last: threads started after this inherit the main thread's filter.
         seccomp::confine_current_thread(ThreadRole::Vhost, self.config.seccomp)
             .map_err(DaemonError::Seccomp)?;
@@ -253,13 +238,17 @@ impl Backend {
         )
         .map_err(DaemonError::VhostUser)?;
         let handlers = daemon.get_epoll_handlers();
-        for handler in &handlers {
-            if let Err(error) = handler.register_listener(
-                self.device.stats_timer().as_raw_fd(),
-                EventSet::IN,
-                u64::from(STATS_TIMER_EVENT),
-            ) {
-                warn!("stats timer not registered; statistics refresh only when the guest kicks: {error}");
+        let stats_events =
+            std::iter::once((self.device.stats_request().as_raw_fd(), STATS_REQUEST_EVENT)).chain(
+                self.device
+                    .stats_interval_fd()
+                    .map(|fd| (fd, STATS_INTERVAL_EVENT)),
+            );
+        for (fd, event) in stats_events {
+            for handler in &handlers {
+                if let Err(error) = handler.register_listener(fd, EventSet::IN, u64::from(event)) {
+                    warn!("stats event {event} not registered; statistics refresh only when the guest kicks: {error}");
+                }
             }
         }
         daemon

@@ -41,20 +41,18 @@ pub enum ThreadRole {
     Signals,
     /// Accepts control clients and serves each on a thread of its own.
     Control,
-    /// Asks for fresh guest statistics every `--stats-interval`.
-    StatsTimer,
     /// The main thread: accepts frontends and starts vhost-user-backend's
     /// request handler and vring worker for each (they inherit this list).
     Vhost,
-    /// Handles queue events: reads eventfds, punches holes, signals the guest.
+    /// Handles queue events and the stats timers: reads eventfds and the
+    /// interval timerfd, punches holes, signals the guest.
     VringWorker,
 }
 
 impl ThreadRole {
-    pub const ALL: [ThreadRole; 5] = [
+    pub const ALL: [ThreadRole; 4] = [
         ThreadRole::Signals,
         ThreadRole::Control,
-        ThreadRole::StatsTimer,
         ThreadRole::Vhost,
         ThreadRole::VringWorker,
     ];
@@ -64,7 +62,6 @@ impl ThreadRole {
         match self {
             ThreadRole::Signals => "signals",
             ThreadRole::Control => "control",
-            ThreadRole::StatsTimer => "stats-timer",
             ThreadRole::Vhost => "vhost",
             ThreadRole::VringWorker => "vring-worker",
         }
@@ -282,10 +279,6 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
             #[cfg(target_arch = "x86_64")]
             list.push(allow!(SYS_unlink));
             list.push(allow!(SYS_unlinkat));
-        }
-        ThreadRole::StatsTimer => {
-            list.push(allow!(SYS_clock_nanosleep));
-            list.push(allow!(SYS_nanosleep));
         }
         ThreadRole::Control => {
             list.extend(thread_spawning());

@@ -367,18 +367,33 @@ fn a_client_of_another_user_gets_one_error_line() {
     // An operator who loosened the socket's mode: the uid check still holds.
     std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
     // The client is this test binary, copied where the other user can run it.
+    // A hard link where possible: a copy's write descriptor, inherited by a
+    // process another test forks meanwhile, makes exec fail (ETXTBSY).
     let client = dir.path().join("client");
-    std::fs::copy(std::env::current_exe().unwrap(), &client).unwrap();
-    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let output = {
+    let exe = std::env::current_exe().unwrap();
+    if std::fs::hard_link(&exe, &client).is_err() {
+        std::fs::copy(&exe, &client).unwrap();
+        std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut command = Command::new(&client);
+    {
         use std::os::unix::process::CommandExt;
-        Command::new(&client)
+        command
             .args(["--exact", "refused_client", "--ignored", "--nocapture"])
             .env(REFUSED_CLIENT_ENV, &control)
             .uid(OTHER_UID)
-            .gid(OTHER_UID)
-            .output()
-            .unwrap()
+            .gid(OTHER_UID);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let output = loop {
+        match command.output() {
+            Err(error)
+                if error.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => break result.unwrap(),
+        }
     };
     child.kill().unwrap();
     child.wait().unwrap();

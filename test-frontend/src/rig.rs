@@ -37,6 +37,8 @@ impl Rig {
                 max_reclaim_percent: 75,
                 // Test threads run the device in-process; they must stay free.
                 seccomp: balloon_backend::seccomp::SeccompMode::Off,
+                // Tests ask for statistics themselves.
+                stats_interval_s: 0,
             })
             .unwrap(),
         );

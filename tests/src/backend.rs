@@ -86,11 +86,16 @@ impl BackendProcess {
             std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))
                 .with_context(|| format!("giving {} to the backend's user", dir.display()))?;
             // A checkout under a private home directory is out of the other
-            // user's reach: run a copy from the directory it owns.
-            let copy = dir.join("balloon-backend");
-            std::fs::copy(&binary, &copy)
-                .with_context(|| format!("copying {} for the backend's user", binary.display()))?;
-            binary = copy;
+            // user's reach: run it from the directory that user owns. A hard
+            // link where possible: a copy's write descriptor, inherited by a
+            // process another test forks meanwhile, makes exec fail (ETXTBSY).
+            let link = dir.join("balloon-backend");
+            if std::fs::hard_link(&binary, &link).is_err() {
+                std::fs::copy(&binary, &link).with_context(|| {
+                    format!("copying {} for the backend's user", binary.display())
+                })?;
+            }
+            binary = link;
         }
         let child = Self::spawn(&binary, &args, account)?;
         let backend = BackendProcess {
@@ -120,9 +125,20 @@ impl BackendProcess {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))
+            .stderr(Stdio::inherit());
+        // A copied binary stays "busy" while a process forked by another
+        // test still holds the copy's descriptor; that ends at its exec.
+        wait_for(
+            &format!("{} to start", binary.display()),
+            Duration::from_secs(10),
+            || match command.spawn() {
+                Ok(child) => Ok(Some(child)),
+                Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) => Ok(None),
+                Err(error) => {
+                    Err(anyhow::Error::new(error).context(format!("starting {}", binary.display())))
+                }
+            },
+        )
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {

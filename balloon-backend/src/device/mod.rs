@@ -9,6 +9,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
+use std::os::fd::{AsRawFd, RawFd};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -22,6 +23,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::{bounded_chain, ChainCut, MAX_CHAIN_DESCRIPTORS};
 use crate::config_change::{find_backend_channel, ConfigChangeNotifier, FdDirectory};
@@ -40,9 +42,12 @@ mod vhost_backend;
 type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 type ChainMemory = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
 
-/// Event id of the stats timer: ids up to `MAX_QUEUES` are the queues and
-/// the exit event, so custom events start above that.
-pub const STATS_TIMER_EVENT: u16 = MAX_QUEUES as u16 + 1;
+/// Event id of a statistics request (the eventfd `request_stats` writes):
+/// ids up to `MAX_QUEUES` are the queues and the exit event, so custom
+/// events start above that.
+pub const STATS_REQUEST_EVENT: u16 = MAX_QUEUES as u16 + 1;
+/// Event id of the `--stats-interval` timerfd.
+pub const STATS_INTERVAL_EVENT: u16 = MAX_QUEUES as u16 + 2;
 /// Largest queue the device accepts (the reporting queue needs 32 entries).
 const MAX_QUEUE_SIZE: usize = 1024;
 /// Bytes read from one request at most: Linux sends 256 PFNs (1 KiB).
@@ -57,6 +62,8 @@ pub struct DeviceSettings {
     pub max_reclaim_percent: u8,
     /// How vring worker threads confine themselves on their first event.
     pub seccomp: SeccompMode,
+    /// Seconds between statistics refreshes; 0 refreshes only on request.
+    pub stats_interval_s: u64,
 }
 
 /// The outcome of a set-target request.
@@ -120,8 +127,25 @@ pub struct BalloonDevice {
     notifier: Mutex<Option<ConfigChangeNotifier>>,
     /// Where the backend request channel is looked for.
     open_fds: FdDirectory,
-    stats_timer: EventFd,
+    /// Written by `request_stats`; the worker hands the stats buffer back.
+    stats_request: EventFd,
+    /// Expires every `stats_interval_s`, in the worker's epoll set: one
+    /// wake-up per interval and no thread of its own.
+    stats_interval: Option<Mutex<TimerFd>>,
     faults: FaultLog,
+}
+
+/// A periodic timer of `interval_s` seconds, armed now; None for 0.
+fn stats_interval_timer(interval_s: u64) -> io::Result<Option<TimerFd>> {
+    if interval_s == 0 {
+        return Ok(None);
+    }
+    let interval = Duration::from_secs(interval_s);
+    let mut timer = TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    timer
+        .reset(interval, Some(interval))
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    Ok(Some(timer))
 }
 
 fn now_unix_ms() -> u64 {
@@ -138,7 +162,8 @@ impl BalloonDevice {
             stats_updated: Condvar::new(),
             notifier: Mutex::new(None),
             open_fds: FdDirectory::open()?,
-            stats_timer: EventFd::new(EFD_NONBLOCK)?,
+            stats_request: EventFd::new(EFD_NONBLOCK)?,
+            stats_interval: stats_interval_timer(settings.stats_interval_s)?.map(Mutex::new),
             faults: FaultLog::default(),
         })
     }
@@ -152,16 +177,35 @@ impl BalloonDevice {
         &self.faults
     }
 
-    /// The eventfd the stats timer writes to ask for fresh statistics.
-    pub fn stats_timer(&self) -> &EventFd {
-        &self.stats_timer
+    /// The eventfd written to ask for fresh statistics.
+    pub fn stats_request(&self) -> &EventFd {
+        &self.stats_request
+    }
+
+    /// The interval timer's descriptor, when statistics refresh on a timer.
+    pub fn stats_interval_fd(&self) -> Option<RawFd> {
+        let timer = self.stats_interval.as_ref()?;
+        Some(timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd())
+    }
+
+    /// Takes the interval timer's expirations (it is readable: the worker
+    /// was woken for it), so that epoll stops reporting it.
+    fn drain_stats_interval(&self) {
+        if let Some(timer) = &self.stats_interval {
+            let mut timer = timer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(error) = timer.wait() {
+                self.faults.record(Fault::QueueFailure, 1, || {
+                    format!("reading the stats interval timer: {error}")
+                });
+            }
+        }
     }
 
     /// Asks the worker to return the held stats buffer to the guest.
     pub fn request_stats(&self) {
-        if let Err(error) = self.stats_timer.write(1) {
+        if let Err(error) = self.stats_request.write(1) {
             self.faults.record(Fault::QueueFailure, 1, || {
-                format!("waking the stats timer: {error}")
+                format!("asking for statistics: {error}")
             });
         }
     }

@@ -290,11 +290,16 @@ impl BalloonDevice {
         }
     }
 
-    /// The stats timer fired: hand the held buffer back so the guest
-    /// refreshes it, or pick up a buffer that is waiting (after a rewind).
-    pub(super) fn stats_timer_fired(&self, vrings: &[VringRwLock]) -> io::Result<()> {
-        // Drain the eventfd; a spurious wake-up is harmless.
-        let _drained = self.stats_timer.read();
+    /// A statistics request or the interval timer: hand the held stats
+    /// buffer back so the guest refreshes it, or pick up a buffer that is
+    /// waiting (after a rewind).
+    pub(super) fn stats_wanted(&self, event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
+        if event == STATS_INTERVAL_EVENT {
+            self.drain_stats_interval();
+        } else {
+            // Drain the eventfd; a spurious wake-up is harmless.
+            let _drained = self.stats_request.read();
+        }
         let (index, held) = {
             let mut state = self.state();
             let index = state.roles.iter().position(|r| *r == QueueRole::Stats);

@@ -161,8 +161,8 @@ impl VhostUserBackend for BalloonDevice {
                 state.vrings = vrings.to_vec();
             }
         }
-        if device_event == STATS_TIMER_EVENT {
-            return self.stats_timer_fired(vrings);
+        if device_event == STATS_REQUEST_EVENT || device_event == STATS_INTERVAL_EVENT {
+            return self.stats_wanted(device_event, vrings);
         }
         let index = usize::from(device_event);
         let Some(vring) = vrings.get(index) else {

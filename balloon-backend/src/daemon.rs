@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use vhost::vhost_user::Listener;
@@ -154,6 +154,36 @@ fn set_socket_permissions(path: &Path, mode: u32, gid: Option<u32>) -> Result<()
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)
 }
 
+/// The socket files this process creates, so that exactly those are
+/// removed on SIGINT/SIGTERM or a failed start.
+#[derive(Debug, Default)]
+pub struct SocketFiles {
+    paths: Mutex<Vec<PathBuf>>,
+}
+
+impl SocketFiles {
+    /// Recorded just before binding: a signal between the bind and the
+    /// record would otherwise leave the file behind.
+    fn claim(&self, path: &Path) {
+        self.paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.to_path_buf());
+    }
+
+    /// Removes every claimed file (one not made yet is no error).
+    pub fn remove_all(&self) {
+        let paths = std::mem::take(&mut *self.paths.lock().unwrap_or_else(|e| e.into_inner()));
+        for path in paths {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => warn!("removing {}: {error}", path.display()),
+            }
+        }
+    }
+}
+
 /// Everything bound and ready; `run` serves until the process ends.
 pub struct Backend {
     config: BackendOptions,
@@ -162,8 +192,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Binds both sockets, so start-up problems surface before serving.
-    pub fn bind(config: BackendOptions) -> Result<Self, DaemonError> {
+    /// Binds both sockets, so start-up problems surface before serving;
+    /// every socket file made is claimed in `files`.
+    pub fn bind(config: BackendOptions, files: &SocketFiles) -> Result<Self, DaemonError> {
         prepare_directory("--socket", &config.socket, config.create_dirs)?;
         claim_socket_path("--socket", &config.socket)?;
         if let Some(control) = &config.control {
@@ -179,21 +210,15 @@ impl Backend {
             })
             .map_err(DaemonError::Device)?,
         );
+        files.claim(&config.socket);
         let listener = Listener::new(&config.socket, false).map_err(|e| DaemonError::Bind {
             flag: "--socket",
             path: config.socket.clone(),
             source: io::Error::other(e),
         })?;
-        if let Err(error) =
-            set_socket_permissions(&config.socket, config.socket_mode, config.socket_gid)
-        {
-            // Nothing half-made is left behind.
-            if let Err(remove) = std::fs::remove_file(&config.socket) {
-                warn!("removing {}: {remove}", config.socket.display());
-            }
-            return Err(error);
-        }
+        set_socket_permissions(&config.socket, config.socket_mode, config.socket_gid)?;
         if let Some(path) = &config.control {
+            files.claim(path);
             let control = control::bind(path).map_err(|source| DaemonError::Bind {
                 flag: "--control",
                 path: path.clone(),

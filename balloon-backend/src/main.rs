@@ -4,12 +4,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use balloon_backend::cli::{Args, BackendOptions};
-use balloon_backend::daemon::Backend;
+use balloon_backend::daemon::{Backend, SocketFiles};
 use balloon_backend::seccomp::{self, SeccompMode, ThreadRole};
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 fn main() -> ExitCode {
@@ -25,17 +24,13 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let config = BackendOptions::try_from(Args::parse())?;
-    let sockets: Vec<_> = std::iter::once(config.socket.clone())
-        .chain(config.control.clone())
-        .collect();
     // On SIGINT/SIGTERM remove our socket files and exit, leaving nothing
     // behind. Installed before the sockets exist, so that a signal right
-    // after they appear is never missed; the files are removed only once
-    // this process has bound them. A pipe, not a socketpair: the backend
-    // request channel is found as the process's only unnamed socket pair
-    // (see config_change).
-    let bound = Arc::new(AtomicBool::new(false));
-    let bound_for_signals = bound.clone();
+    // after they appear is never missed; only files this process made are
+    // removed. A pipe, not a socketpair: the backend request channel is
+    // found as the process's only unnamed socket pair (see config_change).
+    let files = Arc::new(SocketFiles::default());
+    let files_for_signals = files.clone();
     let (mut wake_reader, wake_writer) = std::io::pipe().context("creating the signal pipe")?;
     for signal in [SIGINT, SIGTERM] {
         let writer = wake_writer.try_clone().context("cloning the signal pipe")?;
@@ -53,20 +48,21 @@ fn run() -> anyhow::Result<()> {
             let mut byte = [0u8; 1];
             if wake_reader.read(&mut byte).is_ok() {
                 log::info!("signal received: removing sockets and exiting");
-                let ours = bound_for_signals.load(Ordering::SeqCst);
-                for path in sockets.iter().filter(|_| ours) {
-                    if let Err(error) = std::fs::remove_file(path) {
-                        log::warn!("removing {}: {error}", path.display());
-                    }
-                }
+                files_for_signals.remove_all();
                 std::process::exit(0);
             }
         })
         .context("starting the signal thread")?;
     // DaemonError can hold vhost-user-backend's error, which is not Sync;
     // anyhow takes its message here at the binary's edge.
-    let backend = Backend::bind(config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    bound.store(true, Ordering::SeqCst);
+    let backend = match Backend::bind(config, &files) {
+        Ok(backend) => backend,
+        Err(error) => {
+            // A failed start leaves no socket file behind.
+            files.remove_all();
+            return Err(anyhow::anyhow!("{error}"));
+        }
+    };
     backend.run().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

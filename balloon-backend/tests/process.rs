@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use test_frontend as support;
+use test_support as support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -275,10 +275,12 @@ fn sigterm_removes_the_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("b.sock");
     let control = dir.path().join("c.sock");
-    let mut child = start_without_a_frontend(&socket, &control);
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().unwrap();
+    let mut child = support::ChildGuard::new(
+        "balloon-backend",
+        start_without_a_frontend(&socket, &control),
+    );
+    child.signal(support::child::Signal::TERM).unwrap();
+    let status = child.wait_exit(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{status}");
     assert!(!socket.exists() && !control.exists());
 }

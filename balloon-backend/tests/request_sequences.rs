@@ -8,8 +8,8 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
-use test_frontend::rig::Rig;
-use test_frontend::{
+use test_support::rig::Rig;
+use test_support::{
     assert_outside_ram_intact, BUFFER_AREA_GPA, MIB, REGION0_BYTES, REGION1_BYTES, REGION1_GPA,
 };
 use vm_memory::{Bytes, GuestAddress};

@@ -6,7 +6,7 @@
 
 use balloon_backend::chain::MAX_CHAIN_DESCRIPTORS;
 use balloon_backend::features::{self, bit};
-use test_frontend::*;
+use test_support::*;
 
 fn backend() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_balloon-backend"))

@@ -256,7 +256,9 @@ impl LineConnection {
 
     /// Reads once, waiting at most `wait` (`None`: not at all). Returns the
     /// number of bytes read.
-    fn read_once(&mut self, wait: Option<Duration>) -> Result<usize, LineError> {
+    /// One read of at most `max_bytes` (the rest of the read cap), waiting
+    /// up to `wait` (None: only what is there now).
+    fn read_once(&mut self, wait: Option<Duration>, max_bytes: usize) -> Result<usize, LineError> {
         match wait {
             None => self.stream.set_nonblocking(true),
             Some(wait) => self.stream.set_nonblocking(false).and_then(|()| {
@@ -266,7 +268,8 @@ impl LineConnection {
         }
         .map_err(|e| self.io(e))?;
         let mut chunk = std::mem::take(&mut self.chunk);
-        let outcome = self.read_into(&mut chunk);
+        let len = chunk.len().min(max_bytes.max(1));
+        let outcome = self.read_into(chunk.get_mut(..len).unwrap_or_default());
         self.chunk = chunk;
         outcome
     }
@@ -302,7 +305,7 @@ impl LineConnection {
                 self.counters.read_cap_reached += 1;
                 return Ok(lines);
             }
-            let outcome = self.read_once(None);
+            let outcome = self.read_once(None, self.limits.max_read_bytes - read);
             lines.extend(self.ready.drain(..));
             match outcome {
                 Ok(0) => return Ok(lines),
@@ -332,7 +335,7 @@ impl LineConnection {
             if left.is_zero() {
                 // A common deadline may have passed while other peers were
                 // waited for: take what this peer already sent.
-                let n = self.read_once(None)?;
+                let n = self.read_once(None, self.limits.max_read_bytes.saturating_sub(read))?;
                 if n > 0 && read < self.limits.max_read_bytes {
                     read = read.saturating_add(n);
                     continue;
@@ -345,7 +348,8 @@ impl LineConnection {
                     waited: started.elapsed(),
                 });
             }
-            read = read.saturating_add(self.read_once(Some(left))?);
+            let rest = self.limits.max_read_bytes - read;
+            read = read.saturating_add(self.read_once(Some(left), rest)?);
         }
     }
 }

@@ -8,8 +8,8 @@
 use std::sync::{Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use test_frontend::rig::Rig;
-use test_frontend::{assert_outside_ram_intact, BUFFER_AREA_GPA, GUEST_RAM_BYTES};
+use test_support::rig::Rig;
+use test_support::{assert_outside_ram_intact, BUFFER_AREA_GPA, GUEST_RAM_BYTES};
 use vm_memory::{Bytes, GuestAddress};
 
 /// One rig for the process: building 72 MiB of guest RAM per input would

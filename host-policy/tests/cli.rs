@@ -30,44 +30,35 @@ fn check_accepts_the_example_and_names_mistakes() {
         "{text}"
     );
 
+    // Each bad configuration fails `check` with exit 1 and names the file
+    // and the problem. A meminfo file that does not exist fails `check`, as
+    // it would fail `run`.
     let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[host]\ngive_back_percent = 101\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
-    )
-    .unwrap();
-    let out = Command::new(BINARY)
-        .args(["check", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let error = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        error.contains("bad.toml")
-            && error.contains("line 2")
-            && error.contains("between 2 and 100, got 101"),
-        "{error}"
-    );
-    // A meminfo file that does not exist fails `check`, as it would fail `run`.
-    let no_meminfo = dir.path().join("no-meminfo.toml");
-    std::fs::write(
-        &no_meminfo,
-        "[host]\nmeminfo = \"/no/such/meminfo\"\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
-    )
-    .unwrap();
-    let out = Command::new(BINARY)
-        .args(["check", "--config"])
-        .arg(&no_meminfo)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let error = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        error.contains("/no/such/meminfo") && error.contains("meminfo"),
-        "{error}"
-    );
+    for (file, text, expected) in [
+        (
+            "bad.toml",
+            "[host]\ngive_back_percent = 101\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
+            &["bad.toml", "line 2", "between 2 and 100, got 101"][..],
+        ),
+        (
+            "no-meminfo.toml",
+            "[host]\nmeminfo = \"/no/such/meminfo\"\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
+            &["/no/such/meminfo", "meminfo"][..],
+        ),
+    ] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BINARY)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{file}");
+        let error = String::from_utf8_lossy(&out.stderr);
+        for word in expected {
+            assert!(error.contains(word), "{file}: {word} missing from {error}");
+        }
+    }
     let out = Command::new(BINARY)
         .args(["check", "--config", "/no/such/file.toml"])
         .output()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use host_policy::config::Config;
 use host_policy::daemon::Daemon;
 use host_policy::policy::HostMode;
-use test_frontend::{Harness, GUEST_RAM_BYTES, MIB};
+use test_support::{Harness, GUEST_RAM_BYTES, MIB};
 
 /// The balloon-backend binary built next to this test (same profile).
 fn backend_binary() -> PathBuf {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use test_frontend::{Harness, GUEST_RAM_BYTES, MIB};
+use test_support::{Harness, GUEST_RAM_BYTES, MIB};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_host-policy");
 /// What one flooding peer sends without a newline.
@@ -314,61 +314,30 @@ fn misbehaving_peers_cost_their_deadline_and_are_counted() {
     );
 
     let count = |vm: &str, name: &str| last["errors"][vm][name].as_u64().unwrap_or(0);
+    // (vm, counter, lowest count, highest count).
     // Backends: 0 never reads, 1 floods, 2 garbage, 3 never answers.
-    assert!(
-        count("backend-0", "backend_read_timeouts") >= 10,
-        "{}",
-        last["errors"]
-    );
-    assert!(
-        count("backend-1", "backend_read_cap_reached") >= 1,
-        "{}",
-        last["errors"]
-    );
-    assert!(
-        count("backend-1", "backend_oversized_lines") >= 1,
-        "{}",
-        last["errors"]
-    );
-    assert!(
-        count("backend-2", "backend_bad_replies") >= 10,
-        "{}",
-        last["errors"]
-    );
-    assert!(
-        count("backend-3", "backend_read_timeouts") >= 10,
-        "{}",
-        last["errors"]
-    );
     // Agents: 0 never reads and 3 never answers (both: the reclaim times
-    // out), 1 floods (a tick reads at most 1 MiB of it), 2 sends garbage.
-    assert_eq!(
-        count("agent-0", "reclaim_timeouts"),
-        1,
-        "{}",
-        last["errors"]
-    );
-    assert_eq!(
-        count("agent-3", "reclaim_timeouts"),
-        1,
-        "{}",
-        last["errors"]
-    );
-    assert!(
-        count("agent-1", "agent_read_cap_reached") >= 1,
-        "{}",
-        last["errors"]
-    );
-    assert!(
-        count("agent-1", "agent_oversized_lines") >= 1,
-        "{}",
-        last["errors"]
-    );
-    assert!(
-        count("agent-2", "agent_malformed_lines") >= 1000,
-        "{}",
-        last["errors"]
-    );
+    // out, once), 1 floods (a tick reads at most 1 MiB of it), 2 sends garbage.
+    let expected: [(&str, &str, u64, u64); 10] = [
+        ("backend-0", "backend_read_timeouts", 10, u64::MAX),
+        ("backend-1", "backend_read_cap_reached", 1, u64::MAX),
+        ("backend-1", "backend_oversized_lines", 1, u64::MAX),
+        ("backend-2", "backend_bad_replies", 10, u64::MAX),
+        ("backend-3", "backend_read_timeouts", 10, u64::MAX),
+        ("agent-0", "reclaim_timeouts", 1, 1),
+        ("agent-3", "reclaim_timeouts", 1, 1),
+        ("agent-1", "agent_read_cap_reached", 1, u64::MAX),
+        ("agent-1", "agent_oversized_lines", 1, u64::MAX),
+        ("agent-2", "agent_malformed_lines", 1000, u64::MAX),
+    ];
+    for (vm, name, lowest, highest) in expected {
+        let seen = count(vm, name);
+        assert!(
+            (lowest..=highest).contains(&seen),
+            "{vm} {name}: {seen}, expected {lowest}..={highest}: {}",
+            last["errors"]
+        );
+    }
     // The healthy VM's connection never failed.
     assert!(last["errors"]["healthy"].is_null(), "{}", last["errors"]);
 }

@@ -2,7 +2,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::env::TestEnv;
 use crate::wait_for;
+use test_support::ChildGuard;
 
 /// When the tests run as root, the backend runs as this account, with no
 /// rights but its socket directory (the least privileges documented in
@@ -59,7 +60,7 @@ fn process_uids(pid: u32) -> anyhow::Result<Vec<u32>> {
 }
 
 pub struct BackendProcess {
-    child: Child,
+    child: ChildGuard,
     binary: PathBuf,
     args: Vec<String>,
     account: Option<Account>,
@@ -110,7 +111,11 @@ impl BackendProcess {
         Ok(backend)
     }
 
-    fn spawn(binary: &Path, args: &[String], account: Option<Account>) -> anyhow::Result<Child> {
+    fn spawn(
+        binary: &Path,
+        args: &[String],
+        account: Option<Account>,
+    ) -> anyhow::Result<ChildGuard> {
         let mut command = Command::new(binary);
         if let Some(account) = account {
             use std::os::unix::process::CommandExt;
@@ -132,7 +137,7 @@ impl BackendProcess {
             &format!("{} to start", binary.display()),
             Duration::from_secs(10),
             || match command.spawn() {
-                Ok(child) => Ok(Some(child)),
+                Ok(child) => Ok(Some(ChildGuard::new("balloon-backend", child))),
                 Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) => Ok(None),
                 Err(error) => {
                     Err(anyhow::Error::new(error).context(format!("starting {}", binary.display())))
@@ -148,7 +153,7 @@ impl BackendProcess {
             || Ok(UnixStream::connect(&self.control).ok().map(drop)),
         )?;
         if let Some(account) = self.account {
-            let uids = process_uids(self.child.id())?;
+            let uids = process_uids(self.child.pid())?;
             anyhow::ensure!(
                 uids.iter().all(|uid| *uid == account.uid),
                 "the backend should run as uid {} but runs as {uids:?}",
@@ -161,7 +166,6 @@ impl BackendProcess {
     /// kill -9 the backend, then start it again with the same flags.
     pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
-        self.child.wait()?;
         self.child = Self::spawn(&self.binary, &self.args, self.account)?;
         self.wait_ready()
     }
@@ -171,36 +175,17 @@ impl BackendProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.child.is_running()
     }
 
+    /// SIGTERM (the backend removes its sockets), SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        let signalled = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        if signalled != 0
-            || wait_for("the backend to exit", Duration::from_secs(5), || {
-                Ok(self.child.try_wait()?.map(drop))
-            })
-            .is_err()
-        {
-            if let Err(error) = self.child.kill() {
-                eprintln!("killing the backend: {error}");
-            }
-        }
-        if let Err(error) = self.child.wait() {
-            eprintln!("reaping the backend: {error}");
-        }
-    }
-}
-
-impl Drop for BackendProcess {
-    fn drop(&mut self) {
-        if self.is_running() {
-            self.stop();
+        if let Err(error) = self.child.stop(Duration::from_secs(5)) {
+            eprintln!("stopping the backend: {error}");
         }
     }
 }

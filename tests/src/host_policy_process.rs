@@ -2,16 +2,17 @@
 //! memory read from a file the caller controls.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::env::TestEnv;
-use crate::wait_for;
+use test_support::child::Signal;
+use test_support::ChildGuard;
 
 pub struct PolicyProcess {
-    child: Child,
+    child: ChildGuard,
     pub meminfo: PathBuf,
     pub config: PathBuf,
     /// The daemon's state file (its last decisions, agent reports, counters).
@@ -75,7 +76,7 @@ impl PolicyProcess {
             .spawn()
             .with_context(|| format!("starting {}", env.host_policy_binary.display()))?;
         Ok(PolicyProcess {
-            child,
+            child: ChildGuard::new("host-policy", child),
             meminfo,
             config,
             state_file: dir.join("host-policy.json"),
@@ -89,7 +90,7 @@ impl PolicyProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Pretends the host has `available_mib` of `total_mib` available.
@@ -97,24 +98,9 @@ impl PolicyProcess {
         write_meminfo(&self.meminfo, total_mib, available_mib)
     }
 
+    /// SIGTERM; host-policy must exit within 10 s by itself.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        wait_for("host-policy to stop", Duration::from_secs(10), || {
-            Ok(self.child.try_wait()?.map(drop))
-        })
-    }
-}
-
-impl Drop for PolicyProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            if let Err(error) = self.child.kill() {
-                eprintln!("stopping host-policy: {error}");
-            }
-            if let Err(error) = self.child.wait() {
-                eprintln!("reaping host-policy: {error}");
-            }
-        }
+        self.child.signal(Signal::TERM)?;
+        self.child.wait_exit(Duration::from_secs(10)).map(drop)
     }
 }

@@ -9,30 +9,14 @@ pub mod host_policy_process;
 pub mod memfd_residency;
 pub mod vm;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const MIB: u64 = 1 << 20;
 
 /// Deadline for the balloon to reach a target under TCG.
 pub const TARGET_DEADLINE: Duration = Duration::from_secs(120);
 
-/// Polls `probe` until it returns `Some`, or fails after `timeout`.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe()? {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use test_support::wait_for;
 
 /// A backend process and a guest attached to it, in a private directory.
 pub struct Stack {

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +14,8 @@ use guest_tests::env::TestEnv;
 use guest_tests::vm::{Balloon, Vm, VmConfig};
 use guest_tests::{wait_for, MIB};
 use serde_json::{json, Value};
+use test_support::child::Signal;
+use test_support::ChildGuard;
 
 const GUEST_MIB: u64 = 2048;
 const TARGET_BYTES: u64 = 1 << 30;
@@ -104,7 +106,7 @@ fn all_threads_traced_by(pid: u32, tracer: u32) -> bool {
 
 /// `strace -c` on a process for fallocate and madvise calls.
 struct SyscallCount {
-    child: Child,
+    child: ChildGuard,
     output: PathBuf,
 }
 
@@ -118,7 +120,8 @@ impl SyscallCount {
             .spawn()
             .context("starting strace (apt-get install strace)")?;
         // Counting starts only once strace traces every thread.
-        let tracer = child.id();
+        let child = ChildGuard::new("strace", child);
+        let tracer = child.pid();
         wait_for(
             "strace to attach to every thread",
             Duration::from_secs(10),
@@ -128,9 +131,9 @@ impl SyscallCount {
     }
 
     fn finish(mut self) -> anyhow::Result<u64> {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        self.child.wait()?;
+        // SIGINT makes strace detach and write its table.
+        self.child.signal(Signal::INT)?;
+        self.child.wait_exit(Duration::from_secs(10))?;
         let text = std::fs::read_to_string(&self.output)?;
         // Rows: % time, seconds, usecs/call, calls, [errors,] syscall.
         Ok(text

@@ -11,9 +11,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::{
-    fill_outside_ram, guest_memory, memfd, TestQueue, DRIVER_FEATURES, MEMFD_BYTES, QUEUE_SIZE,
-};
+use crate::{fill_outside_ram, guest_memory, TestQueue, DRIVER_FEATURES, MEMFD_BYTES, QUEUE_SIZE};
 
 pub struct Rig {
     pub device: Arc<BalloonDevice>,
@@ -27,7 +25,7 @@ impl Rig {
     /// A device with every feature acked but event index, over guest RAM
     /// whose non-RAM parts of the file hold a sentinel.
     pub fn new() -> Rig {
-        let memfd = memfd("rig-ram", MEMFD_BYTES);
+        let memfd = crate::memory::memfd("rig-ram", MEMFD_BYTES).unwrap();
         fill_outside_ram(&memfd);
         let mem = guest_memory(&memfd);
         let atomic = GuestMemoryAtomic::new(mem.clone());

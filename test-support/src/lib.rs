@@ -1,19 +1,28 @@
-//! An in-process vhost-user frontend for driving the real `balloon-backend`
+//! Test support for every crate's tests: waiting with deadlines (`wait`),
+//! child processes that are always stopped and reaped (`child`), memfd
+//! guest RAM (`memory`), the in-process device (`rig`), and here an
+//! in-process vhost-user frontend for driving the real `balloon-backend`
 //! binary: memfd guest RAM with a hole, split virtqueues laid out in that
 //! RAM, the backend request channel, and the control socket. Test code:
 //! failures panic with the reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod child;
+pub mod memory;
 pub mod rig;
+pub mod wait;
+
+pub use child::ChildGuard;
+pub use wait::wait_for;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
@@ -58,20 +67,9 @@ pub const DRIVER_FEATURES: u64 = features::bit(features::STATS_VQ)
     | features::bit(features::PROTOCOL_FEATURES)
     | features::bit(features::VERSION_1);
 
-pub fn memfd(name: &str, bytes: u64) -> File {
-    let name = std::ffi::CString::new(name).unwrap();
-    // SAFETY: name is a valid C string; the returned fd is checked and then
-    // owned by the File.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(bytes).unwrap();
-    file
-}
-
+/// Bytes allocated in `file` in a range (panics on an I/O error: tests only).
 pub fn allocated(file: &File, start: u64, len: u64) -> u64 {
-    balloon_backend::host_memory::allocated_bytes(file, start, len).unwrap()
+    memory::allocated(file, start, len).unwrap()
 }
 
 /// Maps the memfd as guest RAM: region 0 at GPA 0 (file offset 0), region 1
@@ -203,7 +201,8 @@ impl TestQueue {
 }
 
 pub struct Harness {
-    pub child: Child,
+    /// The backend process (stopped and reaped when the harness drops).
+    pub child: ChildGuard,
     pub dir: tempfile::TempDir,
     pub frontend: Frontend,
     pub memfd: File,
@@ -213,28 +212,6 @@ pub struct Harness {
     control: Control,
     buffer_cursor: u64,
     stats_buffer: Option<u64>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Err(error) = self.child.kill() {
-            eprintln!("stopping the backend: {error}");
-        }
-        if let Err(error) = self.child.wait() {
-            eprintln!("reaping the backend: {error}");
-        }
-    }
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 impl Harness {
@@ -252,26 +229,31 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("balloon.sock");
         let control = dir.path().join("control.sock");
-        let child = Command::new(binary)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .args(["--stats-interval", "0"])
-            .args(extra_args)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("backend.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap();
+        let child = ChildGuard::new(
+            "balloon-backend",
+            Command::new(binary)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--control")
+                .arg(&control)
+                .args(["--stats-interval", "0"])
+                .args(extra_args)
+                .env("RUST_LOG", "debug")
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::File::create(dir.path().join("backend.log")).unwrap(),
+                ))
+                .spawn()
+                .unwrap(),
+        );
         let control_stream = wait_for("the control socket", Duration::from_secs(20), || {
-            UnixStream::connect(&control).ok()
-        });
+            Ok(UnixStream::connect(&control).ok())
+        })
+        .unwrap();
         let mut frontend = wait_for("the vhost-user socket", Duration::from_secs(20), || {
-            Frontend::connect(&socket, 5).ok()
-        });
+            Ok(Frontend::connect(&socket, 5).ok())
+        })
+        .unwrap();
 
         frontend.set_owner().unwrap();
         let offered = frontend.get_features().unwrap();
@@ -283,7 +265,7 @@ impl Harness {
         frontend.set_backend_request_fd(&backend_end).unwrap();
         drop(backend_end);
 
-        let memfd = memfd("guest-ram", MEMFD_BYTES);
+        let memfd = memory::memfd("guest-ram", MEMFD_BYTES).unwrap();
         // Fill everything: guest RAM with data, the rest with a sentinel.
         memfd
             .write_all_at(&vec![SENTINEL; MEMFD_BYTES as usize], 0)
@@ -402,9 +384,10 @@ impl Harness {
         let seen = self.queues[queue].used_seen;
         let mem = &self.mem;
         wait_for("used buffers", Duration::from_secs(20), || {
-            let idx: u16 = mem.read_obj(GuestAddress(used_addr + 2)).unwrap();
-            (idx.wrapping_sub(seen) >= count).then_some(())
-        });
+            let idx: u16 = mem.read_obj(GuestAddress(used_addr + 2))?;
+            Ok((idx.wrapping_sub(seen) >= count).then_some(()))
+        })
+        .unwrap();
         let entries = (0..count)
             .map(|i| {
                 let slot = used_addr + 4 + 8 * u64::from(seen.wrapping_add(i) % QUEUE_SIZE);

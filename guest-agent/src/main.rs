@@ -25,14 +25,29 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     device: Option<PathBuf>,
     /// Seconds between reports (1-3600).
-    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 5,
+        allow_negative_numbers = true
+    )]
     interval: u64,
     /// PSI trigger: report at once when memory stalls exceed this many
     /// microseconds within the window (1000-10000000).
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 100_000)]
+    #[arg(
+        long,
+        value_name = "MICROSECONDS",
+        default_value_t = 100_000,
+        allow_negative_numbers = true
+    )]
     psi_stall_us: u64,
     /// PSI trigger window (500000-10000000 microseconds).
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 1_000_000)]
+    #[arg(
+        long,
+        value_name = "MICROSECONDS",
+        default_value_t = 1_000_000,
+        allow_negative_numbers = true
+    )]
     psi_window_us: u64,
 }
 
@@ -102,6 +117,26 @@ mod tests {
         assert!(settings(&["--psi-window-us", "100"])
             .unwrap_err()
             .contains("--psi-window-us"));
+    }
+
+    #[test]
+    fn values_clap_cannot_parse_name_their_flag() {
+        for (flag, value) in [
+            ("--interval", "-1"),
+            ("--interval", "soon"),
+            ("--psi-stall-us", "-5"),
+            ("--psi-window-us", "-1000000"),
+        ] {
+            let error = Args::try_parse_from(["guest-agent", flag, value])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            let first = error.lines().next().unwrap_or_default();
+            assert!(
+                first.contains(flag) && first.contains(value),
+                "{flag} {value}: {first}"
+            );
+        }
     }
 
     #[test]

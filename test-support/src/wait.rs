@@ -2,14 +2,26 @@
 
 use std::time::{Duration, Instant};
 
-/// How often a probe is asked again.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How often `wait_for` asks its probe again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Polls `probe` until it returns `Some`, or fails after `timeout` naming
-/// `what` it waited for. An error from the probe ends the wait at once.
+/// Polls `probe` every `POLL_INTERVAL` until it returns `Some`, or fails
+/// after `timeout` naming `what` it waited for. An error from the probe
+/// ends the wait at once.
 pub fn wait_for<T>(
     what: &str,
     timeout: Duration,
+    probe: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    wait_for_every(what, timeout, POLL_INTERVAL, probe)
+}
+
+/// `wait_for` with its own polling interval, for probes that cost the
+/// process they ask (a backend's `status` walks guest RAM's file).
+pub fn wait_for_every<T>(
+    what: &str,
+    timeout: Duration,
+    poll_every: Duration,
     mut probe: impl FnMut() -> anyhow::Result<Option<T>>,
 ) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
@@ -20,7 +32,7 @@ pub fn wait_for<T>(
         if Instant::now() >= deadline {
             anyhow::bail!("timed out after {timeout:?} waiting for {what}");
         }
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(poll_every);
     }
 }
 

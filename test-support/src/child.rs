@@ -69,7 +69,8 @@ impl ChildGuard {
             .and_then(|()| self.wait_exit(grace));
         match terminated {
             Ok(status) => Ok(status),
-            Err(_) => {
+            Err(error) => {
+                eprintln!("{}: {error:#}; sending SIGKILL", self.what);
                 self.child.kill()?;
                 self.child.wait()
             }

@@ -46,11 +46,23 @@ struct BackedRegion {
     host_page_bytes: u64,
 }
 
+/// How residency is measured. When guest RAM covers its files exactly (as
+/// QEMU's memory backends do), a file's allocated blocks are guest RAM's:
+/// one `statx` per file, whatever the RAM size. Otherwise (a file with other
+/// data in it) each region's data and holes are walked.
+#[derive(Clone, Debug, Default)]
+enum Residency {
+    WholeFiles(Vec<Arc<File>>),
+    #[default]
+    Walk,
+}
+
 /// Guest RAM as the device sees it after SET_MEM_TABLE. Cloning shares the
 /// files (cheap), so slow measurements can run without the device lock.
 #[derive(Clone, Debug, Default)]
 pub struct GuestRam {
     regions: Vec<BackedRegion>,
+    residency: Residency,
 }
 
 impl GuestRam {
@@ -73,7 +85,8 @@ impl GuestRam {
                 host_page_bytes,
             });
         }
-        Ok(GuestRam { regions })
+        let residency = whole_files(&regions).map_or(Residency::Walk, Residency::WholeFiles);
+        Ok(GuestRam { regions, residency })
     }
 
     pub fn layout(&self) -> Vec<RamRegion> {
@@ -127,12 +140,76 @@ impl GuestRam {
 
     /// Bytes of guest RAM that are allocated on the host right now.
     pub fn resident_bytes(&self) -> Result<u64, HostMemoryError> {
-        self.regions
-            .iter()
-            .map(|r| allocated_bytes(&r.file, r.file_offset, r.ram.size_bytes))
-            .sum::<io::Result<u64>>()
-            .map_err(HostMemoryError::Seek)
+        match &self.residency {
+            Residency::WholeFiles(files) => files
+                .iter()
+                .map(|file| allocated_blocks_bytes(file))
+                .sum::<io::Result<u64>>(),
+            Residency::Walk => self
+                .regions
+                .iter()
+                .map(|r| allocated_bytes(&r.file, r.file_offset, r.ram.size_bytes))
+                .sum::<io::Result<u64>>(),
+        }
+        .map_err(HostMemoryError::Seek)
     }
+}
+
+/// One handle per distinct file when the regions cover every file exactly
+/// (no gap, no overlap, nothing past the end); None otherwise.
+fn whole_files(regions: &[BackedRegion]) -> Option<Vec<Arc<File>>> {
+    use std::os::unix::fs::MetadataExt;
+    /// One distinct file and the (offset, size) ranges regions map of it.
+    struct MappedFile {
+        device_inode: (u64, u64),
+        handle: Arc<File>,
+        len: u64,
+        ranges: Vec<(u64, u64)>,
+    }
+    let mut files: Vec<MappedFile> = Vec::new();
+    for region in regions {
+        let meta = region.file.metadata().ok()?;
+        let device_inode = (meta.dev(), meta.ino());
+        let range = (region.file_offset, region.ram.size_bytes);
+        match files.iter_mut().find(|f| f.device_inode == device_inode) {
+            Some(file) => file.ranges.push(range),
+            None => files.push(MappedFile {
+                device_inode,
+                handle: region.file.clone(),
+                len: meta.len(),
+                ranges: vec![range],
+            }),
+        }
+    }
+    let mut handles = Vec::new();
+    for MappedFile {
+        handle,
+        len,
+        mut ranges,
+        ..
+    } in files
+    {
+        ranges.sort_unstable();
+        let mut covered_to = 0u64;
+        for (offset, size) in ranges {
+            if offset != covered_to {
+                return None;
+            }
+            covered_to = offset.checked_add(size)?;
+        }
+        if covered_to != len {
+            return None;
+        }
+        handles.push(handle);
+    }
+    Some(handles)
+}
+
+/// Bytes allocated to a file (its blocks), never more than its length.
+fn allocated_blocks_bytes(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    Ok(meta.blocks().saturating_mul(512).min(meta.len()))
 }
 
 /// The file's block size: the host page size for shmem and hugetlbfs files.
@@ -173,6 +250,54 @@ pub fn allocated_bytes(file: &File, start: u64, len: u64) -> io::Result<u64> {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    fn ram(file: &File, ranges: &[(u64, u64, u64)]) -> GuestRam {
+        use vm_memory::{FileOffset, GuestAddress};
+        let memory = GuestMemoryMmap::<()>::from_ranges_with_files(ranges.iter().map(
+            |&(gpa, len, offset)| {
+                (
+                    GuestAddress(gpa),
+                    len as usize,
+                    Some(FileOffset::new(file.try_clone().unwrap(), offset)),
+                )
+            },
+        ))
+        .unwrap();
+        GuestRam::from_memory(&memory).unwrap()
+    }
+
+    #[test]
+    fn residency_of_whole_files_is_read_from_their_blocks() {
+        let page = 4096;
+        // A memfd, as QEMU's guest RAM is: shmem counts blocks exactly.
+        // SAFETY: the name is a valid C string; the new descriptor is owned
+        // by the File at once.
+        let file = unsafe {
+            use std::os::fd::FromRawFd;
+            let fd = libc::memfd_create(c"ram".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            File::from_raw_fd(fd)
+        };
+        file.set_len(64 * page).unwrap();
+        file.write_all_at(&vec![0xa5u8; 40 * page as usize], 0)
+            .unwrap();
+        // Two regions covering the file exactly: blocks.
+        let whole = ram(&file, &[(0, 32 * page, 0), (1 << 30, 32 * page, 32 * page)]);
+        assert!(matches!(whole.residency, Residency::WholeFiles(ref f) if f.len() == 1));
+        // A gap in the file: walked.
+        let partial = ram(&file, &[(0, 16 * page, 0), (1 << 30, 16 * page, 48 * page)]);
+        assert!(matches!(partial.residency, Residency::Walk));
+        for punched in [1, 8, 24] {
+            punch_hole(&file, 0, punched * page).unwrap();
+            let walked = allocated_bytes(&file, 0, 64 * page).unwrap();
+            assert_eq!(whole.resident_bytes().unwrap(), walked, "punched {punched}");
+            assert_eq!(
+                partial.resident_bytes().unwrap(),
+                allocated_bytes(&file, 0, 16 * page).unwrap()
+                    + allocated_bytes(&file, 48 * page, 16 * page).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn punching_frees_exactly_the_range() {

@@ -287,6 +287,15 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
             list.push(allow!(SYS_geteuid));
             // The pause after a failed accept.
             list.push(allow!(SYS_clock_nanosleep));
+            // `status` reads guest RAM's allocated blocks from the files'
+            // own descriptors (AT_EMPTY_PATH), never a path's.
+            list.push(allow!(
+                SYS_statx,
+                ArgLimit::BitsSet {
+                    index: 2,
+                    mask: libc::AT_EMPTY_PATH as u64
+                }
+            ));
         }
         ThreadRole::Vhost => {
             list.extend(thread_spawning());

@@ -32,6 +32,16 @@ fn inflate_returns_memory_to_the_host_and_deflate_gives_it_back() -> anyhow::Res
         "only {returned} bytes returned to the host"
     );
     assert_eq!(status["discarded_bytes"], 256 * MIB);
+    // The backend's own residency figure agrees with the host's measurement
+    // of QEMU's memfd (within 8 MiB: the guest keeps running in between).
+    let reported = stack.control.status()?["guest_ram_resident_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    let measured = stack.vm.host_resident_bytes()?;
+    assert!(
+        reported.abs_diff(measured) <= 8 * MIB,
+        "backend says {reported} bytes resident, the host measures {measured}"
+    );
 
     stack.control.set_target(0)?;
     let status = stack.control.wait_actual(0, TARGET_DEADLINE)?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use log::{debug, warn};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::device::{BalloonDevice, DeviceStatus, TargetError};
 use crate::features;
@@ -32,21 +32,23 @@ use balloon_protocol::lines::{LineSplitter, Piece};
 
 /// Writes one reply line with a single write: written piecemeal, a reply
 /// costs one system call per JSON token.
-fn send_reply(stream: &mut UnixStream, reply: &Value) -> io::Result<()> {
-    let mut line = reply.to_string();
+fn send_reply(stream: &mut UnixStream, reply: &str) -> io::Result<()> {
+    let mut line = String::with_capacity(reply.len() + 1);
+    line.push_str(reply);
     line.push('\n');
     stream.write_all(line.as_bytes())
 }
 
-fn error_reply(message: impl Into<String>) -> Value {
+fn error_reply(message: impl Into<String>) -> String {
     to_reply(&ErrorReply::new(message))
 }
 
-/// A typed reply as a JSON value; our own reply types always serialise.
-fn to_reply(reply: &impl Serialize) -> Value {
-    serde_json::to_value(reply).unwrap_or_else(
-        |error| json!({ "ok": false, "error": format!("reply could not be encoded: {error}") }),
-    )
+/// A typed reply as its JSON text, serialised once; our own reply types
+/// always serialise.
+fn to_reply(reply: &impl Serialize) -> String {
+    serde_json::to_string(reply).unwrap_or_else(|error| {
+        json!({ "ok": false, "error": format!("reply could not be encoded: {error}") }).to_string()
+    })
 }
 
 /// The reply to `status`.
@@ -78,7 +80,7 @@ pub fn status_reply(status: &DeviceStatus, max_reclaim_percent: u8) -> StatusRep
 }
 
 /// Answers one request.
-pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request) -> Value {
+pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request) -> String {
     match request {
         Request::Status {} => to_reply(&status_reply(&device.status(), max_reclaim_percent)),
         Request::SetTarget { bytes } => match device.set_target(bytes) {
@@ -203,7 +205,7 @@ pub fn serve(listener: UnixListener, device: Arc<BalloonDevice>, max_reclaim_per
 }
 
 /// The reply to one complete request line.
-pub fn reply_to_line(device: &BalloonDevice, max_reclaim_percent: u8, line: &[u8]) -> Value {
+pub fn reply_to_line(device: &BalloonDevice, max_reclaim_percent: u8, line: &[u8]) -> String {
     if line.iter().all(u8::is_ascii_whitespace) {
         return error_reply("empty request: send one JSON object per line");
     }

@@ -63,6 +63,7 @@ pub fn status_reply(status: &DeviceStatus, max_reclaim_percent: u8) -> StatusRep
         max_reclaim_percent,
         ballooned_bytes: status.ballooned_bytes,
         discarded_bytes: status.discarded_bytes,
+        pending_punch_bytes: status.pending_punch_bytes,
         reported_bytes_total: status.reported_bytes_total,
         guest_ram_resident_bytes: status.resident_bytes,
         features: features::names(status.acked_features)

@@ -17,7 +17,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::cli::BackendOptions;
 use crate::control;
-use crate::device::{BalloonDevice, DeviceSettings, STATS_INTERVAL_EVENT, STATS_REQUEST_EVENT};
+use crate::device::{
+    BalloonDevice, DeviceSettings, PUNCH_EVENT, STATS_INTERVAL_EVENT, STATS_REQUEST_EVENT,
+};
 use crate::seccomp::{self, ThreadRole};
 
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +276,14 @@ impl Backend {
                 if let Err(error) = handler.register_listener(fd, EventSet::IN, u64::from(event)) {
                     warn!("stats event {event} not registered; statistics refresh only when the guest kicks: {error}");
                 }
+            }
+        }
+        for handler in &handlers {
+            let fd = self.device.punch_timer_fd();
+            if let Err(error) = handler.register_listener(fd, EventSet::IN, u64::from(PUNCH_EVENT))
+            {
+                warn!("punch timer not registered; inflated pages are punched at once, one request at a time: {error}");
+                self.device.punch_without_timer();
             }
         }
         daemon

@@ -75,8 +75,13 @@ impl Default for FeatureSwitches {
 
 /// The device features offered to the frontend for these switches.
 pub fn offered(switches: FeatureSwitches) -> u64 {
-    let mut features =
-        bit(VERSION_1) | bit(RING_EVENT_IDX) | bit(RING_INDIRECT_DESC) | bit(PROTOCOL_FEATURES);
+    // MUST_TELL_HOST lets inflated pages be punched later (coalesced): a
+    // driver that acks it never uses a page before its deflate completes.
+    let mut features = bit(VERSION_1)
+        | bit(RING_EVENT_IDX)
+        | bit(RING_INDIRECT_DESC)
+        | bit(PROTOCOL_FEATURES)
+        | bit(MUST_TELL_HOST);
     for (enabled, feature) in [
         (switches.stats, STATS_VQ),
         (switches.deflate_on_oom, DEFLATE_ON_OOM),

@@ -256,6 +256,8 @@ fn queue_work() -> Vec<Allowed> {
     let mut list = vec![
         allow!(SYS_read),
         allow!(SYS_epoll_pwait),
+        // Arms the timer of deferred punches.
+        allow!(SYS_timerfd_settime),
         allow!(
             SYS_fallocate,
             ArgLimit::OneOf {

@@ -1,44 +1,101 @@
-//! Which 4 KiB guest pages are in the balloon, and which host pages that
-//! makes free. Pure bookkeeping: it decides what to discard, `discard` does it.
+//! Which 4 KiB guest pages are in the balloon, which host pages that makes
+//! free, and which of those still wait to be punched. Pure bookkeeping: it
+//! decides what to discard, `host_memory` does it.
 //!
 //! When guest RAM is backed by host pages larger than 4 KiB (hugetlbfs), a
 //! host page can be given back only once every 4 KiB piece of it is in the
 //! balloon, possibly across many requests.
+//!
+//! Punches are deferred: a host page that becomes wholly ballooned is marked
+//! pending, and `take_punches` later returns the pending pages as runs that
+//! also span the wholly ballooned pages between them (punching those again
+//! is harmless), so pages a guest inflates in scattered order coalesce
+//! across requests into few calls. A deflate clears the pending mark of every host
+//! page it breaks, so a page given back to the guest is never punched later.
+
+use std::time::Duration;
 
 use crate::pfn::{ByteRun, PageRun, PAGE_SIZE_BYTES};
+
+/// Pending punches are carried out once they cover this much guest RAM...
+pub const PUNCH_PENDING_CAP_BYTES: u64 = 256 << 20;
+/// ...or once the oldest has waited this long, whichever comes first.
+pub const PUNCH_DELAY: Duration = Duration::from_millis(20);
+
+/// Whether pending punches are due: `pending_bytes` have waited
+/// `pending_for` since the first of them.
+pub fn punch_due(pending_bytes: u64, pending_for: Duration) -> bool {
+    pending_bytes >= PUNCH_PENDING_CAP_BYTES || (pending_bytes > 0 && pending_for >= PUNCH_DELAY)
+}
 
 #[derive(Debug)]
 struct RegionPages {
     pages: u64,
     pages_per_host_page: u64,
+    /// One bit per 4 KiB page: in the balloon.
     bits: Vec<u64>,
+    /// One bit per host page: wholly ballooned and not punched yet.
+    pending: Vec<u64>,
+}
+
+fn bit_is_set(words: &[u64], index: u64) -> bool {
+    let word = words.get((index / 64) as usize).copied().unwrap_or(0);
+    word & (1 << (index % 64)) != 0
+}
+
+/// Sets or clears one bit; returns whether it changed.
+fn update_bit(words: &mut [u64], index: u64, set: bool) -> bool {
+    let Some(word) = words.get_mut((index / 64) as usize) else {
+        return false;
+    };
+    let mask = 1u64 << (index % 64);
+    let was = *word & mask != 0;
+    if set {
+        *word |= mask;
+    } else {
+        *word &= !mask;
+    }
+    was != set
 }
 
 impl RegionPages {
-    fn is_set(&self, page: u64) -> bool {
-        let word = self.bits.get((page / 64) as usize).copied().unwrap_or(0);
-        word & (1 << (page % 64)) != 0
-    }
-
-    /// Sets or clears one bit; returns whether it changed.
-    fn update(&mut self, page: u64, ballooned: bool) -> bool {
-        let Some(word) = self.bits.get_mut((page / 64) as usize) else {
-            return false;
-        };
-        let mask = 1u64 << (page % 64);
-        let was = *word & mask != 0;
-        if ballooned {
-            *word |= mask;
-        } else {
-            *word &= !mask;
-        }
-        was != ballooned
+    fn host_pages(&self) -> u64 {
+        self.pages.div_ceil(self.pages_per_host_page)
     }
 
     fn host_page_full(&self, host_page: u64) -> bool {
         let first = host_page * self.pages_per_host_page;
         let end = (first + self.pages_per_host_page).min(self.pages);
-        (first..end).all(|page| self.is_set(page))
+        if self.pages_per_host_page == 1 {
+            return first < end && bit_is_set(&self.bits, first);
+        }
+        (first..end).all(|page| bit_is_set(&self.bits, page))
+    }
+
+    /// The first host page at or after `host_page` that is not wholly
+    /// ballooned.
+    fn full_stretch_end(&self, mut host_page: u64) -> u64 {
+        let end = self.host_pages();
+        while host_page < end {
+            if self.pages_per_host_page == 1 {
+                let bit = host_page % 64;
+                let word = self
+                    .bits
+                    .get((host_page / 64) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                let ones = u64::from((!(word >> bit)).trailing_zeros()).min(64 - bit);
+                host_page += ones;
+                if ones < 64 - bit {
+                    break;
+                }
+            } else if self.host_page_full(host_page) {
+                host_page += 1;
+            } else {
+                break;
+            }
+        }
+        host_page.min(end)
     }
 }
 
@@ -49,8 +106,8 @@ pub struct InflateOutcome {
     pub added_pages: u64,
     /// Pages that were in the balloon already (a guest fault).
     pub already_ballooned: u64,
-    /// Host pages that became wholly ballooned, coalesced, to discard.
-    pub discard: Vec<ByteRun>,
+    /// Host memory that became wholly ballooned and now waits to be punched.
+    pub newly_pending_bytes: u64,
 }
 
 /// What one deflate run changed.
@@ -67,6 +124,7 @@ pub struct BalloonTracker {
     regions: Vec<RegionPages>,
     ballooned_pages: u64,
     full_host_pages_bytes: u64,
+    pending_bytes: u64,
 }
 
 impl BalloonTracker {
@@ -76,17 +134,18 @@ impl BalloonTracker {
             .iter()
             .map(|&(size_bytes, host_page_bytes)| {
                 let pages = size_bytes / PAGE_SIZE_BYTES;
+                let pages_per_host_page = (host_page_bytes / PAGE_SIZE_BYTES).max(1);
                 RegionPages {
                     pages,
-                    pages_per_host_page: (host_page_bytes / PAGE_SIZE_BYTES).max(1),
+                    pages_per_host_page,
                     bits: vec![0; pages.div_ceil(64) as usize],
+                    pending: vec![0; pages.div_ceil(pages_per_host_page).div_ceil(64) as usize],
                 }
             })
             .collect();
         BalloonTracker {
             regions,
-            ballooned_pages: 0,
-            full_host_pages_bytes: 0,
+            ..BalloonTracker::default()
         }
     }
 
@@ -97,6 +156,20 @@ impl BalloonTracker {
     /// Host memory freed for pages that are still in the balloon.
     pub fn discarded_bytes(&self) -> u64 {
         self.full_host_pages_bytes
+            .saturating_sub(self.pending_bytes)
+    }
+
+    /// Host memory wholly ballooned but not punched yet.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    /// Heap bytes the bookkeeping holds (for the footprint bench).
+    pub fn heap_bytes(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| ((r.bits.capacity() + r.pending.capacity()) * 8) as u64)
+            .sum()
     }
 
     fn host_page_bytes(region: &RegionPages) -> u64 {
@@ -115,36 +188,28 @@ impl BalloonTracker {
         let Some(region) = self.regions.get_mut(run.region) else {
             return outcome;
         };
-        let (host_first, host_end) = Self::host_pages_of(region, run);
-        let full_before: Vec<bool> = (host_first..host_end)
-            .map(|h| region.host_page_full(h))
-            .collect();
         let end = run.first_page.saturating_add(run.pages).min(region.pages);
-        for page in run.first_page..end {
-            if region.update(page, true) {
-                outcome.added_pages += 1;
-            } else {
-                outcome.already_ballooned += 1;
-            }
-        }
+        let per = region.pages_per_host_page;
         let host_bytes = Self::host_page_bytes(region);
-        for (host_page, was_full) in (host_first..host_end).zip(full_before) {
-            if was_full || !region.host_page_full(host_page) {
-                continue;
-            }
-            self.full_host_pages_bytes += host_bytes;
-            let offset_bytes = host_page * host_bytes;
-            match outcome.discard.last_mut() {
-                Some(last) if last.offset_bytes + last.len_bytes == offset_bytes => {
-                    last.len_bytes += host_bytes
+        let (host_first, host_end) = Self::host_pages_of(region, run);
+        for host_page in host_first..host_end {
+            let was_full = region.host_page_full(host_page);
+            let first = (host_page * per).max(run.first_page);
+            let last = ((host_page + 1) * per).min(end);
+            for page in first..last {
+                if update_bit(&mut region.bits, page, true) {
+                    outcome.added_pages += 1;
+                } else {
+                    outcome.already_ballooned += 1;
                 }
-                _ => outcome.discard.push(ByteRun {
-                    region: run.region,
-                    offset_bytes,
-                    len_bytes: host_bytes,
-                }),
+            }
+            if !was_full && region.host_page_full(host_page) {
+                update_bit(&mut region.pending, host_page, true);
+                outcome.newly_pending_bytes += host_bytes;
             }
         }
+        self.full_host_pages_bytes += outcome.newly_pending_bytes;
+        self.pending_bytes += outcome.newly_pending_bytes;
         self.ballooned_pages += outcome.added_pages;
         outcome
     }
@@ -154,25 +219,80 @@ impl BalloonTracker {
         let Some(region) = self.regions.get_mut(run.region) else {
             return outcome;
         };
-        let (host_first, host_end) = Self::host_pages_of(region, run);
-        let host_bytes = Self::host_page_bytes(region);
-        let full_before = (host_first..host_end)
-            .filter(|&h| region.host_page_full(h))
-            .count() as u64;
         let end = run.first_page.saturating_add(run.pages).min(region.pages);
-        for page in run.first_page..end {
-            if region.update(page, false) {
-                outcome.removed_pages += 1;
-            } else {
-                outcome.not_ballooned += 1;
+        let per = region.pages_per_host_page;
+        let host_bytes = Self::host_page_bytes(region);
+        let (host_first, host_end) = Self::host_pages_of(region, run);
+        let (mut broken_bytes, mut cancelled_bytes) = (0, 0);
+        for host_page in host_first..host_end {
+            let was_full = region.host_page_full(host_page);
+            let first = (host_page * per).max(run.first_page);
+            let last = ((host_page + 1) * per).min(end);
+            for page in first..last {
+                if update_bit(&mut region.bits, page, false) {
+                    outcome.removed_pages += 1;
+                } else {
+                    outcome.not_ballooned += 1;
+                }
+            }
+            if was_full && !region.host_page_full(host_page) {
+                broken_bytes += host_bytes;
+                // The guest gets this page back: it must never be punched.
+                if update_bit(&mut region.pending, host_page, false) {
+                    cancelled_bytes += host_bytes;
+                }
             }
         }
-        let full_after = (host_first..host_end)
-            .filter(|&h| region.host_page_full(h))
-            .count() as u64;
-        self.full_host_pages_bytes -= (full_before - full_after) * host_bytes;
+        self.full_host_pages_bytes -= broken_bytes;
+        self.pending_bytes -= cancelled_bytes;
         self.ballooned_pages -= outcome.removed_pages;
         outcome
+    }
+
+    /// The pending punches as runs, in order; pending pages with only
+    /// wholly ballooned host pages between them share one run (punching
+    /// those again is harmless). Clears them.
+    pub fn take_punches(&mut self) -> Vec<ByteRun> {
+        let mut runs = Vec::new();
+        if self.pending_bytes == 0 {
+            return runs;
+        }
+        for (index, region) in self.regions.iter_mut().enumerate() {
+            let host_bytes = Self::host_page_bytes(region);
+            let to_run = |first: u64, end: u64| ByteRun {
+                region: index,
+                offset_bytes: first * host_bytes,
+                len_bytes: (end - first) * host_bytes,
+            };
+            // The run being built: its first and one-past-last host page,
+            // and where the ballooned stretch it lies in ends.
+            let mut open: Option<(u64, u64, u64)> = None;
+            for word_index in 0..region.pending.len() {
+                let mut word = region.pending.get(word_index).copied().unwrap_or(0);
+                while word != 0 {
+                    let host_page = word_index as u64 * 64 + u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    match open.as_mut() {
+                        Some((_, end, stretch_end)) if host_page < *stretch_end => {
+                            *end = host_page + 1;
+                        }
+                        _ => {
+                            if let Some((first, end, _)) = open {
+                                runs.push(to_run(first, end));
+                            }
+                            let stretch_end = region.full_stretch_end(host_page);
+                            open = Some((host_page, host_page + 1, stretch_end));
+                        }
+                    }
+                }
+            }
+            if let Some((first, end, _)) = open {
+                runs.push(to_run(first, end));
+            }
+            region.pending.fill(0);
+        }
+        self.pending_bytes = 0;
+        runs
     }
 }
 
@@ -191,21 +311,27 @@ mod tests {
         }
     }
 
+    fn bytes(offset_bytes: u64, len_bytes: u64) -> ByteRun {
+        ByteRun {
+            region: 0,
+            offset_bytes,
+            len_bytes,
+        }
+    }
+
     #[test]
-    fn small_pages_discard_what_was_added() {
+    fn small_pages_are_punched_once_taken() {
         let mut tracker = BalloonTracker::new(&[(1 << 20, 4096)]);
         let outcome = tracker.inflate(&run(4, 3));
         assert_eq!(outcome.added_pages, 3);
-        assert_eq!(
-            outcome.discard,
-            vec![ByteRun {
-                region: 0,
-                offset_bytes: 4 * 4096,
-                len_bytes: 3 * 4096
-            }]
-        );
+        assert_eq!(outcome.newly_pending_bytes, 3 * 4096);
+        assert_eq!(tracker.discarded_bytes(), 0);
+        assert_eq!(tracker.take_punches(), vec![bytes(4 * 4096, 3 * 4096)]);
+        assert_eq!(tracker.discarded_bytes(), 3 * 4096);
+        assert!(tracker.take_punches().is_empty());
         let again = tracker.inflate(&run(6, 2));
         assert_eq!((again.added_pages, again.already_ballooned), (1, 1));
+        assert_eq!(tracker.take_punches(), vec![bytes(7 * 4096, 4096)]);
         assert_eq!(tracker.discarded_bytes(), 4 * 4096);
         let back = tracker.deflate(&run(0, 8));
         assert_eq!((back.removed_pages, back.not_ballooned), (4, 4));
@@ -214,24 +340,49 @@ mod tests {
     }
 
     #[test]
+    fn scattered_pages_coalesce_across_requests() {
+        let mut tracker = BalloonTracker::new(&[(1 << 20, 4096)]);
+        for page in [9, 3, 7, 4, 8, 5, 6, 130, 129] {
+            tracker.inflate(&run(page, 1));
+        }
+        assert_eq!(
+            tracker.take_punches(),
+            vec![bytes(3 * 4096, 7 * 4096), bytes(129 * 4096, 2 * 4096)]
+        );
+        // Pages between two new ones were punched before: one call spans
+        // them; a gap that is not ballooned splits the run.
+        for page in [2, 10, 12] {
+            tracker.inflate(&run(page, 1));
+        }
+        assert_eq!(
+            tracker.take_punches(),
+            vec![bytes(2 * 4096, 9 * 4096), bytes(12 * 4096, 4096)]
+        );
+    }
+
+    #[test]
+    fn a_deflated_page_is_never_punched() {
+        let mut tracker = BalloonTracker::new(&[(1 << 20, 4096)]);
+        tracker.inflate(&run(10, 5));
+        tracker.deflate(&run(12, 1));
+        assert_eq!(tracker.pending_bytes(), 4 * 4096);
+        assert_eq!(
+            tracker.take_punches(),
+            vec![bytes(10 * 4096, 2 * 4096), bytes(13 * 4096, 2 * 4096)]
+        );
+    }
+
+    #[test]
     fn huge_page_freed_only_when_complete_across_requests() {
         let mut tracker = BalloonTracker::new(&[(4 * HUGE, HUGE)]);
-        let first = tracker.inflate(&run(512, 300));
-        assert!(first.discard.is_empty());
-        let second = tracker.inflate(&run(812, 212));
-        assert_eq!(
-            second.discard,
-            vec![ByteRun {
-                region: 0,
-                offset_bytes: HUGE,
-                len_bytes: HUGE
-            }]
-        );
+        assert_eq!(tracker.inflate(&run(512, 300)).newly_pending_bytes, 0);
+        assert_eq!(tracker.inflate(&run(812, 212)).newly_pending_bytes, HUGE);
+        assert_eq!(tracker.take_punches(), vec![bytes(HUGE, HUGE)]);
         assert_eq!(tracker.discarded_bytes(), HUGE);
         tracker.deflate(&run(600, 1));
         assert_eq!(tracker.discarded_bytes(), 0);
         // Putting the one page back completes the host page again.
-        assert_eq!(tracker.inflate(&run(600, 1)).discard.len(), 1);
+        assert_eq!(tracker.inflate(&run(600, 1)).newly_pending_bytes, HUGE);
     }
 
     #[test]
@@ -247,45 +398,68 @@ mod tests {
         );
         assert_eq!(tracker.inflate(&run(64, 10)).added_pages, 0);
         assert_eq!(tracker.ballooned_pages(), 0);
+        assert!(tracker.take_punches().is_empty());
+    }
+
+    #[test]
+    fn punches_are_due_by_size_or_age() {
+        assert!(!punch_due(0, Duration::from_secs(10)));
+        assert!(!punch_due(4096, Duration::ZERO));
+        assert!(punch_due(4096, PUNCH_DELAY));
+        assert!(punch_due(PUNCH_PENDING_CAP_BYTES, Duration::ZERO));
     }
 
     proptest! {
+        /// Against a plain model: every punched byte is wholly ballooned
+        /// when it is punched (so a page the guest got back is never
+        /// punched), every wholly ballooned host page has been punched
+        /// once punches were taken, and the counters match.
         #[test]
         fn tracking_matches_a_simple_model(
-            ops in proptest::collection::vec((any::<bool>(), 0u64..2048, 1u64..600), 1..60),
+            ops in proptest::collection::vec((0u8..3, 0u64..2048, 1u64..600), 1..60),
             huge in any::<bool>(),
         ) {
             let host_page = if huge { HUGE } else { 4096 };
             let pages = 2048u64;
+            let per = (host_page / 4096) as usize;
             let mut tracker = BalloonTracker::new(&[(pages * 4096, host_page)]);
             let mut model = vec![false; pages as usize];
-            let mut discarded_host_pages = std::collections::BTreeSet::new();
-            for (inflate, first, count) in ops {
+            let full = |model: &[bool], h: u64| {
+                model[h as usize * per..(h as usize + 1) * per].iter().all(|b| *b)
+            };
+            let mut punched = std::collections::BTreeSet::new();
+            for (op, first, count) in ops {
                 let r = run(first, count);
-                if inflate {
-                    let outcome = tracker.inflate(&r);
-                    for d in &outcome.discard {
+                if op == 2 {
+                    for d in tracker.take_punches() {
                         prop_assert_eq!(d.offset_bytes % host_page, 0);
                         prop_assert_eq!(d.len_bytes % host_page, 0);
+                        prop_assert!(d.len_bytes > 0);
                         for h in (d.offset_bytes / host_page)..((d.offset_bytes + d.len_bytes) / host_page) {
-                            prop_assert!(discarded_host_pages.insert(h), "host page discarded twice");
+                            prop_assert!(full(&model, h), "host page {} punched while not wholly ballooned", h);
+                            punched.insert(h);
                         }
                     }
+                    for h in 0..pages / per as u64 {
+                        prop_assert_eq!(full(&model, h), punched.contains(&h), "host page {}", h);
+                    }
+                    prop_assert_eq!(tracker.pending_bytes(), 0);
+                    continue;
+                }
+                if op == 0 {
+                    tracker.inflate(&r);
                 } else {
                     tracker.deflate(&r);
                 }
                 for p in first..(first + count).min(pages) {
-                    model[p as usize] = inflate;
+                    model[p as usize] = op == 0;
                 }
-                // A host page counts as discarded only while all its pieces are ballooned.
-                let per = (host_page / 4096) as usize;
-                discarded_host_pages.retain(|h| model[*h as usize * per..(*h as usize + 1) * per].iter().all(|b| *b));
+                // A host page stays punched only while all its pieces are ballooned.
+                punched.retain(|h| full(&model, *h));
                 prop_assert_eq!(tracker.ballooned_pages(), model.iter().filter(|b| **b).count() as u64);
-                prop_assert_eq!(tracker.discarded_bytes(), discarded_host_pages.len() as u64 * host_page);
-                // Every discarded byte belongs to a ballooned page.
-                for h in &discarded_host_pages {
-                    prop_assert!(model[*h as usize * per..(*h as usize + 1) * per].iter().all(|b| *b));
-                }
+                prop_assert_eq!(tracker.discarded_bytes(), punched.len() as u64 * host_page);
+                let full_count = (0..pages / per as u64).filter(|h| full(&model, *h)).count() as u64;
+                prop_assert_eq!(tracker.discarded_bytes() + tracker.pending_bytes(), full_count * host_page);
             }
         }
     }

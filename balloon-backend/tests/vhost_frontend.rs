@@ -88,6 +88,7 @@ fn inflate_punches_holes_and_deflate_tracks() {
         h.send_pfns(INFLATE, chunk);
     }
     h.send_pfns(INFLATE, &pfns[..10]);
+    h.punched();
     let freed = before - h.resident();
     assert_eq!(freed, 10 * MIB, "host bytes freed by inflating 10 MiB");
     assert_eq!(allocated(&h.memfd, 4 * MIB, 8 * MIB), 0);
@@ -170,6 +171,25 @@ impl ChannelAnswerer {
         self.channel.write_all(&reply).unwrap();
         flags
     }
+}
+
+/// A driver that did not ack MUST_TELL_HOST may use a page it deflates
+/// before telling the device: its inflated pages are punched before the
+/// request completes, never deferred.
+#[test]
+fn without_must_tell_host_inflated_pages_are_punched_at_once() {
+    let mut h = Harness::start_with_features(
+        backend(),
+        &[],
+        DRIVER_FEATURES & !bit(features::MUST_TELL_HOST),
+    );
+    let before = h.resident();
+    let pfns: Vec<u32> = (pfn(4 * MIB)..pfn(5 * MIB)).collect();
+    h.send_pfns(INFLATE, &pfns);
+    assert_eq!(before - h.resident(), MIB);
+    let status = h.status();
+    assert_eq!(status["pending_punch_bytes"], 0);
+    assert_eq!(status["discarded_bytes"], MIB);
 }
 
 #[test]
@@ -392,6 +412,7 @@ fn hostile_requests_are_counted_and_the_queues_keep_working() {
     h.assert_outside_ram_intact();
     // The device still works.
     h.send_pfns(INFLATE, &(0..256).collect::<Vec<u32>>());
+    h.punched();
     assert_eq!(before - h.resident(), MIB);
     assert!(
         h.child.try_wait().unwrap().is_none(),

@@ -70,6 +70,9 @@ pub struct StatusReply {
     pub max_reclaim_percent: u8,
     pub ballooned_bytes: u64,
     pub discarded_bytes: u64,
+    /// Wholly ballooned memory whose punch is deferred (at most 20 ms).
+    #[serde(default)]
+    pub pending_punch_bytes: u64,
     pub reported_bytes_total: u64,
     pub guest_ram_resident_bytes: Option<u64>,
     pub features: Vec<String>,

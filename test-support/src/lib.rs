@@ -60,7 +60,8 @@ const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 
 /// Feature bits the test driver acks (all the device offers but PAGE_POISON).
-pub const DRIVER_FEATURES: u64 = features::bit(features::STATS_VQ)
+pub const DRIVER_FEATURES: u64 = features::bit(features::MUST_TELL_HOST)
+    | features::bit(features::STATS_VQ)
     | features::bit(features::DEFLATE_ON_OOM)
     | features::bit(features::REPORTING)
     | features::bit(features::RING_EVENT_IDX)
@@ -529,6 +530,14 @@ impl Harness {
             .get_config(0, 16, VhostUserConfigFlags::WRITABLE, &[0u8; 16])
             .unwrap();
         payload.as_slice().try_into().unwrap()
+    }
+
+    /// Waits until the backend has no deferred punch left (it punches
+    /// 20 ms after an inflate at the latest).
+    pub fn punched(&mut self) -> Value {
+        self.wait_status("every deferred punch done", |s| {
+            s["pending_punch_bytes"] == 0
+        })
     }
 
     pub fn resident(&self) -> u64 {

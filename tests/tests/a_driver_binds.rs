@@ -16,6 +16,8 @@ fn guest_driver_binds_and_negotiates() -> anyhow::Result<()> {
     // The guest's feature string: character i is bit i.
     let bits = line.split("features=").nth(1).unwrap_or_default();
     for (bit, name) in [
+        // Acked, so the backend may defer and coalesce punches.
+        (0, "MUST_TELL_HOST"),
         (1, "STATS_VQ"),
         (2, "DEFLATE_ON_OOM"),
         (5, "REPORTING"),
@@ -32,7 +34,13 @@ fn guest_driver_binds_and_negotiates() -> anyhow::Result<()> {
         .as_array()
         .map(|f| f.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default();
-    for name in ["STATS_VQ", "DEFLATE_ON_OOM", "REPORTING", "VERSION_1"] {
+    for name in [
+        "MUST_TELL_HOST",
+        "STATS_VQ",
+        "DEFLATE_ON_OOM",
+        "REPORTING",
+        "VERSION_1",
+    ] {
         assert!(
             features.contains(&name),
             "backend does not report {name}: {features:?}"

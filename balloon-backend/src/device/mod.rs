@@ -5,6 +5,7 @@
 //! `host_memory`.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +34,7 @@ use crate::host_memory::GuestRam;
 use crate::pfn::{self, RamRegion, RangeError, PAGE_SIZE_BYTES};
 use crate::seccomp::SeccompMode;
 use crate::stats::{self, GuestStats};
-use crate::tracker::BalloonTracker;
+use crate::tracker::{punch_due, BalloonTracker, PUNCH_DELAY};
 use crate::virtio_config::ConfigSpace;
 
 mod queues;
@@ -48,6 +49,8 @@ type ChainMemory = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
 pub const STATS_REQUEST_EVENT: u16 = MAX_QUEUES as u16 + 1;
 /// Event id of the `--stats-interval` timerfd.
 pub const STATS_INTERVAL_EVENT: u16 = MAX_QUEUES as u16 + 2;
+/// Event id of the timer that carries out deferred punches.
+pub const PUNCH_EVENT: u16 = MAX_QUEUES as u16 + 3;
 /// Largest queue the device accepts (the reporting queue needs 32 entries).
 const MAX_QUEUE_SIZE: usize = 1024;
 /// Bytes read from one request at most: Linux sends 256 PFNs (1 KiB).
@@ -90,6 +93,7 @@ pub struct DeviceStatus {
     pub max_reclaim_bytes: u64,
     pub ballooned_bytes: u64,
     pub discarded_bytes: u64,
+    pub pending_punch_bytes: u64,
     pub reported_bytes_total: u64,
     pub resident_bytes: Option<u64>,
     pub acked_features: u64,
@@ -117,6 +121,10 @@ struct DeviceState {
     vrings: Vec<VringRwLock>,
     reported_bytes_total: u64,
     connected: bool,
+    /// When the oldest pending punch was queued.
+    pending_since: Option<Instant>,
+    /// The punch timer will fire for the pending punches.
+    punch_timer_armed: bool,
 }
 
 /// The balloon device, shared by the vhost-user worker and the control socket.
@@ -132,6 +140,12 @@ pub struct BalloonDevice {
     /// Expires every `stats_interval_s`, in the worker's epoll set: one
     /// wake-up per interval and no thread of its own.
     stats_interval: Option<Mutex<TimerFd>>,
+    /// One-shot timer, in the worker's epoll set, that punches what inflate
+    /// requests left pending once `PUNCH_DELAY` has passed.
+    punch_timer: Mutex<TimerFd>,
+    /// Set when the punch timer could not join the worker's epoll set:
+    /// then every inflate request is punched at once.
+    punch_at_once: AtomicBool,
     faults: FaultLog,
 }
 
@@ -164,6 +178,10 @@ impl BalloonDevice {
             open_fds: FdDirectory::open()?,
             stats_request: EventFd::new(EFD_NONBLOCK)?,
             stats_interval: stats_interval_timer(settings.stats_interval_s)?.map(Mutex::new),
+            punch_timer: Mutex::new(
+                TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?,
+            ),
+            punch_at_once: AtomicBool::new(false),
             faults: FaultLog::default(),
         })
     }
@@ -186,6 +204,87 @@ impl BalloonDevice {
     pub fn stats_interval_fd(&self) -> Option<RawFd> {
         let timer = self.stats_interval.as_ref()?;
         Some(timer.lock().unwrap_or_else(|e| e.into_inner()).as_raw_fd())
+    }
+
+    /// The punch timer's descriptor.
+    pub fn punch_timer_fd(&self) -> RawFd {
+        self.punch_timer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_raw_fd()
+    }
+
+    /// After inflate requests: punches what is pending if it is due, and
+    /// otherwise makes sure the punch timer will.
+    fn schedule_punches(&self) {
+        let mut state = self.state();
+        let pending_bytes = state.tracker.pending_bytes();
+        if pending_bytes == 0 {
+            return;
+        }
+        let since = *state.pending_since.get_or_insert_with(Instant::now);
+        // A driver without MUST_TELL_HOST may use a page it deflates before
+        // telling us, so nothing of its may wait to be punched.
+        let may_defer = features::has(state.acked_features, features::MUST_TELL_HOST)
+            && !self.punch_at_once.load(Ordering::Relaxed);
+        if !may_defer || punch_due(pending_bytes, since.elapsed()) {
+            self.punch_locked(&mut state);
+            return;
+        }
+        if state.punch_timer_armed {
+            return;
+        }
+        let left = PUNCH_DELAY.saturating_sub(since.elapsed());
+        let mut timer = self.punch_timer.lock().unwrap_or_else(|e| e.into_inner());
+        // A zero duration would disarm the timer.
+        match timer.reset(left.max(Duration::from_micros(1)), None) {
+            Ok(()) => state.punch_timer_armed = true,
+            Err(error) => {
+                self.faults.record(Fault::QueueFailure, 1, || {
+                    format!("arming the punch timer: {error}; punching now")
+                });
+                drop(timer);
+                self.punch_locked(&mut state);
+            }
+        }
+    }
+
+    /// Gives up deferring: inflate requests are punched as they complete.
+    pub fn punch_without_timer(&self) {
+        self.punch_at_once.store(true, Ordering::Relaxed);
+    }
+
+    /// The punch timer fired: take its expiration and punch.
+    fn punch_timer_fired(&self) {
+        {
+            let mut timer = self.punch_timer.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(error) = timer.wait() {
+                self.faults.record(Fault::QueueFailure, 1, || {
+                    format!("reading the punch timer: {error}")
+                });
+            }
+        }
+        let mut state = self.state();
+        state.punch_timer_armed = false;
+        self.punch_locked(&mut state);
+    }
+
+    /// Punches every pending host page now (what the punch timer does;
+    /// also before the rings stop, so a guest that is reset or rebooted
+    /// never gets a page that is punched afterwards).
+    pub fn punch_pending(&self) {
+        let mut state = self.state();
+        self.punch_locked(&mut state);
+    }
+
+    fn punch_locked(&self, state: &mut DeviceState) {
+        state.pending_since = None;
+        for run in state.tracker.take_punches() {
+            if let Err(error) = state.ram.discard(&run) {
+                self.faults
+                    .record(Fault::DiscardFailed, 1, || error.to_string());
+            }
+        }
     }
 
     /// Takes the interval timer's expirations (it is readable: the worker
@@ -310,6 +409,7 @@ impl BalloonDevice {
             max_reclaim_bytes: self.max_reclaim_bytes(guest_ram_bytes),
             ballooned_bytes: state.tracker.ballooned_pages() * PAGE_SIZE_BYTES,
             discarded_bytes: state.tracker.discarded_bytes(),
+            pending_punch_bytes: state.tracker.pending_bytes(),
             reported_bytes_total: state.reported_bytes_total,
             resident_bytes,
             acked_features: state.acked_features,
@@ -322,6 +422,7 @@ impl BalloonDevice {
     /// Marks the frontend gone (the vhost-user connection ended).
     pub fn disconnected(&self) {
         let mut state = self.state();
+        self.punch_locked(&mut state);
         state.connected = false;
         state.held_stats = None;
         state.vrings.clear();

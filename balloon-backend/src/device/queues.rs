@@ -22,6 +22,9 @@ impl BalloonDevice {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             self.drain(role, vring, &memory)?;
+            if role == QueueRole::Inflate {
+                self.schedule_punches();
+            }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
@@ -170,17 +173,13 @@ impl BalloonDevice {
                     });
                 continue;
             }
+            // Punched later, coalesced with other requests' pages
+            // (`schedule_punches`).
             let outcome = state.tracker.inflate(run);
             self.faults
                 .record(Fault::AlreadyInflated, outcome.already_ballooned, || {
                     format!("{} pages inflated twice", outcome.already_ballooned)
                 });
-            for discard in &outcome.discard {
-                if let Err(error) = state.ram.discard(discard) {
-                    self.faults
-                        .record(Fault::DiscardFailed, 1, || error.to_string());
-                }
-            }
         }
     }
 

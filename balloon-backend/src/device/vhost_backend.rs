@@ -38,6 +38,7 @@ impl VhostUserBackend for BalloonDevice {
 
     fn reset_device(&self) {
         let mut state = self.state();
+        self.punch_locked(&mut state);
         state.acked_features = 0;
         state.roles.clear();
         state.held_stats = None;
@@ -84,6 +85,8 @@ impl VhostUserBackend for BalloonDevice {
         let ram = GuestRam::from_memory(&memory.memory())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut state = self.state();
+        // Pending punches belong to the old table's files.
+        self.punch_locked(&mut state);
         info!(
             "guest RAM: {} MiB in {} region(s)",
             ram.total_bytes() >> 20,
@@ -130,6 +133,9 @@ impl VhostUserBackend for BalloonDevice {
 
     fn stop_vring(&self, index: u32) -> io::Result<()> {
         let mut state = self.state();
+        // Before the frontend goes on (a reset, a reboot): nothing pending
+        // may be punched once the guest may use its pages again.
+        self.punch_locked(&mut state);
         if state.roles.get(index as usize) != Some(&QueueRole::Stats) {
             return Ok(());
         }
@@ -160,6 +166,10 @@ impl VhostUserBackend for BalloonDevice {
             if state.vrings.is_empty() {
                 state.vrings = vrings.to_vec();
             }
+        }
+        if device_event == PUNCH_EVENT {
+            self.punch_timer_fired();
+            return Ok(());
         }
         if device_event == STATS_REQUEST_EVENT || device_event == STATS_INTERVAL_EVENT {
             return self.stats_wanted(device_event, vrings);

@@ -2,18 +2,22 @@
 //! resident, in one run: the device's path (validate, sort, dedupe,
 //! coalesce, track, punch) for contiguous and for scattered PFNs, against
 //! one `fallocate` per 4 KiB page (the naive baseline) and one punch of the
-//! whole range (the physical limit). Prints a Markdown table.
+//! whole range (the physical limit), also while a second process maps and
+//! has touched every page, as QEMU does guest RAM (then the kernel must also
+//! unmap the pages from it). Prints a Markdown table.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use balloon_backend::host_memory::{allocated_bytes, punch_hole, GuestRam};
 use balloon_backend::pfn::compact_pfns;
 use balloon_backend::tracker::{punch_due, BalloonTracker};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 const RAM_BYTES: u64 = 1 << 30;
 const PAGE: u64 = 4096;
@@ -29,12 +33,77 @@ fn populate(file: &File) {
     assert_eq!(allocated_bytes(file, 0, RAM_BYTES).unwrap(), RAM_BYTES);
 }
 
+/// Set in the environment of the second process: the memory file's path.
+const HOLDER_ENV: &str = "INFLATE_BENCH_MAPPED_FILE";
+
+/// The second process: maps the file and, for every line on stdin, writes
+/// one byte into each page (as a running guest would have) and answers.
+fn hold_mapped(path: &str) {
+    let file = File::options().read(true).write(true).open(path).unwrap();
+    let memory = GuestMemoryMmap::<()>::from_ranges_with_files([(
+        GuestAddress(0),
+        RAM_BYTES as usize,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap();
+    let mut stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        line.unwrap();
+        for page in 0..RAM_BYTES / PAGE {
+            memory.write_obj(0xa5u8, GuestAddress(page * PAGE)).unwrap();
+        }
+        writeln!(stdout, "touched").unwrap();
+        stdout.flush().unwrap();
+    }
+}
+
+/// A second process that maps the memory file at `path`.
+struct Holder {
+    child: Child,
+    replies: BufReader<std::process::ChildStdout>,
+}
+
+impl Holder {
+    fn start(path: &std::path::Path) -> Holder {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(HOLDER_ENV, path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let replies = BufReader::new(child.stdout.take().unwrap());
+        Holder { child, replies }
+    }
+
+    /// Has the second process touch every page through its mapping.
+    fn touch_all(&mut self) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "touch").unwrap();
+        stdin.flush().unwrap();
+        let mut reply = String::new();
+        self.replies.read_line(&mut reply).unwrap();
+        assert_eq!(reply.trim(), "touched");
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        self.child.wait().unwrap();
+    }
+}
+
 /// Median time of `run` over fresh, fully resident memory; checks that
 /// every byte was freed.
-fn measure(file: &File, mut run: impl FnMut()) -> Duration {
+fn measure(file: &File, run: impl FnMut()) -> Duration {
+    measure_prepared(file, || populate(file), run)
+}
+
+/// `measure` with its own way of making the memory resident.
+fn measure_prepared(file: &File, mut prepare: impl FnMut(), mut run: impl FnMut()) -> Duration {
     let mut times: Vec<Duration> = (0..REPEATS)
         .map(|_| {
-            populate(file);
+            prepare();
             let start = Instant::now();
             run();
             let elapsed = start.elapsed();
@@ -89,7 +158,11 @@ fn device_path(ram: &GuestRam, pfns: &[u32]) {
 }
 
 fn main() {
-    let file = tempfile::tempfile_in("/dev/shm").unwrap();
+    if let Ok(path) = std::env::var(HOLDER_ENV) {
+        return hold_mapped(&path);
+    }
+    let named = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+    let file = named.as_file().try_clone().unwrap();
     file.set_len(RAM_BYTES).unwrap();
     let memory = GuestMemoryMmap::<()>::from_ranges_with_files([(
         GuestAddress(0),
@@ -109,6 +182,13 @@ fn main() {
     let whole = measure(&file, || punch_hole(&file, 0, RAM_BYTES).unwrap());
     let ours_contiguous = measure(&file, || device_path(&ram, &contiguous));
     let ours_scattered = measure(&file, || device_path(&ram, &scattered));
+    let mut holder = Holder::start(named.path());
+    let whole_mapped = measure_prepared(
+        &file,
+        || holder.touch_all(),
+        || punch_hole(&file, 0, RAM_BYTES).unwrap(),
+    );
+    drop(holder);
 
     let gib_s = |d: Duration| RAM_BYTES as f64 / (1u64 << 30) as f64 / d.as_secs_f64();
     println!("| inflate path (1 GiB, {BATCH} PFNs per request) | time | GiB/s | vs one fallocate per page | vs whole-range punch |");
@@ -118,6 +198,10 @@ fn main() {
         ("balloon-backend, contiguous PFNs", ours_contiguous),
         ("balloon-backend, scattered PFNs (shuffled)", ours_scattered),
         ("limit: one punch of the whole range", whole),
+        (
+            "limit, as guest RAM is: one punch of the whole range, every page mapped and touched by a second process",
+            whole_mapped,
+        ),
     ] {
         println!(
             "| {name} | {:.3} s | {:.1} | {:.2}x | {:.2}x |",

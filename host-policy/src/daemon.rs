@@ -205,10 +205,13 @@ impl Daemon {
             .collect()
     }
 
-    /// One tick. Every backend is asked at once and answers by one common
-    /// deadline, so a silent backend costs the tick that deadline once, not
-    /// once per VM; agents are read without waiting. Backends that do not
-    /// answer are skipped this tick.
+    /// One tick. Each backend's status was asked for when the last tick
+    /// ended, so its reply is normally waiting and the tick reads every VM
+    /// without sleeping (one wake-up per tick in all); a VM without a
+    /// request in flight (new, or after an error) is asked now. Replies are
+    /// awaited under one common deadline, so a silent backend costs the tick
+    /// that deadline once, not once per VM; agents are read without
+    /// waiting. Backends that do not answer are skipped this tick.
     pub fn tick(&mut self) -> anyhow::Result<Decision> {
         let tick_started = Instant::now();
         let host = read_host(&self.config.host.meminfo)?;
@@ -217,10 +220,13 @@ impl Daemon {
         self.links
             .retain(|name, _| vms.iter().any(|vm| vm.name == *name));
         for vm in &vms {
-            self.links
+            let link = self
+                .links
                 .entry(vm.name.clone())
-                .or_insert_with(|| VmLink::new(&vm.name))
-                .send_status(&vm.control);
+                .or_insert_with(|| VmLink::new(&vm.name));
+            if !link.status_requested() {
+                link.request_status(&vm.control);
+            }
         }
         let reply_timeout = tick_reply_timeout(Duration::from_secs(self.config.host.interval_s.0));
         let deadline = Instant::now() + reply_timeout;
@@ -234,7 +240,7 @@ impl Daemon {
             if let Some(report) = &report {
                 agents.insert(vm.name.clone(), report.clone());
             }
-            match link.receive_status(deadline) {
+            match link.take_status(deadline) {
                 Some(status) if !status.connected => {
                     debug!("vm {}: no guest attached yet", vm.name)
                 }
@@ -299,12 +305,20 @@ impl Daemon {
                 sent.push(vm.name.clone());
             }
         }
+        // Targets are applied within the tick (a change is rare once
+        // settled, so this wait costs the idle daemon nothing).
         let deadline = Instant::now() + reply_timeout;
         for name in sent {
             if let Some(link) = self.links.get_mut(&name) {
-                if !link.receive_target(deadline) {
-                    error!("vm {name}: setting the target failed (see the counters in `host-policy status`)");
-                }
+                link.take_target(deadline);
+            }
+        }
+        // The next tick's status requests, sent now on open connections
+        // (a closed one is retried at the next tick): their replies wait
+        // in the sockets instead of waking this thread.
+        for vm in &vms {
+            if let Some(link) = self.links.get_mut(&vm.name).filter(|l| l.connected()) {
+                link.request_status(&vm.control);
             }
         }
         self.memory = decision.memory.clone();

@@ -4,7 +4,7 @@
 //! every failure is counted per VM under its own name and logged at most
 //! once per interval per kind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use balloon_protocol::control::{
     ControlClient, ControlError, Request, SetTargetReply, StatusReply,
 };
 use balloon_protocol::lines::{LineCounters, LineError};
-use log::{info, warn};
+use log::{error, info, warn};
 
 /// How long a backend has to answer `host-policy status`.
 pub const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -125,13 +125,20 @@ pub enum Gate {
     Hold(String),
 }
 
+/// A reply the backend owes, in the order the requests were sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owed {
+    Target,
+    Status,
+}
+
 /// One VM's connections and what they have cost.
 pub struct VmLink {
     name: String,
     backend: Option<ControlClient>,
     backend_seen: LineCounters,
-    /// A status request is in flight on `backend`.
-    awaiting_status: bool,
+    /// Replies owed on `backend`, oldest first.
+    owed: VecDeque<Owed>,
     agent: Option<AgentConnection>,
     agent_seen: AgentCounters,
     reclaim: Reclaim,
@@ -144,7 +151,7 @@ impl VmLink {
             name: name.to_string(),
             backend: None,
             backend_seen: LineCounters::default(),
-            awaiting_status: false,
+            owed: VecDeque::new(),
             agent: None,
             agent_seen: AgentCounters::default(),
             reclaim: Reclaim::Idle { last_done: None },
@@ -159,7 +166,7 @@ impl VmLink {
             .record(&vm, name, 1, || format!("{error}; trying again next tick"));
         self.take_backend_counters();
         self.backend = None;
-        self.awaiting_status = false;
+        self.owed.clear();
     }
 
     /// Adds what the backend connection's line counters gained.
@@ -180,8 +187,21 @@ impl VmLink {
             });
     }
 
-    /// Sends this tick's status request, connecting first when needed.
-    pub fn send_status(&mut self, control: &Path) {
+    /// Whether the backend connection is open.
+    pub fn connected(&self) -> bool {
+        self.backend.is_some()
+    }
+
+    /// Whether a status request is in flight (sent after the last tick).
+    pub fn status_requested(&self) -> bool {
+        self.owed.contains(&Owed::Status)
+    }
+
+    /// Sends a status request, connecting first when needed. The daemon
+    /// sends the next tick's request as soon as a tick is done, so that its
+    /// reply waits in the socket and the next tick reads it without
+    /// sleeping for it.
+    pub fn request_status(&mut self, control: &Path) {
         if self.backend.is_none() {
             match ControlClient::connect(control, BACKEND_REPLY_TIMEOUT) {
                 Ok(client) => {
@@ -191,24 +211,46 @@ impl VmLink {
                 Err(error) => return self.backend_failed(&error),
             }
         }
-        self.awaiting_status = self.send(&Request::Status {});
+        if self.send(&Request::Status {}) {
+            self.owed.push_back(Owed::Status);
+        }
     }
 
-    /// The reply to this tick's status request, waiting until `deadline`.
-    pub fn receive_status(&mut self, deadline: Instant) -> Option<StatusReply> {
-        if !std::mem::take(&mut self.awaiting_status) {
+    /// The reply to the oldest request in flight when it is a status
+    /// request, waiting until `deadline`; None when none was asked for or
+    /// the connection failed (counted).
+    pub fn take_status(&mut self, deadline: Instant) -> Option<StatusReply> {
+        if self.owed.front() != Some(&Owed::Status) {
             return None;
         }
+        self.owed.pop_front();
         self.receive(deadline)
     }
 
-    /// Sends a new target; its reply is collected by `receive_target`.
-    pub fn send_target(&mut self, bytes: u64) -> bool {
-        self.send(&Request::SetTarget { bytes })
+    /// The reply to a target sent by `send_target`, waiting until
+    /// `deadline`; a failure is logged and counted.
+    pub fn take_target(&mut self, deadline: Instant) -> bool {
+        if self.owed.front() != Some(&Owed::Target) {
+            return false;
+        }
+        self.owed.pop_front();
+        let done = self.receive::<SetTargetReply>(deadline).is_some();
+        if !done {
+            error!(
+                "vm {}: setting the target failed (see the counters in `host-policy status`)",
+                self.name
+            );
+        }
+        done
     }
 
-    pub fn receive_target(&mut self, deadline: Instant) -> bool {
-        self.receive::<SetTargetReply>(deadline).is_some()
+    /// Sends a new target; `take_target` reads its reply.
+    pub fn send_target(&mut self, bytes: u64) -> bool {
+        let sent = self.send(&Request::SetTarget { bytes });
+        if sent {
+            self.owed.push_back(Owed::Target);
+        }
+        sent
     }
 
     /// Sends a request on the open backend connection; a failure is counted

@@ -17,7 +17,7 @@
 //! - Guest pressure deflates that VM at once by its deflate step and blocks
 //!   inflation for a cool-down; stale or missing statistics never inflate.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +111,9 @@ pub struct VmMemory {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PolicyMemory {
     pub mode: HostMode,
-    pub vms: BTreeMap<String, VmMemory>,
+    /// Hashed, not ordered: a tick looks every VM up once, and with
+    /// thousands of VMs ordered string keys made that the tick's main cost.
+    pub vms: HashMap<String, VmMemory>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -223,40 +225,43 @@ fn idle_bytes(vm: &VmInput, sample: &GuestSample) -> u64 {
 /// shrank geometrically and the balloon crept on for hundreds of ticks.
 /// Here a tick hands out `min(total, sum of caps)` in full (less at most a
 /// page per VM of rounding).
+///
+/// VMs are visited in order of cap per weight: at the water level
+/// `left / sum of open weights`, a VM is capped when its proportional share
+/// reaches its cap; capping one raises the level for the rest, and the first
+/// VM not capped leaves every later one uncapped too. O(n log n).
 pub fn share_out(total: u64, weights: &[(u128, u64)]) -> Vec<u64> {
     let mut shares = vec![0u64; weights.len()];
-    let mut open: Vec<usize> = (0..weights.len())
-        .filter(|&i| weights.get(i).is_some_and(|&(w, cap)| w > 0 && cap > 0))
+    let mut open: Vec<(usize, u128, u64)> = weights
+        .iter()
+        .enumerate()
+        .filter(|(_, &(w, cap))| w > 0 && cap > 0)
+        .map(|(i, &(w, cap))| (i, w, cap))
         .collect();
+    // Ascending cap / weight, compared without division.
+    open.sort_by(|a, b| (u128::from(a.2) * b.1).cmp(&(u128::from(b.2) * a.1)));
     let mut left = u128::from(total);
-    // Each round either caps at least one VM (and drops it) or ends.
-    while !open.is_empty() && left > 0 {
-        let sum: u128 = open
-            .iter()
-            .filter_map(|&i| weights.get(i))
-            .map(|(w, _)| *w)
-            .sum();
-        let proportional = |i: usize| weights.get(i).map_or(0, |&(w, _)| left * w / sum);
-        let (capped, uncapped): (Vec<usize>, Vec<usize>) = open.iter().partition(|&&i| {
-            weights
-                .get(i)
-                .is_some_and(|&(_, cap)| proportional(i) >= u128::from(cap))
-        });
-        if capped.is_empty() {
-            for &i in &uncapped {
-                if let Some(share) = shares.get_mut(i) {
-                    *share = u64::try_from(proportional(i)).unwrap_or(u64::MAX);
-                }
-            }
+    let mut sum: u128 = open.iter().map(|&(_, w, _)| w).sum();
+    let mut uncapped_from = open.len();
+    for (position, &(i, w, cap)) in open.iter().enumerate() {
+        if left == 0 || sum == 0 {
+            uncapped_from = position;
             break;
         }
-        for &i in &capped {
-            if let (Some(share), Some(&(_, cap))) = (shares.get_mut(i), weights.get(i)) {
-                *share = cap;
-                left = left.saturating_sub(u128::from(cap));
-            }
+        if left * w / sum < u128::from(cap) {
+            uncapped_from = position;
+            break;
         }
-        open = uncapped;
+        if let Some(share) = shares.get_mut(i) {
+            *share = cap;
+        }
+        left = left.saturating_sub(u128::from(cap));
+        sum -= w;
+    }
+    for &(i, w, _) in open.iter().skip(uncapped_from) {
+        if let (Some(share), Some(part)) = (shares.get_mut(i), (left * w).checked_div(sum)) {
+            *share = u64::try_from(part).unwrap_or(u64::MAX);
+        }
     }
     shares.into_iter().map(page_floor).collect()
 }
@@ -315,10 +320,7 @@ pub fn decide(
 ) -> Decision {
     let available_percent = percent(host.available_bytes, host.total_bytes);
     let mode = next_mode(memory.mode, available_percent, thresholds);
-    let mut next_memory = PolicyMemory {
-        mode,
-        vms: BTreeMap::new(),
-    };
+    let mut vm_memories: Vec<VmMemory> = Vec::with_capacity(vms.len());
 
     // First pass: limits, pressure, and who may take part in reclaim or give-back.
     struct Plan {
@@ -410,7 +412,7 @@ pub fn decide(
                 vm_memory.counters = Some(sample.counters);
             }
         }
-        next_memory.vms.insert(vm.name.clone(), vm_memory);
+        vm_memories.push(vm_memory);
         plans.push(plan);
     }
 
@@ -528,18 +530,21 @@ pub fn decide(
             }
         })
         .collect();
-    for decision in &decisions {
+    let mut next_vms = HashMap::with_capacity(vms.len());
+    for ((decision, mut vm_memory), vm) in decisions.iter().zip(vm_memories).zip(vms) {
         if decision.target_bytes != decision.previous_bytes {
-            if let Some(memory) = next_memory.vms.get_mut(&decision.name) {
-                memory.last_change_s = Some(now_s);
-            }
+            vm_memory.last_change_s = Some(now_s);
         }
+        next_vms.insert(vm.name.clone(), vm_memory);
     }
     Decision {
         mode,
         host_available_percent: available_percent,
         vms: decisions,
-        memory: next_memory,
+        memory: PolicyMemory {
+            mode,
+            vms: next_vms,
+        },
     }
 }
 
@@ -764,7 +769,7 @@ mod tests {
             let host = HostState { total_bytes: total_gib * GIB, available_bytes: total_gib * GIB * avail_pct / 100 };
             let memory = PolicyMemory {
                 mode: [HostMode::Normal, HostMode::Reclaim, HostMode::Hard][mode as usize],
-                vms: BTreeMap::new(),
+                vms: HashMap::new(),
             };
             let decision = decide(now_s, &host, &thresholds(), &vms, &memory);
             prop_assert_eq!(decision.vms.len(), vms.len());

@@ -27,7 +27,9 @@ const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 5_000;
 const MAX_REFRESH_TIMEOUT_MS: u64 = 60_000;
 
 pub use balloon_protocol::control::{parse_request, Request};
-use balloon_protocol::control::{ErrorReply, RefreshStatsReply, SetTargetReply, StatusReply};
+use balloon_protocol::control::{
+    ErrorReply, RefreshStatsReply, SetTargetReply, StatusReply, UnpinReply,
+};
 use balloon_protocol::lines::{LineSplitter, Piece};
 
 /// Writes one reply line with a single write: written piecemeal, a reply
@@ -77,6 +79,7 @@ pub fn status_reply(status: &DeviceStatus, max_reclaim_percent: u8) -> StatusRep
             .iter()
             .map(|(name, count)| ((*name).to_string(), *count))
             .collect(),
+        pinned: status.pinned,
     }
 }
 
@@ -84,15 +87,20 @@ pub fn status_reply(status: &DeviceStatus, max_reclaim_percent: u8) -> StatusRep
 pub fn handle(device: &BalloonDevice, max_reclaim_percent: u8, request: Request) -> String {
     match request {
         Request::Status {} => to_reply(&status_reply(&device.status(), max_reclaim_percent)),
-        Request::SetTarget { bytes } => match device.set_target(bytes) {
+        Request::SetTarget { bytes, pin } => match device.set_target(bytes, pin) {
             Ok(outcome) => to_reply(&SetTargetReply {
                 ok: true,
                 target_bytes: outcome.target_bytes,
                 clamped: outcome.clamped,
                 notified: outcome.notified,
+                pinned: outcome.pinned,
             }),
             Err(error) => error_reply(error.to_string()),
         },
+        Request::Unpin {} => to_reply(&UnpinReply {
+            ok: true,
+            was_pinned: device.unpin(),
+        }),
         Request::RefreshStats { timeout_ms } => {
             let timeout_ms = timeout_ms.unwrap_or(DEFAULT_REFRESH_TIMEOUT_MS);
             if timeout_ms > MAX_REFRESH_TIMEOUT_MS {
@@ -258,7 +266,10 @@ mod tests {
         );
         assert_eq!(
             parse_request(br#"{"cmd":"set-target","bytes":268435456}"#),
-            Ok(Request::SetTarget { bytes: 268435456 })
+            Ok(Request::SetTarget {
+                bytes: 268435456,
+                pin: false
+            })
         );
         assert_eq!(
             parse_request(br#"{"cmd":"refresh-stats"}"#),

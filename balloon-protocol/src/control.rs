@@ -17,7 +17,14 @@ pub enum Request {
     Status {},
     SetTarget {
         bytes: u64,
+        /// An operator's target (`balloonctl set`): until `unpin`, the
+        /// backend refuses targets that do not pin, so host-policy cannot
+        /// undo it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pin: bool,
     },
+    /// Releases an operator's pin: host-policy manages the target again.
+    Unpin {},
     RefreshStats {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
@@ -80,6 +87,9 @@ pub struct StatusReply {
     pub stats: Option<GuestStats>,
     /// Non-zero fault counters by name.
     pub errors: BTreeMap<String, u64>,
+    /// An operator pinned the target (`set-target` with `pin`).
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// The reply to `set-target`.
@@ -89,6 +99,17 @@ pub struct SetTargetReply {
     pub target_bytes: u64,
     pub clamped: bool,
     pub notified: bool,
+    /// The target is pinned (this request pinned it).
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+/// The reply to `unpin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnpinReply {
+    pub ok: bool,
+    /// Whether the target was pinned before.
+    pub was_pinned: bool,
 }
 
 /// The reply to `refresh-stats`.
@@ -180,7 +201,16 @@ impl ControlClient {
     }
 
     pub fn set_target(&mut self, bytes: u64) -> Result<SetTargetReply, ControlError> {
-        self.request(&Request::SetTarget { bytes })
+        self.request(&Request::SetTarget { bytes, pin: false })
+    }
+
+    /// Sets and pins an operator's target.
+    pub fn pin_target(&mut self, bytes: u64) -> Result<SetTargetReply, ControlError> {
+        self.request(&Request::SetTarget { bytes, pin: true })
+    }
+
+    pub fn unpin(&mut self) -> Result<UnpinReply, ControlError> {
+        self.request(&Request::Unpin {})
     }
 
     pub fn refresh_stats(&mut self, timeout_ms: u64) -> Result<RefreshStatsReply, ControlError> {
@@ -218,7 +248,10 @@ mod tests {
         for (request, line) in [
             (Request::Status {}, r#"{"cmd":"status"}"#),
             (
-                Request::SetTarget { bytes: 4096 },
+                Request::SetTarget {
+                    bytes: 4096,
+                    pin: false,
+                },
                 r#"{"cmd":"set-target","bytes":4096}"#,
             ),
             (

@@ -6,7 +6,7 @@
 
 use balloon_protocol::agent::{parse_command, Command, FromAgent};
 use balloon_protocol::control::{
-    parse_request, RefreshStatsReply, Request, SetTargetReply, StatusReply,
+    parse_request, RefreshStatsReply, Request, SetTargetReply, StatusReply, UnpinReply,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -54,7 +54,7 @@ fn round_trip<T: Serialize + DeserializeOwned>(value: &Value) -> T {
 fn control_protocol_examples_round_trip() {
     let text = doc("control-protocol.md");
     let blocks = json_blocks(&text);
-    let (mut requests, mut statuses, mut targets, mut refreshes) = (0, 0, 0, 0);
+    let (mut requests, mut statuses, mut targets, mut refreshes, mut unpins) = (0, 0, 0, 0, 0);
     for block in &blocks {
         if block.get("cmd").is_some() {
             let request: Request = round_trip(block);
@@ -72,11 +72,17 @@ fn control_protocol_examples_round_trip() {
         } else if block.get("stats").is_some() {
             round_trip::<RefreshStatsReply>(block);
             refreshes += 1;
+        } else if block.get("was_pinned").is_some() {
+            round_trip::<UnpinReply>(block);
+            unpins += 1;
         } else {
             panic!("an example of no known kind: {block}");
         }
     }
-    assert_eq!((requests, statuses, targets, refreshes), (3, 1, 1, 1));
+    assert_eq!(
+        (requests, statuses, targets, refreshes, unpins),
+        (5, 1, 2, 1, 1)
+    );
 
     // The error table: each request is refused with the documented text.
     let errors = table_examples(&text);

@@ -30,6 +30,7 @@ fn vms(count: usize) -> Vec<VmInput> {
                 balloon_bytes: None,
             }),
             policy: VmPolicy::default(),
+            pinned: false,
         })
         .collect()
 }

@@ -148,6 +148,7 @@ pub fn vm_input(vm: &ManagedVm, status: &StatusReply, now_unix_s: u64) -> VmInpu
         device_max_reclaim_bytes: status.max_reclaim_bytes,
         sample,
         policy: vm.policy.clone(),
+        pinned: status.pinned,
     }
 }
 

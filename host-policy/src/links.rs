@@ -246,7 +246,7 @@ impl VmLink {
 
     /// Sends a new target; `take_target` reads its reply.
     pub fn send_target(&mut self, bytes: u64) -> bool {
-        let sent = self.send(&Request::SetTarget { bytes });
+        let sent = self.send(&Request::SetTarget { bytes, pin: false });
         if sent {
             self.owed.push_back(Owed::Target);
         }

@@ -96,6 +96,8 @@ pub struct VmInput {
     pub device_max_reclaim_bytes: u64,
     pub sample: Option<GuestSample>,
     pub policy: VmPolicy,
+    /// An operator pinned the target (`balloonctl set`): the policy holds it.
+    pub pinned: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -124,6 +126,47 @@ pub struct VmDecision {
     /// The guest showed memory pressure this tick.
     pub pressure: bool,
     pub reason: String,
+    /// What decided the target, in one word (metrics count changes by it).
+    #[serde(default)]
+    pub cause: Cause,
+}
+
+/// What decided a VM's target this tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// Nothing moved it.
+    #[default]
+    Hold,
+    /// The host is short of memory: idle guest memory taken.
+    Reclaim,
+    /// The same below the hard threshold, with the larger step.
+    HardReclaim,
+    /// The host has memory to spare: given back.
+    GiveBack,
+    /// The guest showed pressure: deflated at once.
+    Pressure,
+    /// The guest is below its floor: the deficit given back.
+    Floor,
+    /// The target was above the VM's limit.
+    Limit,
+    /// An operator pinned the target.
+    Pinned,
+}
+
+impl Cause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::Hold => "hold",
+            Cause::Reclaim => "reclaim",
+            Cause::HardReclaim => "hard_reclaim",
+            Cause::GiveBack => "give_back",
+            Cause::Pressure => "pressure",
+            Cause::Floor => "floor",
+            Cause::Limit => "limit",
+            Cause::Pinned => "pinned",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -331,6 +374,7 @@ pub fn decide(
         pressure: bool,
         /// Returning memory to bring the guest back above its floor.
         floor_correction: bool,
+        cause: Cause,
     }
     let mut plans: Vec<Plan> = Vec::with_capacity(vms.len());
     for vm in vms {
@@ -347,7 +391,30 @@ pub fn decide(
             may_inflate: false,
             pressure: false,
             floor_correction: false,
+            cause: if current < vm.target_bytes {
+                Cause::Limit
+            } else {
+                Cause::Hold
+            },
         };
+        if vm.pinned {
+            // The operator's target holds whatever the host or guest do
+            // (the guest can still deflate on OOM by itself).
+            plan.current = vm.target_bytes;
+            plan.target = vm.target_bytes;
+            plan.cause = Cause::Pinned;
+            plan.reason = Some(format!(
+                "pinned at {} MiB by an operator; `balloonctl unpin {}` hands it back",
+                vm.target_bytes / MIB,
+                vm.name
+            ));
+            if let Some(sample) = fresh {
+                vm_memory.counters = Some(sample.counters);
+            }
+            vm_memories.push(vm_memory);
+            plans.push(plan);
+            continue;
+        }
         match fresh {
             None => {
                 plan.reason.get_or_insert_with(|| {
@@ -360,6 +427,7 @@ pub fn decide(
                 {
                     plan.target = current.saturating_sub(vm.policy.deflate_step_bytes);
                     plan.pressure = true;
+                    plan.cause = Cause::Pressure;
                     vm_memory.cooldown_until_s = now_s + vm.policy.pressure_cooldown_s;
                     plan.reason = Some(match vm.policy.pressure_cooldown_s {
                         0 => format!("{why}: deflating at once"),
@@ -381,6 +449,7 @@ pub fn decide(
                         .min(vm.policy.deflate_step_bytes);
                     plan.target = current.saturating_sub(back);
                     plan.floor_correction = true;
+                    plan.cause = Cause::Floor;
                     plan.reason = Some(format!(
                         "guest available {} MiB is below its floor of {} MiB: returning {} MiB",
                         available / MIB,
@@ -449,6 +518,11 @@ pub fn decide(
             for ((plan, add), vm) in plans.iter_mut().zip(shares).zip(vms) {
                 if plan.may_inflate && add > 0 {
                     plan.target = plan.current + add;
+                    plan.cause = if mode == HostMode::Hard {
+                        Cause::HardReclaim
+                    } else {
+                        Cause::Reclaim
+                    };
                     plan.reason = Some(format!(
                         "host {available_percent:.1}% available, below {}% ({}): taking {} MiB of idle guest memory",
                         if mode == HostMode::Hard { thresholds.reclaim_hard_percent } else { thresholds.reclaim_start_percent },
@@ -475,7 +549,7 @@ pub fn decide(
                 .zip(&plans)
                 .map(|(vm, plan)| {
                     let deflating = plan.target < plan.current;
-                    if deflating || plan.current == 0 {
+                    if deflating || plan.current == 0 || plan.cause == Cause::Pinned {
                         return (0, 0);
                     }
                     let cap = plan.current.min(vm.policy.deflate_step_bytes);
@@ -486,6 +560,7 @@ pub fn decide(
             for (plan, back) in plans.iter_mut().zip(returns) {
                 if back > 0 {
                     plan.target = plan.current - back;
+                    plan.cause = Cause::GiveBack;
                     plan.reason = Some(format!(
                         "host {available_percent:.1}% available, at or above the give-back threshold of {}%: returning {} MiB",
                         thresholds.give_back_percent,
@@ -506,6 +581,16 @@ pub fn decide(
         .iter()
         .zip(plans)
         .map(|(vm, plan)| {
+            if plan.cause == Cause::Pinned {
+                return VmDecision {
+                    name: vm.name.clone(),
+                    previous_bytes: vm.target_bytes,
+                    target_bytes: vm.target_bytes,
+                    pressure: false,
+                    reason: plan.reason.unwrap_or_default(),
+                    cause: Cause::Pinned,
+                };
+            }
             let mut target = page_floor(plan.target.min(limit_bytes(vm)));
             let change = target.abs_diff(plan.current);
             let mut reason = plan.reason.unwrap_or_else(|| "nothing to do".to_string());
@@ -527,6 +612,11 @@ pub fn decide(
                 target_bytes: target,
                 pressure: plan.pressure,
                 reason,
+                cause: if target == vm.target_bytes {
+                    Cause::Hold
+                } else {
+                    plan.cause
+                },
             }
         })
         .collect();
@@ -578,6 +668,7 @@ mod tests {
                 balloon_bytes: None,
             }),
             policy: VmPolicy::default(),
+            pinned: false,
         }
     }
 
@@ -728,8 +819,9 @@ mod tests {
             proptest::option::of((0u64..100, 0u64..120, 0u64..3)),
             0u64..=75,
             1u64..5000,
+            proptest::bool::weighted(0.2),
         )
-            .prop_map(|(ram_gib, target_pct, sample, max_pct, shares)| {
+            .prop_map(|(ram_gib, target_pct, sample, max_pct, shares, pinned)| {
                 let ram = ram_gib * GIB;
                 let mut input = vm(
                     "x",
@@ -739,6 +831,7 @@ mod tests {
                 );
                 input.policy.max_reclaim_percent = max_pct;
                 input.policy.shares = shares;
+                input.pinned = pinned;
                 input.sample = sample.map(|(avail_pct, age_s, stalls)| GuestSample {
                     available_bytes: ram * avail_pct / 100,
                     counters: GuestCounters {
@@ -774,6 +867,12 @@ mod tests {
             let decision = decide(now_s, &host, &thresholds(), &vms, &memory);
             prop_assert_eq!(decision.vms.len(), vms.len());
             for (vm, d) in vms.iter().zip(&decision.vms) {
+                if vm.pinned {
+                    // An operator's pin holds, whatever the host or guest.
+                    prop_assert_eq!(d.target_bytes, vm.target_bytes, "{:?}", d);
+                    prop_assert_eq!(d.cause, Cause::Pinned);
+                    continue;
+                }
                 // Never past the limit.
                 prop_assert!(d.target_bytes <= limit_bytes(vm), "{:?}", d);
                 prop_assert_eq!(d.target_bytes % PAGE_BYTES, 0);

@@ -170,6 +170,7 @@ pub fn run(scenario: &Scenario) -> Vec<Sample> {
                     balloon_bytes: Some(balloons[i]),
                 }),
                 policy: policies[i].clone(),
+                pinned: false,
             });
         }
         let other = (scenario.host_other_mib.at(t).max(0.0) * MIB as f64) as u64;

@@ -255,3 +255,49 @@ fn control_sockets_in_a_directory_are_discovered() {
         "keep"
     );
 }
+
+#[test]
+fn a_pinned_target_is_held_until_unpinned() {
+    let (mut s, config) = setup(2, "");
+    let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
+    s.vms[0].send_stats(&stats(40, 0));
+    s.vms[1].send_stats(&stats(40, 0));
+    let socket = s.vms[0].dir.path().join("control.sock");
+    let control = || {
+        balloon_protocol::control::ControlClient::connect(
+            &socket,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    control().pin_target(4 * MIB).unwrap();
+    let mut daemon = Daemon::new(config, false);
+    write_host(&s.meminfo, 1024, 150);
+    for _ in 0..4 {
+        let decision = daemon.tick().unwrap();
+        assert_eq!(decision.vms[0].cause, host_policy::policy::Cause::Pinned);
+        assert!(
+            decision.vms[0].reason.contains("balloonctl unpin vm0"),
+            "{}",
+            decision.vms[0].reason
+        );
+    }
+    assert_eq!(s.vms[0].status()["target_bytes"], 4 * MIB);
+    assert!(s.vms[1].status()["target_bytes"].as_u64().unwrap() > 4 * MIB);
+    assert_eq!(
+        daemon
+            .errors()
+            .get("vm0")
+            .and_then(|e| e.get("backend_refusals")),
+        None,
+        "host-policy sent a pinned VM a target"
+    );
+
+    // Unpinned, the host's shortage moves it again (the tick after next
+    // sees the status asked for when the next one ends).
+    control().unpin().unwrap();
+    for _ in 0..3 {
+        daemon.tick().unwrap();
+    }
+    assert!(s.vms[0].status()["target_bytes"].as_u64().unwrap() > 4 * MIB);
+}

@@ -75,12 +75,17 @@ pub struct TargetOutcome {
     pub target_bytes: u64,
     pub clamped: bool,
     pub notified: bool,
+    pub pinned: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("no guest is attached yet, so guest RAM size is unknown")]
     NoGuest,
+    #[error(
+        "the target is pinned by an operator (balloonctl set); only a pinning set-target changes it until `balloonctl unpin` hands it back"
+    )]
+    Pinned,
 }
 
 /// A snapshot for the control socket.
@@ -100,6 +105,7 @@ pub struct DeviceStatus {
     pub config_notify: bool,
     pub stats: Option<GuestStats>,
     pub errors: Vec<(&'static str, u64)>,
+    pub pinned: bool,
 }
 
 #[derive(Default)]
@@ -121,6 +127,8 @@ struct DeviceState {
     vrings: Vec<VringRwLock>,
     reported_bytes_total: u64,
     connected: bool,
+    /// An operator's target holds until it is unpinned.
+    pinned: bool,
     /// When the oldest pending punch was queued.
     pending_since: Option<Instant>,
     /// The punch timer will fire for the pending punches.
@@ -340,14 +348,23 @@ impl BalloonDevice {
     }
 
     /// Sets the balloon size (memory taken from the guest), clamped to the
-    /// maximum reclaim, and tells the guest.
-    pub fn set_target(&self, requested_bytes: u64) -> Result<TargetOutcome, TargetError> {
+    /// maximum reclaim, and tells the guest. With `pin`, the target holds
+    /// against later requests without it until `unpin`.
+    pub fn set_target(
+        &self,
+        requested_bytes: u64,
+        pin: bool,
+    ) -> Result<TargetOutcome, TargetError> {
         let (target_bytes, clamped) = {
             let mut state = self.state();
             let ram = state.ram.total_bytes();
             if !state.connected || ram == 0 {
                 return Err(TargetError::NoGuest);
             }
+            if state.pinned && !pin {
+                return Err(TargetError::Pinned);
+            }
+            state.pinned |= pin;
             let limit = self.max_reclaim_bytes(ram);
             let clamped = requested_bytes > limit;
             let bytes = requested_bytes.min(limit);
@@ -365,7 +382,13 @@ impl BalloonDevice {
             target_bytes,
             clamped,
             notified,
+            pinned: pin,
         })
+    }
+
+    /// Releases an operator's pin; says whether there was one.
+    pub fn unpin(&self) -> bool {
+        std::mem::take(&mut self.state().pinned)
     }
 
     fn notify_config_change(&self) -> bool {
@@ -416,6 +439,7 @@ impl BalloonDevice {
             config_notify: self.notifier.lock().map(|n| n.is_some()).unwrap_or(false),
             stats: state.stats.clone(),
             errors: self.faults.snapshot(),
+            pinned: state.pinned,
         }
     }
 

@@ -206,10 +206,50 @@ pub struct DiscoverSection {
     pub suffix: String,
 }
 
+/// Where `[metrics]` serves Prometheus's text format.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetricsListen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for MetricsListen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.starts_with('/') {
+            return Ok(MetricsListen::Unix(PathBuf::from(text)));
+        }
+        text.parse().map(MetricsListen::Tcp).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "expected an address and port such as \"127.0.0.1:9848\", or an absolute Unix socket path, got {text:?}"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Tcp(address) => write!(f, "http://{address}/metrics"),
+            MetricsListen::Unix(path) => {
+                write!(f, "{} (HTTP over a Unix socket), /metrics", path.display())
+            }
+        }
+    }
+}
+
+/// `[metrics]`: off unless present.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: MetricsListen,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     host: Option<HostSection>,
+    metrics: Option<MetricsSection>,
     #[serde(default)]
     defaults: VmSettings,
     #[serde(default)]
@@ -302,6 +342,7 @@ pub struct Config {
     pub defaults: VmPolicy,
     pub vms: Vec<VmEntry>,
     pub discover: Option<DiscoverSection>,
+    pub metrics: Option<MetricsSection>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -406,6 +447,7 @@ impl Config {
             defaults,
             vms,
             discover: raw.discover,
+            metrics: raw.metrics,
         })
     }
 

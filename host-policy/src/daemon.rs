@@ -175,6 +175,8 @@ pub struct Daemon {
     dry_run: bool,
     started: Instant,
     links: BTreeMap<String, VmLink>,
+    /// Set when `[metrics]` is on.
+    metrics: Option<crate::metrics::Recorder>,
 }
 
 impl Daemon {
@@ -185,6 +187,7 @@ impl Daemon {
             dry_run,
             started: Instant::now(),
             links: BTreeMap::new(),
+            metrics: None,
         }
     }
 
@@ -194,7 +197,15 @@ impl Daemon {
 
     /// Swaps in a new configuration, keeping what the policy remembered.
     pub fn reload(&mut self, config: Config) {
+        if config.metrics != self.config.metrics {
+            warn!("[metrics] changed: it takes effect when host-policy restarts");
+        }
         self.config = config;
+    }
+
+    /// Records every tick's figures from now on.
+    pub fn set_metrics(&mut self, recorder: crate::metrics::Recorder) {
+        self.metrics = Some(recorder);
     }
 
     /// Each VM's fault counters so far.
@@ -233,6 +244,7 @@ impl Daemon {
         let deadline = Instant::now() + reply_timeout;
         let mut inputs = Vec::new();
         let mut agents = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
         for vm in &vms {
             let Some(link) = self.links.get_mut(&vm.name) else {
                 continue;
@@ -243,7 +255,8 @@ impl Daemon {
             }
             match link.take_status(deadline) {
                 Some(status) if !status.connected => {
-                    debug!("vm {}: no guest attached yet", vm.name)
+                    debug!("vm {}: no guest attached yet", vm.name);
+                    statuses.insert(vm.name.clone(), status);
                 }
                 Some(status) => {
                     let mut input = vm_input(vm, &status, now_unix_s);
@@ -251,6 +264,7 @@ impl Daemon {
                         sample.psi_some_avg10 = report.psi.map(|p| p.some.avg10);
                     }
                     inputs.push(input);
+                    statuses.insert(vm.name.clone(), status);
                 }
                 None => debug!("vm {}: skipped this tick", vm.name),
             }
@@ -323,6 +337,16 @@ impl Daemon {
             }
         }
         self.memory = decision.memory.clone();
+        if self.metrics.is_some() {
+            self.record_metrics(
+                &vms,
+                &host,
+                &decision,
+                &inputs,
+                &statuses,
+                tick_started.elapsed(),
+            );
+        }
         if let Some(path) = &self.config.host.state_file {
             write_state(
                 path,
@@ -337,6 +361,51 @@ impl Daemon {
             );
         }
         Ok(decision)
+    }
+}
+
+impl Daemon {
+    fn record_metrics(
+        &mut self,
+        vms: &[ManagedVm],
+        host: &crate::policy::HostState,
+        decision: &Decision,
+        inputs: &[VmInput],
+        statuses: &BTreeMap<String, StatusReply>,
+        duration: Duration,
+    ) {
+        let reports = vms
+            .iter()
+            .map(|vm| {
+                let link = self.links.get(&vm.name);
+                crate::metrics::VmReport {
+                    name: &vm.name,
+                    status: statuses.get(&vm.name),
+                    limit_bytes: inputs
+                        .iter()
+                        .find(|input| input.name == vm.name)
+                        .map(crate::policy::limit_bytes),
+                    decision: decision.vms.iter().find(|d| d.name == vm.name),
+                    agent_connected: vm
+                        .agent
+                        .as_ref()
+                        .map(|_| link.is_some_and(VmLink::agent_connected)),
+                    faults: link.map(|l| l.faults.counts()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let report = crate::metrics::TickReport {
+            host: *host,
+            mode: decision.mode,
+            vms: reports,
+            duration,
+            now_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        };
+        if let Some(recorder) = self.metrics.as_mut() {
+            recorder.record(&report);
+        }
     }
 }
 
@@ -380,7 +449,18 @@ pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
             ""
         }
     );
+    let metrics = match &config.metrics {
+        Some(section) => {
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new()?);
+            crate::metrics::serve(&section.listen, metrics.clone())?;
+            Some(metrics)
+        }
+        None => None,
+    };
     let mut daemon = Daemon::new(config, dry_run);
+    if let Some(metrics) = &metrics {
+        daemon.set_metrics(crate::metrics::Recorder::new(metrics.clone()));
+    }
     loop {
         let tick_started = Instant::now();
         if let Err(error) = daemon.tick() {
@@ -395,10 +475,16 @@ pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
                     Ok(config) => {
                         info!("configuration reloaded from {}", config_path.display());
                         daemon.reload(config);
+                        if let Some(metrics) = &metrics {
+                            metrics.config_reloaded(true);
+                        }
                         break;
                     }
                     Err(error) => {
-                        error!("configuration not reloaded, keeping the old one: {error}")
+                        error!("configuration not reloaded, keeping the old one: {error}");
+                        if let Some(metrics) = &metrics {
+                            metrics.config_reloaded(false);
+                        }
                     }
                 },
                 Ok(_) => {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod links;
 pub mod meminfo_reader;
+pub mod metrics;
 pub mod policy;
 pub mod simulate;
 pub mod status;

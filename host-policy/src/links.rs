@@ -187,6 +187,11 @@ impl VmLink {
             });
     }
 
+    /// Whether the guest agent's connection is open.
+    pub fn agent_connected(&self) -> bool {
+        self.agent.is_some()
+    }
+
     /// Whether the backend connection is open.
     pub fn connected(&self) -> bool {
         self.backend.is_some()

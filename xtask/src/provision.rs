@@ -265,19 +265,61 @@ fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
             "balloon-backend",
             "-p",
             "host-policy",
+            "-p",
+            "balloonctl",
         ])
         .status()
-        .context("building balloon-backend and host-policy")?;
+        .context("building balloon-backend, host-policy and balloonctl")?;
     anyhow::ensure!(
         status.success(),
-        "building balloon-backend and host-policy failed"
+        "building balloon-backend, host-policy and balloonctl failed"
     );
     let release = root.join("target/release");
     Ok((release.join("balloon-backend"), release.join("host-policy")))
 }
 
+/// Debian's packages the tests drive, by a program each installs: the
+/// Prometheus server and promtool, tmux for the terminal view, curl for
+/// HTTP over a Unix socket.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("promtool", "prometheus"),
+    ("tmux", "tmux"),
+    ("curl", "curl"),
+];
+
+/// Installs the packages of `wanted` whose program is missing, from the
+/// machine's configured apt sources.
+pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(program, _)| {
+            !std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
+            })
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("[xtask] installing {}", missing.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .with_context(|| format!("installing {} (apt-get install)", missing.join(" ")))?;
+    anyhow::ensure!(
+        status.success(),
+        "apt-get install {} failed",
+        missing.join(" ")
+    );
+    Ok(())
+}
+
 /// Everything, recorded in `target/balloon-env.json` for the tests.
 pub fn ensure_all() -> anyhow::Result<TestEnv> {
+    ensure_packages(TEST_PACKAGES)?;
     let qemu = ensure_qemu()?;
     let guest_dir = ensure_guest(None)?;
     let (backend_binary, host_policy_binary) = build_binaries()?;

@@ -292,16 +292,7 @@ fn reporting_run(env: &TestEnv, ours: bool) -> anyhow::Result<(u64, Option<f64>)
 
 /// strace counts the discard calls; install it when missing (as root).
 fn ensure_strace() -> anyhow::Result<()> {
-    if Command::new("strace").arg("-V").output().is_ok() {
-        return Ok(());
-    }
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "strace"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("installing strace (apt-get install strace)")?;
-    anyhow::ensure!(status.success(), "apt-get install strace failed");
-    Ok(())
+    crate::provision::ensure_packages(&[("strace", "strace")])
 }
 
 /// The device's CPU per GiB inflated may be at most this multiple of the

@@ -64,9 +64,10 @@ pub fn row(inventory: &Inventory, vm: &VmEntry) -> Row {
             if pressure { "yes" } else { "no" }.to_string()
         });
     let agent = match inventory.agent_reporting(&vm.name, now_unix_s(), STATE_MAX_AGE_S) {
+        _ if !vm.has_agent => "-",
         Some(true) => "reporting",
         Some(false) => "silent",
-        None => "-",
+        None => "?",
     }
     .to_string();
     match status_of(vm) {

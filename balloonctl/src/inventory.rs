@@ -17,6 +17,8 @@ pub struct VmEntry {
     pub control: PathBuf,
     /// host-policy's configuration manages this VM.
     pub managed: bool,
+    /// host-policy's configuration names a guest-agent socket for it.
+    pub has_agent: bool,
 }
 
 pub struct Inventory {
@@ -41,6 +43,7 @@ pub fn find(runtime_dir: &Path, config: Option<&Config>) -> Inventory {
                     name,
                     control: entry.path(),
                     managed: false,
+                    has_agent: false,
                 });
             }
         }
@@ -55,6 +58,7 @@ pub fn find(runtime_dir: &Path, config: Option<&Config>) -> Inventory {
                 name: vm.name,
                 control: vm.control,
                 managed: true,
+                has_agent: vm.agent.is_some(),
             });
         }
         state = config

@@ -53,13 +53,26 @@ impl PolicyProcess {
         agent: Option<&Path>,
         settings: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with_tables(env, dir, control, agent, settings, "")
+    }
+
+    /// Like `start_with_agent`, with more tables (`[metrics]`, …) in the
+    /// configuration.
+    pub fn start_with_tables(
+        env: &TestEnv,
+        dir: &Path,
+        control: &Path,
+        agent: Option<&Path>,
+        settings: &str,
+        tables: &str,
+    ) -> anyhow::Result<Self> {
         let meminfo = dir.join("host-meminfo");
         write_meminfo(&meminfo, 16384, 8192)?;
         let config = dir.join("host-policy.toml");
         std::fs::write(
             &config,
             format!(
-                "[host]\ninterval_s = 1\nmeminfo = {meminfo:?}\nstate_file = {:?}\n\n[defaults]\n{settings}\n\n[[vm]]\nname = \"guest\"\ncontrol = {control:?}\n{}",
+                "[host]\ninterval_s = 1\nmeminfo = {meminfo:?}\nstate_file = {:?}\n\n{tables}\n\n[defaults]\n{settings}\n\n[[vm]]\nname = \"guest\"\ncontrol = {control:?}\n{}",
                 dir.join("host-policy.json"),
                 agent.map_or(String::new(), |a| format!("agent = {a:?}\n"))
             ),

@@ -80,6 +80,7 @@ pub fn status_reply(status: &DeviceStatus, max_reclaim_percent: u8) -> StatusRep
             .map(|(name, count)| ((*name).to_string(), *count))
             .collect(),
         pinned: status.pinned,
+        discard_cpu_us: u64::try_from(status.discard_cpu.as_micros()).unwrap_or(u64::MAX),
     }
 }
 

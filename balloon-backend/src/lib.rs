@@ -5,6 +5,7 @@ pub mod chain;
 pub mod cli;
 pub mod config_change;
 pub mod control;
+pub mod cpu_clock;
 pub mod daemon;
 pub mod device;
 pub mod faults;

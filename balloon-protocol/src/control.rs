@@ -90,6 +90,10 @@ pub struct StatusReply {
     /// An operator pinned the target (`set-target` with `pin`).
     #[serde(default)]
     pub pinned: bool,
+    /// CPU time spent inside the calls that free guest RAM (the kernel's
+    /// work of returning memory), microseconds since start.
+    #[serde(default)]
+    pub discard_cpu_us: u64,
 }
 
 /// The reply to `set-target`.

@@ -95,7 +95,7 @@ fn documented_names() -> BTreeSet<String> {
 #[test]
 fn metrics_are_served_valid_and_documented() {
     let port = free_port();
-    let (dir, vms, _policy) = start(&format!("127.0.0.1:{port}"));
+    let (dir, vms, mut policy) = start(&format!("127.0.0.1:{port}"));
     let _answers: Vec<_> = vms.iter().map(|vm| vm.answer_config_changes()).collect();
     let url = format!("http://127.0.0.1:{port}/metrics");
     // Reclaim takes idle memory: a target shows up after a few ticks.
@@ -202,6 +202,35 @@ fn metrics_are_served_valid_and_documented() {
         matches!(missing, Err(ureq::Error::Status(404, _))),
         "{missing:?}"
     );
+
+    // SIGHUP: one reload; a broken file: one refused reload.
+    let scrape = |series: &'static str| {
+        let url = url.clone();
+        move || -> anyhow::Result<Option<f64>> {
+            Ok(ureq::get(&url)
+                .call()
+                .ok()
+                .and_then(|r| r.into_string().ok())
+                .and_then(|t| sample(&t, series)))
+        }
+    };
+    policy.signal(test_support::child::Signal::HUP).unwrap();
+    let reloads = scrape("balloon_policy_config_reloads_total");
+    wait_for("a reload", Duration::from_secs(20), || {
+        Ok(reloads()?.filter(|v| *v == 1.0))
+    })
+    .unwrap();
+    std::fs::write(
+        dir.path().join("host-policy.toml"),
+        "[host]\ninterval_s = 0\n",
+    )
+    .unwrap();
+    policy.signal(test_support::child::Signal::HUP).unwrap();
+    let failures = scrape("balloon_policy_config_reload_failures_total");
+    wait_for("a refused reload", Duration::from_secs(20), || {
+        Ok(failures()?.filter(|v| *v == 1.0))
+    })
+    .unwrap();
 }
 
 #[test]

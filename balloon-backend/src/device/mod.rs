@@ -106,6 +106,7 @@ pub struct DeviceStatus {
     pub stats: Option<GuestStats>,
     pub errors: Vec<(&'static str, u64)>,
     pub pinned: bool,
+    pub discard_cpu: Duration,
 }
 
 #[derive(Default)]
@@ -129,6 +130,8 @@ struct DeviceState {
     connected: bool,
     /// An operator's target holds until it is unpinned.
     pinned: bool,
+    /// CPU time spent inside discard calls (the kernel freeing memory).
+    discard_cpu: Duration,
     /// When the oldest pending punch was queued.
     pending_since: Option<Instant>,
     /// The punch timer will fire for the pending punches.
@@ -288,9 +291,22 @@ impl BalloonDevice {
     fn punch_locked(&self, state: &mut DeviceState) {
         state.pending_since = None;
         for run in state.tracker.take_punches() {
-            if let Err(error) = state.ram.discard(&run) {
+            self.discard(state, &run);
+        }
+    }
+
+    /// Frees a run of guest RAM, counting the CPU time it takes; says
+    /// whether it worked.
+    fn discard(&self, state: &mut DeviceState, run: &pfn::ByteRun) -> bool {
+        let started = crate::cpu_clock::thread_cpu_time();
+        let result = state.ram.discard(run);
+        state.discard_cpu += crate::cpu_clock::thread_cpu_time().saturating_sub(started);
+        match result {
+            Ok(()) => true,
+            Err(error) => {
                 self.faults
                     .record(Fault::DiscardFailed, 1, || error.to_string());
+                false
             }
         }
     }
@@ -440,6 +456,7 @@ impl BalloonDevice {
             stats: state.stats.clone(),
             errors: self.faults.snapshot(),
             pinned: state.pinned,
+            discard_cpu: state.discard_cpu,
         }
     }
 

@@ -231,11 +231,8 @@ impl BalloonDevice {
             else {
                 continue;
             };
-            match state.ram.discard(&range) {
-                Ok(()) => state.reported_bytes_total += range.len_bytes,
-                Err(error) => self
-                    .faults
-                    .record(Fault::DiscardFailed, 1, || error.to_string()),
+            if self.discard(&mut state, &range) {
+                state.reported_bytes_total += range.len_bytes;
             }
         }
     }

@@ -15,9 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use balloon_backend::host_memory::{allocated_bytes, punch_hole, GuestRam};
-use balloon_backend::pfn::compact_pfns;
-use balloon_backend::tracker::{punch_due, BalloonTracker};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+mod common;
+use common::{map_file, InflatePath};
 
 const RAM_BYTES: u64 = 1 << 30;
 const PAGE: u64 = 4096;
@@ -40,12 +41,7 @@ const HOLDER_ENV: &str = "INFLATE_BENCH_MAPPED_FILE";
 /// one byte into each page (as a running guest would have) and answers.
 fn hold_mapped(path: &str) {
     let file = File::options().read(true).write(true).open(path).unwrap();
-    let memory = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        RAM_BYTES as usize,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap();
+    let memory = map_file(&file, RAM_BYTES);
     let mut stdout = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
         line.unwrap();
@@ -131,30 +127,12 @@ fn shuffled(mut pfns: Vec<u32>) -> Vec<u32> {
     pfns
 }
 
-/// The device's inflate path with its punch policy: after each request,
-/// pending punches are carried out when `punch_due` says so (the device's
-/// timer is never needed here: requests come faster than its delay), and
-/// whatever is left once the requests end.
 fn device_path(ram: &GuestRam, pfns: &[u32]) {
-    let layout = ram.layout();
-    let mut tracker = BalloonTracker::new(&ram.tracker_regions());
-    let punch = |tracker: &mut BalloonTracker| {
-        for run in tracker.take_punches() {
-            ram.discard(&run).unwrap();
-        }
-    };
-    let mut pending_since = None;
+    let mut path = InflatePath::new(ram);
     for batch in pfns.chunks(BATCH) {
-        for run in compact_pfns(&layout, batch.iter().copied()).runs {
-            tracker.inflate(&run);
-        }
-        let since: &mut Instant = pending_since.get_or_insert_with(Instant::now);
-        if punch_due(tracker.pending_bytes(), since.elapsed()) {
-            punch(&mut tracker);
-            pending_since = None;
-        }
+        path.request(batch.iter().copied());
     }
-    punch(&mut tracker);
+    path.finish();
 }
 
 fn main() {
@@ -164,12 +142,7 @@ fn main() {
     let named = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
     let file = named.as_file().try_clone().unwrap();
     file.set_len(RAM_BYTES).unwrap();
-    let memory = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        RAM_BYTES as usize,
-        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-    )])
-    .unwrap();
+    let memory = map_file(&file, RAM_BYTES);
     let ram = GuestRam::from_memory(&memory).unwrap();
     let contiguous: Vec<u32> = (0..(RAM_BYTES / PAGE) as u32).collect();
     let scattered = shuffled(contiguous.clone());

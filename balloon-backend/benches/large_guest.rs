@@ -10,9 +10,9 @@
 use std::time::Instant;
 
 use balloon_backend::host_memory::GuestRam;
-use balloon_backend::pfn::compact_pfns;
-use balloon_backend::tracker::{punch_due, BalloonTracker};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+mod common;
+use common::{map_file, InflatePath};
 
 const RAM_BYTES: u64 = 64 << 30;
 const PAGE: u64 = 4096;
@@ -33,46 +33,23 @@ fn status_kib(name: &str) -> u64 {
 
 fn main() {
     let file = test_support::memory::memfd("large-guest", RAM_BYTES).unwrap();
-    let memory = GuestMemoryMmap::<()>::from_ranges_with_files([(
-        GuestAddress(0),
-        RAM_BYTES as usize,
-        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-    )])
-    .unwrap();
+    let memory = map_file(&file, RAM_BYTES);
     let ram = GuestRam::from_memory(&memory).unwrap();
-    let layout = ram.layout();
     let rss_before_kib = status_kib("VmRSS:");
 
     let start = Instant::now();
-    let mut tracker = BalloonTracker::new(&ram.tracker_regions());
+    let mut path = InflatePath::new(&ram);
     let total_pages = (RAM_BYTES / PAGE) as u32;
     let target_pages = (RAM_BYTES * LIMIT_PERCENT / 100 / PAGE) as u32;
-    let mut punches = 0u64;
-    let mut punch = |tracker: &mut BalloonTracker| {
-        for run in tracker.take_punches() {
-            ram.discard(&run).unwrap();
-            punches += 1;
-        }
-    };
-    let mut pending_since = None;
-    let mut request = Vec::with_capacity(BATCH as usize);
     let mut next = total_pages;
     while next > total_pages - target_pages {
         let first = next.saturating_sub(BATCH).max(total_pages - target_pages);
-        request.clear();
-        request.extend((first..next).rev());
+        path.request((first..next).rev());
         next = first;
-        for run in compact_pfns(&layout, request.iter().copied()).runs {
-            tracker.inflate(&run);
-        }
-        let since: &mut Instant = pending_since.get_or_insert_with(Instant::now);
-        if punch_due(tracker.pending_bytes(), since.elapsed()) {
-            punch(&mut tracker);
-            pending_since = None;
-        }
     }
-    punch(&mut tracker);
+    path.finish();
     let elapsed = start.elapsed();
+    let (tracker, punches) = (&path.tracker, path.punches);
 
     let ballooned_bytes = tracker.ballooned_pages() * PAGE;
     assert_eq!(ballooned_bytes, u64::from(target_pages) * PAGE);

@@ -97,7 +97,10 @@ fn inflate_punches_holes_and_deflate_tracks() {
     assert_eq!(status["ballooned_bytes"], 10 * MIB);
     assert_eq!(status["errors"]["already_inflated"], 10);
     // Freeing 10 MiB costs the kernel CPU time, and the backend counts it.
-    assert!(status["discard_cpu_us"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert!(
+        status["discard_cpu_us"].as_u64().unwrap_or(0) > 0,
+        "{status}"
+    );
 
     // Deflate 4 MiB: the tracking follows; punched pages read back as zeros.
     let back: Vec<u32> = (pfn(4 * MIB)..pfn(8 * MIB)).collect();

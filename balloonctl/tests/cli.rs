@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -15,18 +15,7 @@ use test_support::wait::wait_for;
 use test_support::{Harness, GUEST_RAM_BYTES, MIB};
 
 fn backend_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("balloon-backend");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the tests with `cargo xtask test` or `cargo test --workspace`",
-        binary.display()
-    );
-    binary
+    test_support::workspace_binary("balloon-backend")
 }
 
 /// Two backends, `vm-a` (managed by host-policy's configuration) and

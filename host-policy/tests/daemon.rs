@@ -12,15 +12,7 @@ use test_support::{Harness, GUEST_RAM_BYTES, MIB};
 
 /// The balloon-backend binary built next to this test (same profile).
 fn backend_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let binary = dir.join("balloon-backend");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the tests with `cargo xtask test` or `cargo test --workspace`",
-        binary.display()
-    );
-    binary
+    test_support::workspace_binary("balloon-backend")
 }
 
 /// Guest statistics: free and available memory, allocation stalls.

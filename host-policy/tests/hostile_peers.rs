@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,11 +25,7 @@ const FLOOD_BYTES: usize = 100 << 20;
 const RSS_BOUND_KIB: u64 = 32 * 1024;
 
 fn backend_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("balloon-backend")
+    test_support::workspace_binary("balloon-backend")
 }
 
 #[derive(Clone, Copy, Debug)]

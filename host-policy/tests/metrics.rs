@@ -14,11 +14,7 @@ use test_support::wait::wait_for;
 use test_support::{ChildGuard, Harness, GUEST_RAM_BYTES, MIB};
 
 fn backend_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("balloon-backend")
+    test_support::workspace_binary("balloon-backend")
 }
 
 fn free_port() -> u16 {

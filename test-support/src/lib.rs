@@ -68,6 +68,19 @@ pub const DRIVER_FEATURES: u64 = features::bit(features::MUST_TELL_HOST)
     | features::bit(features::PROTOCOL_FEATURES)
     | features::bit(features::VERSION_1);
 
+/// A binary of this workspace built next to the running test (same target
+/// directory and profile), such as `balloon-backend`.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo xtask test` or `cargo test --workspace`",
+        binary.display()
+    );
+    binary
+}
+
 /// Bytes allocated in `file` in a range (panics on an I/O error: tests only).
 pub fn allocated(file: &File, start: u64, len: u64) -> u64 {
     memory::allocated(file, start, len).unwrap()

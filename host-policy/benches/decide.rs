@@ -21,6 +21,7 @@ fn vms(count: usize) -> Vec<VmInput> {
             device_max_reclaim_bytes: 3 * GIB,
             sample: Some(GuestSample {
                 available_bytes: (1 + (i as u64 % 3)) * GIB,
+                free_bytes: Some(GIB / 2),
                 counters: GuestCounters {
                     alloc_stalls: Some(i as u64),
                     ..Default::default()

@@ -77,6 +77,10 @@ pub struct HostSection {
     /// Where `run` writes its last decisions for `status`.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// Which policy sets the targets: ours, or a peer's for operators who
+    /// come from it (`docs/host-policy.md`, "Baseline policies").
+    #[serde(default)]
+    pub policy: crate::baselines::PolicyKind,
 }
 
 /// Per-VM settings; `[defaults]` gives them for every VM, `[[vm]]` may
@@ -330,6 +334,7 @@ impl Default for HostSection {
             reclaim_hard_percent: defaults::reclaim_hard_percent(),
             give_back_percent: defaults::give_back_percent(),
             state_file: None,
+            policy: Default::default(),
         }
     }
 }

@@ -18,9 +18,7 @@ use balloon_protocol::control::StatusReply;
 use crate::config::{Config, VmPolicy};
 use crate::links::{tick_reply_timeout, Gate, VmLink};
 use crate::meminfo_reader::read_host;
-use crate::policy::{
-    decide, Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput,
-};
+use crate::policy::{Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput};
 
 /// A VM the daemon manages: from `[[vm]]` or found in `[discover]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,6 +126,7 @@ pub fn vm_input(vm: &ManagedVm, status: &StatusReply, now_unix_s: u64) -> VmInpu
         let available_bytes = stats.available_bytes.or(stats.free_bytes)?;
         Some(GuestSample {
             available_bytes,
+            free_bytes: stats.free_bytes,
             counters: GuestCounters {
                 swap_in: stats.swap_in,
                 major_faults: stats.major_faults,
@@ -275,7 +274,14 @@ impl Daemon {
             give_back_percent: self.config.host.give_back_percent.0,
         };
         let now_s = self.started.elapsed().as_secs();
-        let mut decision = decide(now_s, &host, &thresholds, &inputs, &self.memory);
+        let mut decision = crate::baselines::decide_with(
+            self.config.host.policy,
+            now_s,
+            &host,
+            &thresholds,
+            &inputs,
+            &self.memory,
+        );
         if decision.mode != self.memory.mode {
             info!(
                 "host mode {:?} -> {:?} ({:.1}% available)",

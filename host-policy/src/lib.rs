@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod baselines;
 pub mod config;
 pub mod daemon;
 pub mod links;

@@ -62,6 +62,9 @@ pub struct GuestCounters {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GuestSample {
     pub available_bytes: u64,
+    /// The guest's MemFree (page cache counts as used), for the baseline
+    /// policies that read it (MOM, Proxmox); None when the guest sent none.
+    pub free_bytes: Option<u64>,
     pub counters: GuestCounters,
     /// Seconds since the guest last sent statistics.
     pub age_s: u64,
@@ -116,6 +119,10 @@ pub struct PolicyMemory {
     /// Hashed, not ordered: a tick looks every VM up once, and with
     /// thousands of VMs ordered string keys made that the tick's main cost.
     pub vms: HashMap<String, VmMemory>,
+    /// Recent samples a baseline policy averages (MOM: the host's free
+    /// memory under "", each guest's free memory under its name).
+    #[serde(default)]
+    pub samples: HashMap<String, Vec<u64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -634,6 +641,7 @@ pub fn decide(
         memory: PolicyMemory {
             mode,
             vms: next_vms,
+            samples: HashMap::new(),
         },
     }
 }
@@ -662,6 +670,7 @@ mod tests {
             device_max_reclaim_bytes: ram * 75 / 100,
             sample: available.map(|a| GuestSample {
                 available_bytes: a,
+                free_bytes: Some(a),
                 counters: GuestCounters::default(),
                 age_s: 1,
                 psi_some_avg10: None,
@@ -834,6 +843,7 @@ mod tests {
                 input.pinned = pinned;
                 input.sample = sample.map(|(avail_pct, age_s, stalls)| GuestSample {
                     available_bytes: ram * avail_pct / 100,
+                    free_bytes: Some(ram * avail_pct / 200),
                     counters: GuestCounters {
                         alloc_stalls: Some(stalls),
                         ..Default::default()
@@ -863,6 +873,7 @@ mod tests {
             let memory = PolicyMemory {
                 mode: [HostMode::Normal, HostMode::Reclaim, HostMode::Hard][mode as usize],
                 vms: HashMap::new(),
+                samples: HashMap::new(),
             };
             let decision = decide(now_s, &host, &thresholds(), &vms, &memory);
             prop_assert_eq!(decision.vms.len(), vms.len());

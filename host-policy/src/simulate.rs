@@ -10,9 +10,7 @@ use plotters::prelude::*;
 use serde::Deserialize;
 
 use crate::config::{HostSection, VmPolicy, VmSettings, MIB};
-use crate::policy::{
-    decide, GuestCounters, GuestSample, HostState, HostThresholds, PolicyMemory, VmInput,
-};
+use crate::policy::{GuestCounters, GuestSample, HostState, HostThresholds, PolicyMemory, VmInput};
 
 /// Piecewise-linear curve of (seconds, MiB) points.
 #[derive(Clone, Debug, Deserialize)]
@@ -163,6 +161,7 @@ pub fn run(scenario: &Scenario) -> Vec<Sample> {
                 device_max_reclaim_bytes: ram * 75 / 100,
                 sample: Some(GuestSample {
                     available_bytes: guest_free.max(0) as u64,
+                    free_bytes: Some(guest_free.max(0) as u64),
                     counters: counters[i],
                     age_s: 0,
                     psi_some_avg10: None,
@@ -179,7 +178,14 @@ pub fn run(scenario: &Scenario) -> Vec<Sample> {
             total_bytes: total,
             available_bytes: available,
         };
-        let decision = decide(t_s, &host, &thresholds, &inputs, &memory);
+        let decision = crate::baselines::decide_with(
+            host_section.policy,
+            t_s,
+            &host,
+            &thresholds,
+            &inputs,
+            &memory,
+        );
         samples.push(Sample {
             t_s,
             host_available_mib: available as f64 / MIB as f64,

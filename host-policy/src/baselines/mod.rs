@@ -1,0 +1,252 @@
+//! The balloon policies operators already run, as alternatives to ours
+//! behind the same pure interface (`decide_with`): oVirt MOM's balloon
+//! rules, Proxmox VE's auto-ballooning, and VMware ESX's idle-memory tax
+//! with min-funding revocation. Each lives in its own module with its
+//! source and every constant named. What holds for all of them: the VM's
+//! limit (0-75 % of guest RAM, the smaller of host-policy's and the
+//! backend's), an operator's pin, and page-aligned targets.
+
+pub mod esx;
+pub mod mom;
+pub mod proxmox;
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::policy::{
+    decide, limit_bytes, Cause, Decision, HostMode, HostState, HostThresholds, PolicyMemory,
+    VmDecision, VmInput, VmMemory, PAGE_BYTES,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Which policy sets the targets (`[host] policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// host-policy's own (`policy::decide`).
+    #[default]
+    BalloonStack,
+    /// oVirt MOM's balloon rules (`mom`).
+    Mom,
+    /// Proxmox VE's auto-ballooning (`proxmox`).
+    Proxmox,
+    /// VMware ESX's idle-memory tax with min-funding revocation.
+    EsxIdleTax,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::BalloonStack,
+        PolicyKind::Mom,
+        PolicyKind::Proxmox,
+        PolicyKind::EsxIdleTax,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::BalloonStack => "balloon-stack",
+            PolicyKind::Mom => "mom",
+            PolicyKind::Proxmox => "proxmox",
+            PolicyKind::EsxIdleTax => "esx-idle-tax",
+        }
+    }
+}
+
+/// One tick of the chosen policy.
+pub fn decide_with(
+    kind: PolicyKind,
+    now_s: u64,
+    host: &HostState,
+    thresholds: &HostThresholds,
+    vms: &[VmInput],
+    memory: &PolicyMemory,
+) -> Decision {
+    match kind {
+        PolicyKind::BalloonStack => decide(now_s, host, thresholds, vms, memory),
+        PolicyKind::Mom => mom::decide(host, vms, memory),
+        PolicyKind::Proxmox => proxmox::decide(host, thresholds, vms, memory),
+        PolicyKind::EsxIdleTax => esx::decide(host, thresholds, vms, memory),
+    }
+}
+
+/// The guest memory a VM has now: guest RAM less its balloon.
+fn memory_of(vm: &VmInput) -> u64 {
+    vm.guest_ram_bytes.saturating_sub(vm.target_bytes)
+}
+
+/// The least memory a VM may be left with: guest RAM less its limit.
+fn minimum_of(vm: &VmInput) -> u64 {
+    vm.guest_ram_bytes.saturating_sub(limit_bytes(vm))
+}
+
+/// A baseline's wish for a VM, as guest memory, turned into a balloon
+/// target within the VM's limit, page aligned.
+fn balloon_for_memory(vm: &VmInput, memory_bytes: u64) -> u64 {
+    let balloon = vm.guest_ram_bytes.saturating_sub(memory_bytes);
+    let balloon = balloon.min(limit_bytes(vm));
+    balloon - balloon % PAGE_BYTES
+}
+
+/// Assembles a baseline's decision: a pinned VM holds; every other gets
+/// its wished target with a reason; no memory but the samples carries on.
+fn assemble(
+    vms: &[VmInput],
+    mode: HostMode,
+    available_percent: f64,
+    wishes: Vec<(u64, String)>,
+    samples: HashMap<String, Vec<u64>>,
+    cause_of: impl Fn(u64, u64) -> Cause,
+) -> Decision {
+    let decisions = vms
+        .iter()
+        .zip(wishes)
+        .map(|(vm, (target, reason))| {
+            if vm.pinned {
+                return VmDecision {
+                    name: vm.name.clone(),
+                    previous_bytes: vm.target_bytes,
+                    target_bytes: vm.target_bytes,
+                    pressure: false,
+                    reason: format!("pinned at {} MiB by an operator", vm.target_bytes / MIB),
+                    cause: Cause::Pinned,
+                };
+            }
+            let target = target.min(limit_bytes(vm));
+            let target = target - target % PAGE_BYTES;
+            VmDecision {
+                name: vm.name.clone(),
+                previous_bytes: vm.target_bytes,
+                target_bytes: target,
+                pressure: false,
+                reason,
+                cause: if target == vm.target_bytes {
+                    Cause::Hold
+                } else {
+                    cause_of(vm.target_bytes, target)
+                },
+            }
+        })
+        .collect();
+    Decision {
+        mode,
+        host_available_percent: available_percent,
+        vms: decisions,
+        memory: PolicyMemory {
+            mode,
+            vms: vms
+                .iter()
+                .map(|vm| (vm.name.clone(), VmMemory::default()))
+                .collect(),
+            samples,
+        },
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::VmPolicy;
+    use crate::policy::{GuestCounters, GuestSample};
+    use proptest::prelude::*;
+
+    pub const GIB: u64 = 1 << 30;
+
+    pub fn vm(name: &str, ram: u64, balloon: u64, free: u64, available: u64) -> VmInput {
+        VmInput {
+            name: name.into(),
+            guest_ram_bytes: ram,
+            target_bytes: balloon,
+            actual_bytes: balloon,
+            device_max_reclaim_bytes: ram * 75 / 100,
+            sample: Some(GuestSample {
+                available_bytes: available,
+                free_bytes: Some(free),
+                counters: GuestCounters::default(),
+                age_s: 1,
+                psi_some_avg10: None,
+                balloon_bytes: Some(balloon),
+            }),
+            policy: VmPolicy::default(),
+            pinned: false,
+        }
+    }
+
+    pub fn thresholds() -> HostThresholds {
+        HostThresholds {
+            reclaim_start_percent: 20,
+            reclaim_hard_percent: 10,
+            give_back_percent: 35,
+        }
+    }
+
+    fn arbitrary_vm() -> impl Strategy<Value = VmInput> {
+        (
+            1u64..32,
+            0u64..=75,
+            0u64..100,
+            0u64..100,
+            0u64..=75,
+            any::<bool>(),
+            1u64..5000,
+        )
+            .prop_map(
+                |(ram_gib, balloon_pct, free_pct, extra_pct, limit_pct, pinned, shares)| {
+                    let ram = ram_gib * GIB;
+                    let balloon = ram * balloon_pct / 100 / PAGE_BYTES * PAGE_BYTES;
+                    let left = ram - balloon;
+                    let free = left * free_pct / 100;
+                    let available = (free + left * extra_pct / 100).min(left);
+                    let mut input = vm("x", ram, balloon, free, available);
+                    input.policy.max_reclaim_percent = limit_pct;
+                    input.policy.shares = shares;
+                    input.pinned = pinned;
+                    input
+                },
+            )
+    }
+
+    proptest! {
+        /// Every policy keeps every VM within its limit, page aligned, and
+        /// holds a pinned VM; whatever the host and the guests.
+        #[test]
+        fn every_policy_keeps_limits_and_pins(
+            vms in proptest::collection::vec(arbitrary_vm(), 1..8),
+            total_gib in 1u64..256,
+            avail_pct in 0u64..100,
+            ticks in 1usize..4,
+        ) {
+            let mut vms = vms;
+            for (i, vm) in vms.iter_mut().enumerate() {
+                vm.name = format!("vm{i}");
+            }
+            let host = HostState { total_bytes: total_gib * GIB, available_bytes: total_gib * GIB * avail_pct / 100 };
+            for kind in PolicyKind::ALL {
+                let mut memory = PolicyMemory::default();
+                for tick in 0..ticks {
+                    let decision = decide_with(kind, tick as u64, &host, &thresholds(), &vms, &memory);
+                    prop_assert_eq!(decision.vms.len(), vms.len());
+                    for (vm, d) in vms.iter().zip(&decision.vms) {
+                        if vm.pinned {
+                            prop_assert_eq!(d.target_bytes, vm.target_bytes, "{}: {:?}", kind.name(), d);
+                            continue;
+                        }
+                        prop_assert!(d.target_bytes <= limit_bytes(vm),
+                            "{}: past the limit: {:?}", kind.name(), d);
+                        prop_assert_eq!(d.target_bytes % PAGE_BYTES, 0);
+                    }
+                    memory = decision.memory;
+                }
+            }
+        }
+    }
+}

@@ -519,6 +519,24 @@ mod tests {
     const MINIMAL: &str = "[[vm]]\nname = \"web1\"\ncontrol = \"/run/balloon/web1.ctl\"\n";
 
     #[test]
+    fn the_policy_is_one_of_four() {
+        let config = parse(&format!("[host]\npolicy = \"proxmox\"\n{MINIMAL}")).unwrap();
+        assert_eq!(config.host.policy, crate::baselines::PolicyKind::Proxmox);
+        assert_eq!(
+            parse(MINIMAL).unwrap().host.policy,
+            crate::baselines::PolicyKind::BalloonStack
+        );
+        let error = parse(&format!("[host]\npolicy = \"vmware\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("policy")
+                && error.contains("`balloon-stack`, `mom`, `proxmox`, `esx-idle-tax`"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn psi_thresholds_take_decimals_within_their_range() {
         let config = parse(&format!("[defaults]\npsi_some_avg10 = 2.5\n{MINIMAL}")).unwrap();
         assert_eq!(config.policy_for("web1").psi_some_avg10, 2.5);

@@ -6,6 +6,7 @@
 pub mod baselines;
 pub mod config;
 pub mod daemon;
+pub mod guest_model;
 pub mod links;
 pub mod meminfo_reader;
 pub mod metrics;

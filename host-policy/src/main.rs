@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use host_policy::baselines::PolicyKind;
 use host_policy::config::Config;
 use host_policy::daemon::managed_vms;
 
@@ -38,13 +39,41 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Run the policy on a synthetic host; write OUT.csv and OUT.svg.
+    /// Run the policy on a synthetic host; write OUT.csv and OUT.svg. With
+    /// --compare, run several policies and write into the directory OUT a
+    /// CSV per policy, compare.svg and table.md.
     Simulate {
         #[arg(long, value_name = "FILE")]
         scenario: PathBuf,
         #[arg(long, value_name = "OUT", default_value = "simulation")]
         out: PathBuf,
+        /// `all`, or policies separated by commas: balloon-stack, mom,
+        /// proxmox, esx-idle-tax.
+        #[arg(long, value_name = "POLICIES", value_parser = parse_policies)]
+        compare: Option<PolicyList>,
     },
+}
+
+/// The policies `--compare` runs.
+#[derive(Clone, Debug)]
+struct PolicyList(Vec<PolicyKind>);
+
+/// `--compare`: `all`, or policy names separated by commas.
+fn parse_policies(text: &str) -> Result<PolicyList, String> {
+    if text == "all" {
+        return Ok(PolicyList(PolicyKind::ALL.to_vec()));
+    }
+    text.split(',')
+        .map(|name| {
+            PolicyKind::ALL
+                .into_iter()
+                .find(|kind| kind.name() == name.trim())
+                .ok_or_else(|| {
+                    format!("unknown policy {name:?}: expected all, or some of balloon-stack, mom, proxmox, esx-idle-tax separated by commas")
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(PolicyList)
 }
 
 fn main() -> ExitCode {
@@ -100,8 +129,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", host_policy::status::render(&Config::load(&config)?));
             Ok(())
         }
-        Command::Simulate { scenario, out } => {
+        Command::Simulate {
+            scenario,
+            out,
+            compare: None,
+        } => {
             println!("{}", host_policy::simulate::simulate(&scenario, &out)?);
+            Ok(())
+        }
+        Command::Simulate {
+            scenario,
+            out,
+            compare: Some(PolicyList(policies)),
+        } => {
+            print!(
+                "{}",
+                host_policy::simulate::compare(&scenario, &policies, &out)?
+            );
+            println!("wrote {}", out.display());
             Ok(())
         }
     }

@@ -1,7 +1,10 @@
-//! `host-policy simulate`: the same policy on a synthetic host. VMs follow
-//! working-set curves; ballooned memory leaves the guest and returns to the
-//! host. Writes a CSV and an SVG plot of host available memory and each
-//! VM's balloon and guest free memory over time.
+//! `host-policy simulate`: the same policies on a synthetic host. Each VM's
+//! workload follows curves of working set and page cache over time; the
+//! guest model (`guest_model`) splits its memory and reports statistics as
+//! a guest would; ballooned memory leaves the guest and returns to the
+//! host. One run writes a CSV and an SVG; `--compare` runs every policy on
+//! the same scenario and measures them (`Metrics`), and a scenario with a
+//! `[density]` table finds each policy's safe density.
 
 use std::path::Path;
 
@@ -9,8 +12,9 @@ use anyhow::Context;
 use plotters::prelude::*;
 use serde::Deserialize;
 
+use crate::baselines::PolicyKind;
 use crate::config::{HostSection, VmPolicy, VmSettings, MIB};
-use crate::policy::{GuestCounters, GuestSample, HostState, HostThresholds, PolicyMemory, VmInput};
+use crate::policy::{GuestSample, HostState, HostThresholds, PolicyMemory, VmInput};
 
 /// Piecewise-linear curve of (seconds, MiB) points.
 #[derive(Clone, Debug, Deserialize)]
@@ -32,15 +36,53 @@ impl Curve {
     }
 }
 
+fn one() -> u64 {
+    1
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimVm {
     pub name: String,
     pub ram_mib: u64,
+    /// The workload's anonymous memory over time.
     pub working_set_mib: Curve,
+    /// The page cache the workload would keep (reclaimable, re-read when
+    /// taken); none by default.
+    #[serde(default)]
+    pub cache_mib: Option<Curve>,
+    /// The guest's swap: working set that does not fit goes there; past
+    /// it, an OOM kill.
+    #[serde(default)]
+    pub swap_mib: u64,
+    /// When the VM starts (it uses no host memory before)...
+    #[serde(default)]
+    pub start_s: u64,
+    /// ...and VM k of `count` this many seconds later still.
+    #[serde(default)]
+    pub start_every_s: u64,
+    /// Identical VMs of this kind (named `<name>-<k>`).
+    #[serde(default = "one")]
+    pub count: u64,
+    /// VM k of `count` runs its curves this many seconds ahead of VM 0...
+    #[serde(default)]
+    pub phase_shift_s: f64,
+    /// ...and its curves repeat with this period.
+    #[serde(default)]
+    pub period_s: Option<f64>,
     /// Policy settings, as in host-policy.toml's `[defaults]`.
     #[serde(default)]
     pub policy: VmSettings,
+}
+
+/// `[density]`: find how many VMs of one kind the host holds safely.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DensitySearch {
+    /// The `[[vm]]` whose `count` is searched.
+    pub vm: String,
+    /// The search stops here.
+    pub max_count: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -57,6 +99,8 @@ pub struct Scenario {
     #[serde(default)]
     pub defaults: VmSettings,
     pub vm: Vec<SimVm>,
+    #[serde(default)]
+    pub density: Option<DensitySearch>,
 }
 
 fn default_tick() -> u64 {
@@ -87,8 +131,25 @@ impl Scenario {
         }
         let defaults = crate::config::resolve(&self.defaults, &VmPolicy::default());
         crate::config::check_steps("defaults", &defaults)?;
+        if let Some(density) = &self.density {
+            if !self.vm.iter().any(|vm| vm.name == density.vm) {
+                return Err(format!(
+                    "[density] vm {:?} is not a [[vm]] of the scenario",
+                    density.vm
+                ));
+            }
+            if density.max_count == 0 {
+                return Err("[density] max_count must be at least 1".into());
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for vm in &self.vm {
+            if vm.count == 0 {
+                return Err(format!("vm {:?}: count must be at least 1", vm.name));
+            }
+            if vm.period_s.is_some_and(|p| p <= 0.0) {
+                return Err(format!("vm {:?}: period_s must be above 0", vm.name));
+            }
             crate::config::check_vm_name(&vm.name)?;
             if !names.insert(vm.name.as_str()) {
                 return Err(format!("vm name {:?} appears twice", vm.name));
@@ -108,104 +169,239 @@ impl Scenario {
 pub struct Sample {
     pub t_s: u64,
     pub host_available_mib: f64,
+    /// Memory the balloons hold (returned to the host).
+    pub returned_mib: f64,
+    /// Working set that did not fit in its guest, summed over the VMs.
+    pub missing_working_set_mib: f64,
     pub balloon_mib: Vec<f64>,
     pub guest_free_mib: Vec<f64>,
 }
 
-pub fn run(scenario: &Scenario) -> Vec<Sample> {
+/// What decides between policies, for one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Metrics {
+    /// Seconds the host's available memory was below its hard threshold
+    /// (the host would swap).
+    pub overload_s: u64,
+    /// VM-seconds with the working set not fully resident.
+    pub pressure_vm_s: u64,
+    /// VM-seconds run.
+    pub vm_s: u64,
+    pub oom_kills: u64,
+    /// Memory returned to the host, integrated over time.
+    pub returned_gib_s: f64,
+    /// Balloon target changes.
+    pub target_changes: u64,
+}
+
+impl Metrics {
+    pub fn pressure_percent(&self) -> f64 {
+        if self.vm_s == 0 {
+            0.0
+        } else {
+            self.pressure_vm_s as f64 * 100.0 / self.vm_s as f64
+        }
+    }
+
+    /// Safe: no overload, no OOM kill, pressure under 1 % of VM-seconds.
+    pub fn safe(&self) -> bool {
+        self.overload_s == 0 && self.oom_kills == 0 && self.pressure_percent() < 1.0
+    }
+}
+
+/// One VM of the run (a `[[vm]]` with `count` gives several).
+struct Guest<'a> {
+    name: String,
+    spec: &'a SimVm,
+    start_s: u64,
+    offset_s: f64,
+    policy: VmPolicy,
+}
+
+impl Guest<'_> {
+    fn want(&self, t: f64) -> crate::guest_model::Want {
+        let mut local = t - self.start_s as f64 + self.offset_s;
+        if let Some(period) = self.spec.period_s {
+            local = local.rem_euclid(period);
+        }
+        let mib = |curve: &Curve| (curve.at(local).max(0.0) * MIB as f64) as u64;
+        crate::guest_model::Want {
+            working_set_bytes: mib(&self.spec.working_set_mib),
+            cache_bytes: self.spec.cache_mib.as_ref().map_or(0, mib),
+        }
+    }
+}
+
+fn guests<'a>(scenario: &'a Scenario, defaults: &VmPolicy) -> Vec<Guest<'a>> {
+    scenario
+        .vm
+        .iter()
+        .flat_map(|spec| {
+            let policy = crate::config::resolve(&spec.policy, defaults);
+            (0..spec.count).map(move |k| Guest {
+                name: if spec.count == 1 {
+                    spec.name.clone()
+                } else {
+                    format!("{}-{k}", spec.name)
+                },
+                spec,
+                start_s: spec
+                    .start_s
+                    .saturating_add(k.saturating_mul(spec.start_every_s)),
+                offset_s: k as f64 * spec.phase_shift_s,
+                policy: policy.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Runs the scenario under `policy` (None: the scenario's own `[host]
+/// policy`).
+pub fn run_with(scenario: &Scenario, policy: Option<PolicyKind>) -> (Vec<Sample>, Metrics) {
     let host_section = scenario.host.clone().unwrap_or_default();
+    let kind = policy.unwrap_or(host_section.policy);
     let thresholds = HostThresholds {
         reclaim_start_percent: host_section.reclaim_start_percent.0,
         reclaim_hard_percent: host_section.reclaim_hard_percent.0,
         give_back_percent: host_section.give_back_percent.0,
     };
     let defaults = crate::config::resolve(&scenario.defaults, &VmPolicy::default());
-    let policies: Vec<VmPolicy> = scenario
-        .vm
-        .iter()
-        .map(|vm| crate::config::resolve(&vm.policy, &defaults))
-        .collect();
-    let mut balloons = vec![0u64; scenario.vm.len()];
-    let mut counters = vec![
-        GuestCounters {
-            swap_in: Some(0),
-            ..Default::default()
-        };
-        scenario.vm.len()
-    ];
+    let guests = guests(scenario, &defaults);
+    let mut balloons = vec![0u64; guests.len()];
+    // Guest memory the guest has ever used: what the host holds for it
+    // (less what the balloon takes of it).
+    let mut touched = vec![0u64; guests.len()];
+    let mut counters = vec![crate::guest_model::fresh_counters(); guests.len()];
     let mut memory = PolicyMemory::default();
     let mut samples = Vec::new();
+    let mut metrics = Metrics::default();
     let total = scenario.host_total_mib * MIB;
-    for t_s in (0..=scenario.duration_s).step_by(scenario.tick_s.max(1) as usize) {
+    let tick_s = scenario.tick_s.max(1);
+    let hard = total * host_section.reclaim_hard_percent.0 / 100;
+    for t_s in (0..=scenario.duration_s).step_by(tick_s as usize) {
         let t = t_s as f64;
         let mut inputs = Vec::new();
-        let mut free = Vec::new();
-        let mut resident = 0u64;
-        for (i, vm) in scenario.vm.iter().enumerate() {
-            let ram = vm.ram_mib * MIB;
-            let used = (vm.working_set_mib.at(t).max(0.0) * MIB as f64) as u64;
-            let guest_free = ram as i128 - balloons[i] as i128 - used as i128;
-            if guest_free < 0 {
-                // The guest thrashes: it swaps in what does not fit.
-                let swapped = counters[i].swap_in.unwrap_or(0) + (-guest_free) as u64 / 4096;
-                counters[i].swap_in = Some(swapped);
+        let mut running = Vec::new();
+        let mut free = vec![0.0; guests.len()];
+        let (mut resident, mut missing) = (0u64, 0u64);
+        for (i, guest) in guests.iter().enumerate() {
+            if t_s < guest.start_s {
+                continue;
             }
-            free.push(guest_free as f64 / MIB as f64);
-            resident += ram - balloons[i];
+            let ram = guest.spec.ram_mib * MIB;
+            let tick = crate::guest_model::step(
+                ram,
+                balloons[i],
+                guest.spec.swap_mib * MIB,
+                guest.want(t),
+                &mut counters[i],
+            );
+            metrics.vm_s += tick_s;
+            if tick.pressure {
+                metrics.pressure_vm_s += tick_s;
+            }
+            metrics.oom_kills += u64::from(tick.oom_kill);
+            missing += tick.missing_working_set_bytes;
+            free[i] = tick.free_bytes as f64 / MIB as f64;
+            let memory = ram - balloons[i];
+            touched[i] = touched[i].max(memory - tick.free_bytes).min(memory);
+            resident += touched[i];
+            running.push(i);
             inputs.push(VmInput {
-                name: vm.name.clone(),
+                name: guest.name.clone(),
                 guest_ram_bytes: ram,
                 target_bytes: balloons[i],
                 // The simulated balloon lands within the tick.
                 actual_bytes: balloons[i],
                 device_max_reclaim_bytes: ram * 75 / 100,
                 sample: Some(GuestSample {
-                    available_bytes: guest_free.max(0) as u64,
-                    free_bytes: Some(guest_free.max(0) as u64),
+                    available_bytes: tick.available_bytes(),
+                    free_bytes: Some(tick.free_bytes),
                     counters: counters[i],
                     age_s: 0,
                     psi_some_avg10: None,
-                    // The simulated balloon lands at once.
                     balloon_bytes: Some(balloons[i]),
                 }),
-                policy: policies[i].clone(),
+                policy: guest.policy.clone(),
                 pinned: false,
             });
         }
         let other = (scenario.host_other_mib.at(t).max(0.0) * MIB as f64) as u64;
         let available = total.saturating_sub(other + resident);
+        if available < hard {
+            metrics.overload_s += tick_s;
+        }
+        let returned: u64 = balloons.iter().sum();
+        metrics.returned_gib_s += returned as f64 / (1u64 << 30) as f64 * tick_s as f64;
+        samples.push(Sample {
+            t_s,
+            host_available_mib: available as f64 / MIB as f64,
+            returned_mib: returned as f64 / MIB as f64,
+            missing_working_set_mib: missing as f64 / MIB as f64,
+            balloon_mib: balloons.iter().map(|b| *b as f64 / MIB as f64).collect(),
+            guest_free_mib: free,
+        });
         let host = HostState {
             total_bytes: total,
             available_bytes: available,
         };
-        let decision = crate::baselines::decide_with(
-            host_section.policy,
-            t_s,
-            &host,
-            &thresholds,
-            &inputs,
-            &memory,
-        );
-        samples.push(Sample {
-            t_s,
-            host_available_mib: available as f64 / MIB as f64,
-            balloon_mib: balloons.iter().map(|b| *b as f64 / MIB as f64).collect(),
-            guest_free_mib: free,
-        });
-        balloons = decision.vms.iter().map(|d| d.target_bytes).collect();
+        let decision =
+            crate::baselines::decide_with(kind, t_s, &host, &thresholds, &inputs, &memory);
+        for (&i, d) in running.iter().zip(&decision.vms) {
+            if d.target_bytes != balloons[i] {
+                metrics.target_changes += 1;
+            }
+            balloons[i] = d.target_bytes;
+        }
         memory = decision.memory;
     }
-    samples
+    (samples, metrics)
+}
+
+pub fn run(scenario: &Scenario) -> Vec<Sample> {
+    run_with(scenario, None).0
+}
+
+/// The largest count of the `[density]` VM that `policy` holds safely
+/// (no overload, no OOM kill, pressure under 1 % of VM-seconds); 0 when
+/// not even one is safe.
+pub fn safe_density(scenario: &Scenario, search: &DensitySearch, policy: PolicyKind) -> u64 {
+    let mut best = 0;
+    let mut scenario = scenario.clone();
+    scenario.density = None;
+    for count in 1..=search.max_count {
+        for vm in scenario.vm.iter_mut().filter(|vm| vm.name == search.vm) {
+            vm.count = count;
+        }
+        if run_with(&scenario, Some(policy)).1.safe() {
+            best = count;
+        } else if count > best + 2 {
+            // Three unsafe counts in a row: past the edge.
+            break;
+        }
+    }
+    best
+}
+
+/// The names of the scenario's VMs, `count` expanded.
+pub fn guest_names(scenario: &Scenario) -> Vec<String> {
+    guests(scenario, &VmPolicy::default())
+        .into_iter()
+        .map(|guest| guest.name)
+        .collect()
 }
 
 pub fn csv(scenario: &Scenario, samples: &[Sample]) -> String {
-    let mut out = String::from("t_s,host_available_mib");
-    for vm in &scenario.vm {
-        out.push_str(&format!(",{0}_balloon_mib,{0}_guest_free_mib", vm.name));
+    let mut out = String::from("t_s,host_available_mib,returned_mib,missing_working_set_mib");
+    for name in guest_names(scenario) {
+        out.push_str(&format!(",{name}_balloon_mib,{name}_guest_free_mib"));
     }
     out.push('\n');
     for s in samples {
-        out.push_str(&format!("{},{:.0}", s.t_s, s.host_available_mib));
+        out.push_str(&format!(
+            "{},{:.0},{:.0},{:.0}",
+            s.t_s, s.host_available_mib, s.returned_mib, s.missing_working_set_mib
+        ));
         for (b, f) in s.balloon_mib.iter().zip(&s.guest_free_mib) {
             out.push_str(&format!(",{b:.0},{f:.0}"));
         }
@@ -248,16 +444,16 @@ pub fn svg(scenario: &Scenario, samples: &[Sample], path: &Path) -> anyhow::Resu
             .map(|s| (s.t_s as f64, s.host_available_mib))
             .collect(),
     )];
-    for (i, vm) in scenario.vm.iter().enumerate() {
+    for (i, name) in guest_names(scenario).iter().enumerate() {
         series.push((
-            format!("{} balloon", vm.name),
+            format!("{name} balloon"),
             samples
                 .iter()
                 .map(|s| (s.t_s as f64, s.balloon_mib[i]))
                 .collect(),
         ));
         series.push((
-            format!("{} guest free", vm.name),
+            format!("{name} guest free"),
             samples
                 .iter()
                 .map(|s| (s.t_s as f64, s.guest_free_mib[i]))
@@ -284,13 +480,7 @@ pub fn svg(scenario: &Scenario, samples: &[Sample], path: &Path) -> anyhow::Resu
 
 /// Loads a scenario, runs it, writes `<out>.csv` and `<out>.svg`.
 pub fn simulate(scenario_path: &Path, out: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(scenario_path)
-        .with_context(|| format!("reading {}", scenario_path.display()))?;
-    let scenario: Scenario =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", scenario_path.display()))?;
-    scenario
-        .validate()
-        .map_err(|message| anyhow::anyhow!("{}: {message}", scenario_path.display()))?;
+    let scenario = load(scenario_path)?;
     let samples = run(&scenario);
     let csv_path = out.with_extension("csv");
     let svg_path = out.with_extension("svg");
@@ -309,6 +499,156 @@ pub fn simulate(scenario_path: &Path, out: &Path) -> anyhow::Result<String> {
     ))
 }
 
+/// Loads and checks a scenario file.
+pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let scenario: Scenario =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    scenario
+        .validate()
+        .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
+    Ok(scenario)
+}
+
+/// One policy's run in a comparison.
+pub struct Compared {
+    pub policy: PolicyKind,
+    pub samples: Vec<Sample>,
+    pub metrics: Metrics,
+    pub safe_density: Option<u64>,
+}
+
+/// Runs every policy of `policies` on the scenario (and its density
+/// search, if it has one).
+pub fn compare_runs(scenario: &Scenario, policies: &[PolicyKind]) -> Vec<Compared> {
+    policies
+        .iter()
+        .map(|&policy| {
+            let (samples, metrics) = run_with(scenario, Some(policy));
+            Compared {
+                policy,
+                samples,
+                metrics,
+                safe_density: scenario
+                    .density
+                    .as_ref()
+                    .map(|search| safe_density(scenario, search, policy)),
+            }
+        })
+        .collect()
+}
+
+/// The comparison as a Markdown table.
+pub fn table(runs: &[Compared]) -> String {
+    let mut out = String::from(
+        "| policy | host overload s | guest pressure VM-s (% of VM-s) | OOM kills | returned GiB x s | target changes | safe density |\n|---|---|---|---|---|---|---|\n",
+    );
+    for run in runs {
+        let m = &run.metrics;
+        out.push_str(&format!(
+            "| {} | {} | {} ({:.2} %) | {} | {:.0} | {} | {} |\n",
+            run.policy.name(),
+            m.overload_s,
+            m.pressure_vm_s,
+            m.pressure_percent(),
+            m.oom_kills,
+            m.returned_gib_s,
+            m.target_changes,
+            run.safe_density
+                .map_or("-".to_string(), |n| format!("{n} VMs"))
+        ));
+    }
+    out
+}
+
+/// A series of a comparison panel: its name, colour and value.
+type PlotLine = (&'static str, RGBColor, fn(&Sample) -> f64);
+
+/// The runs side by side: per policy, host available memory, memory
+/// returned, and working set that did not fit (guest pressure).
+pub fn compare_svg(scenario: &Scenario, runs: &[Compared], path: &Path) -> anyhow::Result<()> {
+    let plot = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
+    let width = 480 * u32::try_from(runs.len().max(1)).unwrap_or(4);
+    let root = SVGBackend::new(path, (width, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot(&e))?;
+    let panels = root.split_evenly((1, runs.len().max(1)));
+    let max_y = runs
+        .iter()
+        .flat_map(|r| &r.samples)
+        .flat_map(|s| {
+            [
+                s.host_available_mib,
+                s.returned_mib,
+                s.missing_working_set_mib,
+            ]
+        })
+        .fold(1.0f64, f64::max);
+    for (panel, run) in panels.iter().zip(runs) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(run.policy.name(), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..scenario.duration_s as f64, 0f64..max_y * 1.05)
+            .map_err(|e| plot(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("MiB")
+            .draw()
+            .map_err(|e| plot(&e))?;
+        let lines: [PlotLine; 3] = [
+            ("host available", BLUE, |s| s.host_available_mib),
+            ("returned by balloons", GREEN, |s| s.returned_mib),
+            ("working set not resident", RED, |s| {
+                s.missing_working_set_mib
+            }),
+        ];
+        for (name, colour, value) in lines {
+            chart
+                .draw_series(LineSeries::new(
+                    run.samples.iter().map(|s| (s.t_s as f64, value(s))),
+                    colour.stroke_width(2),
+                ))
+                .map_err(|e| plot(&e))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| plot(&e))?;
+    }
+    root.present().map_err(|e| plot(&e))?;
+    Ok(())
+}
+
+/// `simulate --compare`: every policy of `policies` on the scenario;
+/// writes `<dir>/<policy>.csv`, `<dir>/compare.svg`, `<dir>/table.md`;
+/// returns the table.
+pub fn compare(
+    scenario_path: &Path,
+    policies: &[PolicyKind],
+    dir: &Path,
+) -> anyhow::Result<String> {
+    let scenario = load(scenario_path)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let runs = compare_runs(&scenario, policies);
+    for run in &runs {
+        let path = dir.join(format!("{}.csv", run.policy.name()));
+        std::fs::write(&path, csv(&scenario, &run.samples))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    compare_svg(&scenario, &runs, &dir.join("compare.svg"))?;
+    let text = table(&runs);
+    std::fs::write(dir.join("table.md"), &text)
+        .with_context(|| format!("writing {}", dir.join("table.md").display()))?;
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +663,50 @@ mod tests {
     #[test]
     fn the_example_scenario_is_valid() {
         assert_eq!(validate(EXAMPLE), Ok(()));
+    }
+
+    fn scenario_file(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scenarios")
+            .join(format!("{name}.toml"))
+    }
+
+    #[test]
+    fn every_scenario_runs_every_policy_and_the_comparison_is_written() {
+        for name in ["phases", "burst", "cache", "squeeze", "boot-storm"] {
+            let scenario = load(&scenario_file(name)).unwrap_or_else(|e| panic!("{e}"));
+            let ticks = scenario.duration_s / scenario.tick_s + 1;
+            for policy in PolicyKind::ALL {
+                let (samples, metrics) = run_with(&scenario, Some(policy));
+                assert_eq!(samples.len() as u64, ticks, "{name} {}", policy.name());
+                assert!(metrics.vm_s > 0 && metrics.pressure_vm_s <= metrics.vm_s);
+                assert!(metrics.overload_s <= scenario.duration_s + scenario.tick_s);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let table = compare(&scenario_file("cache"), &PolicyKind::ALL, dir.path())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for policy in PolicyKind::ALL {
+            assert!(table.contains(&format!("| {} |", policy.name())), "{table}");
+            assert!(dir.path().join(format!("{}.csv", policy.name())).exists());
+        }
+        let svg = std::fs::read_to_string(dir.path().join("compare.svg")).unwrap_or_default();
+        assert!(svg.contains("esx-idle-tax") && svg.contains("working set not resident"));
+    }
+
+    #[test]
+    fn a_balloon_that_takes_working_set_shows_as_pressure_and_oom_kills() {
+        // One VM whose working set fills its RAM, on a host far too small:
+        // any policy that balloons it hurts it, and the metrics say so.
+        let scenario: Scenario = toml::from_str(
+            "duration_s = 300\nhost_total_mib = 4096\nhost_other_mib = [[0, 2048]]\n[[vm]]\nname = \"full\"\nram_mib = 4096\nworking_set_mib = [[0, 3800]]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let (_, esx) = run_with(&scenario, Some(PolicyKind::EsxIdleTax));
+        assert!(esx.pressure_vm_s > 0 && esx.oom_kills > 0, "{esx:?}");
+        assert!(esx.overload_s > 0, "{esx:?}");
+        let (_, ours) = run_with(&scenario, Some(PolicyKind::BalloonStack));
+        assert_eq!(ours.oom_kills, 0, "{ours:?}");
     }
 
     #[test]

@@ -259,6 +259,34 @@ pub fn floor_margin_bytes(vm: &VmInput) -> u64 {
     page_floor((floor_bytes(vm) / 8).max(8 * MIB))
 }
 
+/// How much a VM may give this tick: its inflate step when the host has
+/// just fallen below `reclaim_start_percent`, rising linearly to its hard
+/// step as the host nears `reclaim_hard_percent`, so that reclaim speeds up
+/// before the host is overloaded rather than after; the hard step below it.
+pub fn reclaim_step(
+    vm: &VmInput,
+    mode: HostMode,
+    available_percent: f64,
+    thresholds: &HostThresholds,
+) -> u64 {
+    let (normal, hard) = (
+        vm.policy.inflate_step_bytes,
+        vm.policy
+            .hard_inflate_step_bytes
+            .max(vm.policy.inflate_step_bytes),
+    );
+    if mode == HostMode::Hard {
+        return hard;
+    }
+    let start = thresholds.reclaim_start_percent as f64;
+    let span = start - thresholds.reclaim_hard_percent as f64;
+    if span <= 0.0 {
+        return normal;
+    }
+    let depth = ((start - available_percent) / span).clamp(0.0, 1.0);
+    page_floor(normal + ((hard - normal) as f64 * depth) as u64).max(normal.min(hard))
+}
+
 /// Memory the guest can give without going below floor and margin.
 fn idle_bytes(vm: &VmInput, sample: &GuestSample) -> u64 {
     sample
@@ -506,11 +534,7 @@ pub fn decide(
                         return (0, 0);
                     };
                     let idle = idle_bytes(vm, &sample);
-                    let step = if mode == HostMode::Hard {
-                        vm.policy.hard_inflate_step_bytes
-                    } else {
-                        vm.policy.inflate_step_bytes
-                    };
+                    let step = reclaim_step(vm, mode, available_percent, thresholds);
                     let cap = idle
                         .min(step)
                         .min(limit_bytes(vm).saturating_sub(plan.current));

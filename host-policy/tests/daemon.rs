@@ -83,7 +83,12 @@ fn host_pressure_inflates_idle_guests_and_relief_gives_it_back() {
     let t0 = s.vms[0].status()["target_bytes"].as_u64().unwrap();
     let t1 = s.vms[1].status()["target_bytes"].as_u64().unwrap();
     assert!(t0 > t1 && t1 > 0, "idle guest gives more: {t0} vs {t1}");
-    assert!(t0 <= 8 * MIB, "one inflate step per tick");
+    // 14.6 % available is 54 % of the way from reclaim (20 %) to hard
+    // (10 %): so is the step, from inflate_step_mib (8) to
+    // hard_inflate_step_mib (16).
+    let depth = (20.0 - 150.0 * 100.0 / 1024.0) / 10.0;
+    let step = 8 * MIB + (8.0 * MIB as f64 * depth) as u64;
+    assert!(t0 <= step && t0 > 0, "one inflate step per tick: {t0} of {step}");
     assert!(
         decision.vms[0].reason.contains("idle guest memory"),
         "{}",

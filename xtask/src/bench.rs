@@ -235,6 +235,30 @@ fn footprint() -> anyhow::Result<(String, String)> {
     Ok((table.trim_end().to_string(), idle_table))
 }
 
+/// Every policy on every scenario of host-policy/scenarios/ in the
+/// simulator: one table per scenario, safe density for `phases`, and the
+/// `phases` runs side by side as docs/policy-comparison-phases.svg.
+fn policy_comparison() -> anyhow::Result<String> {
+    use host_policy::baselines::PolicyKind;
+    use host_policy::simulate;
+    let root = workspace_root();
+    let mut text = String::new();
+    for name in ["phases", "burst", "cache", "squeeze", "boot-storm"] {
+        let path = root.join(format!("host-policy/scenarios/{name}.toml"));
+        let scenario = simulate::load(&path)?;
+        let runs = simulate::compare_runs(&scenario, &PolicyKind::ALL);
+        if name == "phases" {
+            simulate::compare_svg(
+                &scenario,
+                &runs,
+                &root.join("docs/policy-comparison-phases.svg"),
+            )?;
+        }
+        text.push_str(&format!("`{name}`:\n\n{}\n", simulate::table(&runs)));
+    }
+    Ok(text.trim_end().to_string())
+}
+
 /// host-policy's idle wake-ups per second in `footprint()`'s setup when it
 /// still reconnected every tick (the committed docs/performance.md of
 /// f2dea55), kept so the document shows before and after.
@@ -245,6 +269,8 @@ pub fn run() -> anyhow::Result<()> {
     let table = cargo_bench("balloon-backend", "inflate")?;
     let large_guest_table = cargo_bench("balloon-backend", "large_guest")?;
     let policy_table = cargo_bench("host-policy", "decide")?;
+    eprintln!("[xtask] comparing the policies in the simulator");
+    let comparison_of_policies = policy_comparison()?;
     let env = crate::provision::ensure_all()?;
     eprintln!("[xtask] measuring footprints with a real guest (about 40 s)");
     let (footprint_table, idle_table) = footprint()?;
@@ -276,6 +302,14 @@ pub fn run() -> anyhow::Result<()> {
          fresh statistics, the host in reclaim. The ratio compares the cost per VM\n\
          with the 10-VM tick of the same run; the goal is at most 1.30x up to\n\
          1,000 VMs.\n\n{policy_table}\n\n\
+         ## Policies compared in the simulator\n\n\
+         Every policy (`[host] policy`) on the scenarios of `host-policy/scenarios/`\n\
+         with the guest model of `host-policy simulate` (docs/host-policy.md,\n\
+         \"Simulation\"). Safe density: the most `phases` VMs (4 GiB each, 32 GiB\n\
+         host) held with no host overload, no OOM kill and guest pressure under\n\
+         1 % of VM-seconds; the goal is 1.3x the best baseline. The `phases` runs side\n\
+         by side: [policy-comparison-phases.svg](policy-comparison-phases.svg).\n\n\
+         {comparison_of_policies}\n\n\
          ## Wake-ups\n\n\
          host-policy asks every backend for its status when a tick ends, so the\n\
          replies wait in the sockets and the next tick reads them without sleeping:\n\

@@ -88,7 +88,10 @@ fn host_pressure_inflates_idle_guests_and_relief_gives_it_back() {
     // hard_inflate_step_mib (16).
     let depth = (20.0 - 150.0 * 100.0 / 1024.0) / 10.0;
     let step = 8 * MIB + (8.0 * MIB as f64 * depth) as u64;
-    assert!(t0 <= step && t0 > 0, "one inflate step per tick: {t0} of {step}");
+    assert!(
+        t0 <= step && t0 > 0,
+        "one inflate step per tick: {t0} of {step}"
+    );
     assert!(
         decision.vms[0].reason.contains("idle guest memory"),
         "{}",

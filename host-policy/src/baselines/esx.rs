@@ -18,8 +18,8 @@
 //! or deflate step per tick, as ESX's balloon driver is rate-limited.
 
 use crate::policy::{
-    limit_bytes, next_mode, Cause, Decision, HostMode, HostState, HostThresholds, PolicyMemory,
-    VmInput, PAGE_BYTES,
+    limit_bytes, next_mode, Decision, HostMode, HostState, HostThresholds, PolicyMemory, VmInput,
+    PAGE_BYTES,
 };
 
 use super::{assemble, memory_of, percent};
@@ -137,18 +137,7 @@ pub fn decide(
             )
         })
         .collect();
-    assemble(
-        vms,
-        mode,
-        available_percent,
-        wishes,
-        Default::default(),
-        |previous, target| match (target > previous, mode) {
-            (true, HostMode::Hard) => Cause::HardReclaim,
-            (true, _) => Cause::Reclaim,
-            (false, _) => Cause::GiveBack,
-        },
-    )
+    assemble(vms, mode, available_percent, wishes, Default::default())
 }
 
 #[cfg(test)]

@@ -97,8 +97,14 @@ fn assemble(
     available_percent: f64,
     wishes: Vec<(u64, String)>,
     samples: HashMap<String, Vec<u64>>,
-    cause_of: impl Fn(u64, u64) -> Cause,
 ) -> Decision {
+    // A growing balloon is reclaim (hard below the hard threshold), a
+    // shrinking one give-back: the baselines have no other causes.
+    let cause_of = |previous: u64, target: u64| match (target > previous, mode) {
+        (true, HostMode::Hard) => Cause::HardReclaim,
+        (true, _) => Cause::Reclaim,
+        (false, _) => Cause::GiveBack,
+    };
     let decisions = vms
         .iter()
         .zip(wishes)

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use crate::policy::{Cause, Decision, HostMode, HostState, PolicyMemory, VmInput};
+use crate::policy::{Decision, HostMode, HostState, PolicyMemory, VmInput};
 
 use super::{assemble, balloon_for_memory, memory_of, minimum_of, percent};
 
@@ -126,11 +126,6 @@ pub fn decide(host: &HostState, vms: &[VmInput], memory: &PolicyMemory) -> Decis
         percent(host.available_bytes, host.total_bytes),
         wishes,
         samples,
-        |previous, target| match (target > previous, mode) {
-            (true, HostMode::Hard) => Cause::HardReclaim,
-            (true, _) => Cause::Reclaim,
-            (false, _) => Cause::GiveBack,
-        },
     )
 }
 
@@ -170,7 +165,7 @@ mod tests {
         let ballooned = vm("b", 4 * GIB, GIB, GIB, GIB);
         let d = decide(&host, &[ballooned], &PolicyMemory::default());
         assert!(d.vms[0].target_bytes < GIB, "{:?}", d.vms[0]);
-        assert_eq!(d.vms[0].cause, Cause::GiveBack);
+        assert_eq!(d.vms[0].cause, crate::policy::Cause::GiveBack);
     }
 
     proptest! {

@@ -11,7 +11,7 @@
 //! minimum (the configured `balloon` minimum) is guest RAM less the VM's
 //! limit, so the 0-75 % limit holds; its guest free memory is MemFree.
 
-use crate::policy::{Cause, Decision, HostMode, HostState, HostThresholds, PolicyMemory, VmInput};
+use crate::policy::{Decision, HostState, HostThresholds, PolicyMemory, VmInput};
 
 use super::{assemble, balloon_for_memory, memory_of, minimum_of, percent};
 
@@ -163,18 +163,7 @@ pub fn decide(
     let available_percent = percent(host.available_bytes, host.total_bytes);
     // Proxmox has no modes; ours are reported for comparison.
     let mode = crate::policy::next_mode(memory.mode, available_percent, thresholds);
-    assemble(
-        vms,
-        mode,
-        available_percent,
-        wishes,
-        Default::default(),
-        |previous, target| match (target > previous, mode) {
-            (true, HostMode::Hard) => Cause::HardReclaim,
-            (true, _) => Cause::Reclaim,
-            (false, _) => Cause::GiveBack,
-        },
-    )
+    assemble(vms, mode, available_percent, wishes, Default::default())
 }
 
 #[cfg(test)]

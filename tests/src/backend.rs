@@ -227,10 +227,19 @@ impl ControlClient {
     }
 
     /// Waits until the guest's `actual` equals the target.
+    /// Waits until the guest reports `bytes` in the balloon and the
+    /// backend has punched all of it (inflated pages wait up to 20 ms).
     pub fn wait_actual(&mut self, bytes: u64, timeout: Duration) -> anyhow::Result<Value> {
-        wait_for(&format!("actual = {bytes} bytes"), timeout, || {
-            let status = self.status()?;
-            Ok((status["actual_bytes"] == bytes).then_some(status))
-        })
+        wait_for(
+            &format!("actual = {bytes} bytes, every punch done"),
+            timeout,
+            || {
+                let status = self.status()?;
+                Ok(
+                    (status["actual_bytes"] == bytes && status["pending_punch_bytes"] == 0)
+                        .then_some(status),
+                )
+            },
+        )
     }
 }

@@ -380,6 +380,13 @@ impl Daemon {
         statuses: &BTreeMap<String, StatusReply>,
         duration: Duration,
     ) {
+        // By name once, not searched per VM: ticks may have thousands.
+        let limits: std::collections::HashMap<&str, u64> = inputs
+            .iter()
+            .map(|input| (input.name.as_str(), crate::policy::limit_bytes(input)))
+            .collect();
+        let decisions: std::collections::HashMap<&str, &crate::policy::VmDecision> =
+            decision.vms.iter().map(|d| (d.name.as_str(), d)).collect();
         let reports = vms
             .iter()
             .map(|vm| {
@@ -387,11 +394,8 @@ impl Daemon {
                 crate::metrics::VmReport {
                     name: &vm.name,
                     status: statuses.get(&vm.name),
-                    limit_bytes: inputs
-                        .iter()
-                        .find(|input| input.name == vm.name)
-                        .map(crate::policy::limit_bytes),
-                    decision: decision.vms.iter().find(|d| d.name == vm.name),
+                    limit_bytes: limits.get(vm.name.as_str()).copied(),
+                    decision: decisions.get(vm.name.as_str()).copied(),
                     agent_connected: vm
                         .agent
                         .as_ref()

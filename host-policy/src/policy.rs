@@ -48,6 +48,25 @@ pub struct HostThresholds {
     pub give_back_percent: u64,
 }
 
+impl HostThresholds {
+    /// Reclaim aims at the middle of the dead band, in percent.
+    pub fn reclaim_goal_percent(&self) -> f64 {
+        (self.reclaim_start_percent + self.give_back_percent) as f64 / 2.0
+    }
+
+    /// Memory to reclaim to bring the host to the goal.
+    pub fn shortfall_bytes(&self, host: &HostState) -> u64 {
+        let goal = (host.total_bytes as f64 * self.reclaim_goal_percent() / 100.0) as u64;
+        goal.saturating_sub(host.available_bytes)
+    }
+
+    /// Memory the host has above the give-back threshold.
+    pub fn excess_bytes(&self, host: &HostState) -> u64 {
+        let threshold = (host.total_bytes as f64 * self.give_back_percent as f64 / 100.0) as u64;
+        host.available_bytes.saturating_sub(threshold)
+    }
+}
+
 /// Guest counters that only grow; a rise means the guest works to find memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestCounters {
@@ -522,10 +541,8 @@ pub fn decide(
 
     match mode {
         HostMode::Reclaim | HostMode::Hard => {
-            let goal_percent =
-                (thresholds.reclaim_start_percent + thresholds.give_back_percent) as f64 / 2.0;
-            let goal = (host.total_bytes as f64 * goal_percent / 100.0) as u64;
-            let shortfall = goal.saturating_sub(host.available_bytes);
+            let goal_percent = thresholds.reclaim_goal_percent();
+            let shortfall = thresholds.shortfall_bytes(host);
             let weights: Vec<(u128, u64)> = vms
                 .iter()
                 .zip(&plans)
@@ -572,9 +589,7 @@ pub fn decide(
             }
         }
         HostMode::Normal => {
-            let threshold =
-                (host.total_bytes as f64 * thresholds.give_back_percent as f64 / 100.0) as u64;
-            let excess = host.available_bytes.saturating_sub(threshold);
+            let excess = thresholds.excess_bytes(host);
             let weights: Vec<(u128, u64)> = vms
                 .iter()
                 .zip(&plans)

@@ -59,17 +59,8 @@ pub fn decide(
     let mut balloons: Vec<u64> = vms.iter().map(|vm| vm.target_bytes).collect();
     // Each VM's room this tick, and the budget to move.
     let (mut budget, inflating) = match mode {
-        HostMode::Reclaim | HostMode::Hard => {
-            let goal_percent =
-                (thresholds.reclaim_start_percent + thresholds.give_back_percent) as f64 / 2.0;
-            let goal = (host.total_bytes as f64 * goal_percent / 100.0) as u64;
-            (goal.saturating_sub(host.available_bytes), true)
-        }
-        HostMode::Normal => {
-            let threshold =
-                (host.total_bytes as f64 * thresholds.give_back_percent as f64 / 100.0) as u64;
-            (host.available_bytes.saturating_sub(threshold), false)
-        }
+        HostMode::Reclaim | HostMode::Hard => (thresholds.shortfall_bytes(host), true),
+        HostMode::Normal => (thresholds.excess_bytes(host), false),
     };
     let room: Vec<u64> = vms
         .iter()

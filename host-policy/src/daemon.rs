@@ -15,10 +15,13 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use balloon_protocol::agent::Report as AgentReport;
 use balloon_protocol::control::StatusReply;
 
+use crate::baselines::PolicyKind;
 use crate::config::{Config, VmPolicy};
 use crate::links::{tick_reply_timeout, Gate, VmLink};
 use crate::meminfo_reader::read_host;
-use crate::policy::{Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput};
+use crate::policy::{
+    Cause, Decision, GuestCounters, GuestSample, HostMode, HostThresholds, PolicyMemory, VmInput,
+};
 
 /// A VM the daemon manages: from `[[vm]]` or found in `[discover]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -288,6 +291,13 @@ impl Daemon {
                 self.memory.mode, decision.mode, decision.host_available_percent
             );
         }
+        // Our policy's one move besides targets: while the host reclaims, a
+        // guest the balloon may not take more from drops cache instead
+        // (`VmLink::trim_cache`).
+        let trim_bytes = (decision.mode != HostMode::Normal
+            && self.config.host.policy == PolicyKind::BalloonStack
+            && !self.dry_run)
+            .then(|| thresholds.shortfall_bytes(&host));
         let mut sent = Vec::new();
         for vm in decision.vms.iter_mut() {
             let Some(link) = self.links.get_mut(&vm.name) else {
@@ -306,6 +316,16 @@ impl Daemon {
                 }
             }
             if vm.target_bytes == vm.previous_bytes {
+                let cooling = decision
+                    .memory
+                    .vms
+                    .get(&vm.name)
+                    .is_some_and(|m| now_s < m.cooldown_until_s);
+                if let Some(bytes) =
+                    trim_bytes.filter(|_| vm.cause == Cause::Hold && !vm.pressure && !cooling)
+                {
+                    link.trim_cache(bytes);
+                }
                 debug!(
                     "vm {}: holding {} MiB: {}",
                     vm.name,

@@ -4,12 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod baselines;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod guest_model;
 pub mod links;
 pub mod meminfo_reader;
 pub mod metrics;
+pub mod plot;
 pub mod policy;
 pub mod simulate;
 pub mod status;

@@ -31,6 +31,12 @@ pub const RECLAIM_TIMEOUT: Duration = Duration::from_secs(20);
 /// After a reclaim (answered or not), the next inflations go ahead without
 /// asking again for this long.
 pub const RECLAIM_REPEAT: Duration = Duration::from_secs(30);
+/// Smaller cache trims are not worth the agent's work.
+pub const TRIM_MIN_BYTES: u64 = 8 << 20;
+/// Cache trims (`VmLink::trim_cache`) come at most this often: sooner
+/// than `RECLAIM_REPEAT`, as the host is short, and each takes at most
+/// half of what is left.
+pub const TRIM_REPEAT: Duration = Duration::from_secs(10);
 /// One kind of fault is logged at most this often per VM.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -428,32 +434,70 @@ impl VmLink {
                 if last_done.is_some_and(|at| at.elapsed() < RECLAIM_REPEAT) {
                     return Gate::Proceed;
                 }
-                let Some(agent) = self.agent.as_mut() else {
+                let Some(agent) = self.agent.as_ref() else {
                     return Gate::Proceed;
                 };
                 let cache = agent.latest().map_or(0, |r| r.meminfo.page_cache_bytes);
                 if cache < bytes {
                     return Gate::Proceed;
                 }
-                match agent.send_reclaim(bytes, Instant::now() + WRITE_TIMEOUT) {
-                    Ok(id) => {
-                        info!(
-                            "vm {}: asked the guest agent to reclaim {} MiB of page cache before inflating",
-                            self.name,
-                            bytes >> 20
-                        );
-                        self.reclaim = Reclaim::Waiting {
-                            id,
-                            bytes,
-                            sent: Instant::now(),
-                        };
-                        Gate::Hold("waiting for the guest agent's reclaim".into())
-                    }
-                    Err(error) => {
-                        self.agent_failed(&error);
-                        Gate::Proceed
-                    }
+                if self.ask_reclaim(bytes, "before inflating") {
+                    Gate::Hold("waiting for the guest agent's reclaim".into())
+                } else {
+                    Gate::Proceed
                 }
+            }
+        }
+    }
+
+    /// For a VM the balloon may not take more from (its guest at its
+    /// floor) while the host reclaims: ask the agent to
+    /// drop up to `bytes` of page cache, at most half the cache. The floor
+    /// counts cache as available, and the guest's free memory that it never
+    /// touched is not on the host anyway, so a balloon there gains the host
+    /// nothing; dropped cache is freed memory the guest reports back (free
+    /// page reporting). At most once per `TRIM_REPEAT`; never waits.
+    pub fn trim_cache(&mut self, bytes: u64) {
+        let Reclaim::Idle { last_done } = self.reclaim else {
+            return;
+        };
+        if last_done.is_some_and(|at| at.elapsed() < TRIM_REPEAT) {
+            return;
+        }
+        let cache = self
+            .agent
+            .as_ref()
+            .and_then(|agent| agent.latest())
+            .map_or(0, |r| r.meminfo.page_cache_bytes);
+        let bytes = bytes.min(cache / 2);
+        if bytes >= TRIM_MIN_BYTES {
+            self.ask_reclaim(bytes, "while the host reclaims (the balloon is held)");
+        }
+    }
+
+    /// Sends the agent a reclaim of `bytes` and waits for its answer in
+    /// `settle_reclaim`; false when there is no agent or it failed.
+    fn ask_reclaim(&mut self, bytes: u64, why: &str) -> bool {
+        let Some(agent) = self.agent.as_mut() else {
+            return false;
+        };
+        match agent.send_reclaim(bytes, Instant::now() + WRITE_TIMEOUT) {
+            Ok(id) => {
+                info!(
+                    "vm {}: asked the guest agent to reclaim {} MiB of page cache {why}",
+                    self.name,
+                    bytes >> 20
+                );
+                self.reclaim = Reclaim::Waiting {
+                    id,
+                    bytes,
+                    sent: Instant::now(),
+                };
+                true
+            }
+            Err(error) => {
+                self.agent_failed(&error);
+                false
             }
         }
     }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::baselines::PolicyKind;
 use crate::config::{HostSection, VmPolicy, VmSettings, MIB};
+use crate::plot::{grid_svg, Line, Panel};
 use crate::policy::{GuestSample, HostState, HostThresholds, PolicyMemory, VmInput};
 
 /// Piecewise-linear curve of (seconds, MiB) points.
@@ -416,71 +417,28 @@ pub fn csv(scenario: &Scenario, samples: &[Sample]) -> String {
 }
 
 pub fn svg(scenario: &Scenario, samples: &[Sample], path: &Path) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1000, 600)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let max_y = samples
-        .iter()
-        .flat_map(|s| {
-            std::iter::once(s.host_available_mib)
-                .chain(s.balloon_mib.iter().copied())
-                .chain(s.guest_free_mib.iter().copied())
-        })
-        .fold(1.0f64, f64::max);
-    let min_y = samples
-        .iter()
-        .flat_map(|s| s.guest_free_mib.iter().copied())
-        .fold(0.0f64, f64::min);
-    let mut chart = ChartBuilder::on(&root)
-        .margin(20)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..scenario.duration_s as f64, min_y..max_y * 1.05)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds")
-        .y_desc("MiB")
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![(
-        "host available".into(),
-        samples
-            .iter()
-            .map(|s| (s.t_s as f64, s.host_available_mib))
-            .collect(),
-    )];
+    let series = |name: String, value: &dyn Fn(&Sample) -> f64| Line {
+        name,
+        colour: RGBColor(0, 0, 0),
+        points: samples.iter().map(|s| (s.t_s as f64, value(s))).collect(),
+    };
+    let mut lines = vec![series("host available".into(), &|s| s.host_available_mib)];
     for (i, name) in guest_names(scenario).iter().enumerate() {
-        series.push((
-            format!("{name} balloon"),
-            samples
-                .iter()
-                .map(|s| (s.t_s as f64, s.balloon_mib[i]))
-                .collect(),
-        ));
-        series.push((
-            format!("{name} guest free"),
-            samples
-                .iter()
-                .map(|s| (s.t_s as f64, s.guest_free_mib[i]))
-                .collect(),
-        ));
+        let at = |values: &[f64]| values.get(i).copied().unwrap_or(0.0);
+        lines.push(series(format!("{name} balloon"), &|s| at(&s.balloon_mib)));
+        lines.push(series(format!("{name} guest free"), &|s| {
+            at(&s.guest_free_mib)
+        }));
     }
-    for (index, (name, points)) in series.into_iter().enumerate() {
+    for (index, line) in lines.iter_mut().enumerate() {
         let colour = Palette99::pick(index).to_rgba();
-        chart
-            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        line.colour = RGBColor(colour.0, colour.1, colour.2);
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    let panel = Panel {
+        title: String::new(),
+        lines,
+    };
+    grid_svg(path, scenario.duration_s as f64, &["MiB"], &[vec![panel]])
 }
 
 /// Loads a scenario, runs it, writes `<out>.csv` and `<out>.svg`.
@@ -567,68 +525,38 @@ pub fn table(runs: &[Compared]) -> String {
     out
 }
 
-/// A series of a comparison panel: its name, colour and value.
-type PlotLine = (&'static str, RGBColor, fn(&Sample) -> f64);
-
 /// The runs side by side: per policy, host available memory, memory
 /// returned, and working set that did not fit (guest pressure).
 pub fn compare_svg(scenario: &Scenario, runs: &[Compared], path: &Path) -> anyhow::Result<()> {
-    let plot = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
-    let width = 480 * u32::try_from(runs.len().max(1)).unwrap_or(4);
-    let root = SVGBackend::new(path, (width, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| plot(&e))?;
-    let panels = root.split_evenly((1, runs.len().max(1)));
-    let max_y = runs
+    type Value = fn(&Sample) -> f64;
+    let series: [(&str, RGBColor, Value); 3] = [
+        ("host available", BLUE, |s| s.host_available_mib),
+        ("returned by balloons", GREEN, |s| s.returned_mib),
+        ("working set not resident", RED, |s| {
+            s.missing_working_set_mib
+        }),
+    ];
+    let columns: Vec<Vec<Panel>> = runs
         .iter()
-        .flat_map(|r| &r.samples)
-        .flat_map(|s| {
-            [
-                s.host_available_mib,
-                s.returned_mib,
-                s.missing_working_set_mib,
-            ]
+        .map(|run| {
+            vec![Panel {
+                title: run.policy.name().to_string(),
+                lines: series
+                    .iter()
+                    .map(|(name, colour, value)| Line {
+                        name: name.to_string(),
+                        colour: *colour,
+                        points: run
+                            .samples
+                            .iter()
+                            .map(|s| (s.t_s as f64, value(s)))
+                            .collect(),
+                    })
+                    .collect(),
+            }]
         })
-        .fold(1.0f64, f64::max);
-    for (panel, run) in panels.iter().zip(runs) {
-        let mut chart = ChartBuilder::on(panel)
-            .caption(run.policy.name(), ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..scenario.duration_s as f64, 0f64..max_y * 1.05)
-            .map_err(|e| plot(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("MiB")
-            .draw()
-            .map_err(|e| plot(&e))?;
-        let lines: [PlotLine; 3] = [
-            ("host available", BLUE, |s| s.host_available_mib),
-            ("returned by balloons", GREEN, |s| s.returned_mib),
-            ("working set not resident", RED, |s| {
-                s.missing_working_set_mib
-            }),
-        ];
-        for (name, colour, value) in lines {
-            chart
-                .draw_series(LineSeries::new(
-                    run.samples.iter().map(|s| (s.t_s as f64, value(s))),
-                    colour.stroke_width(2),
-                ))
-                .map_err(|e| plot(&e))?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(|e| plot(&e))?;
-    }
-    root.present().map_err(|e| plot(&e))?;
-    Ok(())
+        .collect();
+    grid_svg(path, scenario.duration_s as f64, &["MiB"], &columns)
 }
 
 /// `simulate --compare`: every policy of `policies` on the scenario;

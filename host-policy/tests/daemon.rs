@@ -44,6 +44,16 @@ struct Setup {
 }
 
 fn setup(count: usize, extra_config: &str) -> (Setup, Config) {
+    setup_with(count, "", extra_config, |_| String::new())
+}
+
+/// `setup` with more `[host]` lines and more lines for each `[[vm]]`.
+fn setup_with(
+    count: usize,
+    host_config: &str,
+    extra_config: &str,
+    vm_lines: impl Fn(usize) -> String,
+) -> (Setup, Config) {
     let dir = tempfile::tempdir().unwrap();
     let meminfo = dir.path().join("meminfo");
     write_host(&meminfo, 1024, 512);
@@ -51,14 +61,15 @@ fn setup(count: usize, extra_config: &str) -> (Setup, Config) {
         .map(|_| Harness::start(&backend_binary(), &[]))
         .collect();
     let mut text = format!(
-        "[host]\nmeminfo = {:?}\nstate_file = {:?}\n\n[defaults]\nmin_free_mib = 4\nmin_free_percent = 0\ninflate_step_mib = 8\nhard_inflate_step_mib = 16\ndeflate_step_mib = 16\nmin_change_mib = 0\n{extra_config}\n",
+        "[host]\nmeminfo = {:?}\nstate_file = {:?}\n{host_config}\n\n[defaults]\nmin_free_mib = 4\nmin_free_percent = 0\ninflate_step_mib = 8\nhard_inflate_step_mib = 16\ndeflate_step_mib = 16\nmin_change_mib = 0\n{extra_config}\n",
         meminfo,
         dir.path().join("state.json"),
     );
     for (i, vm) in vms.iter().enumerate() {
         text.push_str(&format!(
-            "\n[[vm]]\nname = \"vm{i}\"\ncontrol = {:?}\n",
-            vm.dir.path().join("control.sock")
+            "\n[[vm]]\nname = \"vm{i}\"\ncontrol = {:?}\n{}",
+            vm.dir.path().join("control.sock"),
+            vm_lines(i)
         ));
     }
     let path = dir.path().join("host-policy.toml");
@@ -300,4 +311,119 @@ fn a_pinned_target_is_held_until_unpinned() {
         daemon.tick().unwrap();
     }
     assert!(s.vms[0].status()["target_bytes"].as_u64().unwrap() > 4 * MIB);
+}
+
+/// A guest agent that reports `page_cache_mib` of page cache and answers
+/// every reclaim; the bytes each reclaim asked for come out of the channel.
+fn fake_agent(path: &Path, page_cache_mib: u64) -> std::sync::mpsc::Receiver<u64> {
+    use balloon_protocol::agent::{
+        FromAgent, MemInfo, ReclaimOutcome, Reply, Report, ReportReason, VmStat,
+    };
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    let (asked, asks) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut out = stream.try_clone().unwrap();
+        let report = FromAgent::Report(Report {
+            v: 1,
+            reason: ReportReason::Hello,
+            seq: 1,
+            meminfo: MemInfo {
+                total_bytes: GUEST_RAM_BYTES,
+                free_bytes: 2 * MIB,
+                available_bytes: 10 * MIB,
+                page_cache_bytes: page_cache_mib * MIB,
+                shmem_bytes: 0,
+            },
+            vmstat: VmStat::default(),
+            psi: None,
+            cgroup: None,
+        });
+        out.write_all(&report.to_line().unwrap()).unwrap();
+        out.write_all(b"\n").unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            let command: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let (Some(id), Some(bytes)) = (command["id"].as_u64(), command["bytes"].as_u64())
+            else {
+                continue;
+            };
+            if asked.send(bytes).is_err() {
+                return;
+            }
+            let reply = FromAgent::Reply(Reply::reclaimed(
+                id,
+                ReclaimOutcome {
+                    method: "memory.reclaim".into(),
+                    requested_bytes: bytes,
+                    page_cache_before_bytes: page_cache_mib * MIB,
+                    page_cache_after_bytes: page_cache_mib * MIB - bytes,
+                    reclaimed_bytes: bytes,
+                },
+            ));
+            out.write_all(&reply.to_line().unwrap()).unwrap();
+            out.write_all(b"\n").unwrap();
+        }
+    });
+    asks
+}
+
+/// Ticks for `seconds`; the reclaim the agent was asked for, if any.
+fn tick_for_reclaim(
+    daemon: &mut Daemon,
+    asks: &std::sync::mpsc::Receiver<u64>,
+    seconds: u64,
+) -> Option<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while std::time::Instant::now() < deadline {
+        daemon.tick().unwrap();
+        if let Ok(bytes) = asks.recv_timeout(std::time::Duration::from_millis(200)) {
+            return Some(bytes);
+        }
+    }
+    None
+}
+
+#[test]
+fn while_the_host_reclaims_a_guest_at_its_floor_is_asked_to_drop_cache() {
+    let agents = tempfile::tempdir().unwrap();
+    let agent = |i: usize| agents.path().join(format!("agent-{i}.sock"));
+    let asks = fake_agent(&agent(0), 24);
+    let (mut s, config) = setup_with(1, "", "", |i| format!("agent = {:?}\n", agent(i)));
+    let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
+    // 10 MiB available: under the floor (4 MiB) plus its margin (8 MiB),
+    // so the balloon may not take anything.
+    s.vms[0].send_stats(&stats(10, 0));
+    let mut daemon = Daemon::new(config, false);
+
+    // A host with memory to spare (inside the dead band): the cache is
+    // left alone.
+    write_host(&s.meminfo, 1024, 300);
+    assert_eq!(tick_for_reclaim(&mut daemon, &asks, 3), None);
+    // The host reclaims: the balloon holds, and the agent is asked for at
+    // most half its cache (24 MiB).
+    write_host(&s.meminfo, 1024, 150);
+    let bytes = tick_for_reclaim(&mut daemon, &asks, 10).expect("a cache trim");
+    assert_eq!(bytes, 12 * MIB);
+    assert_eq!(s.vms[0].status()["target_bytes"], 0);
+}
+
+#[test]
+fn the_peer_policies_never_ask_an_agent_to_drop_cache() {
+    let agents = tempfile::tempdir().unwrap();
+    let agent = |i: usize| agents.path().join(format!("agent-{i}.sock"));
+    let asks = fake_agent(&agent(0), 24);
+    let (mut s, config) = setup_with(1, "policy = \"mom\"", "", |i| {
+        format!("agent = {:?}\n", agent(i))
+    });
+    let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
+    // Nothing free: MOM does not inflate either (which would ask the agent
+    // to reclaim before inflating, as for every policy).
+    s.vms[0].send_stats(&stats(0, 0));
+    let mut daemon = Daemon::new(config, false);
+    write_host(&s.meminfo, 1024, 50);
+    assert_eq!(tick_for_reclaim(&mut daemon, &asks, 3), None);
 }

@@ -67,19 +67,32 @@ impl PolicyProcess {
         tables: &str,
     ) -> anyhow::Result<Self> {
         let meminfo = dir.join("host-meminfo");
-        write_meminfo(&meminfo, 16384, 8192)?;
-        let config = dir.join("host-policy.toml");
-        std::fs::write(
-            &config,
-            format!(
+        Self::start_config(
+            env,
+            dir,
+            &format!(
                 "[host]\ninterval_s = 1\nmeminfo = {meminfo:?}\nstate_file = {:?}\n\n{tables}\n\n[defaults]\n{settings}\n\n[[vm]]\nname = \"guest\"\ncontrol = {control:?}\n{}",
                 dir.join("host-policy.json"),
                 agent.map_or(String::new(), |a| format!("agent = {a:?}\n"))
             ),
-        )?;
+        )
+    }
+
+    /// Starts `host-policy run` on the configuration `config`, which should
+    /// read host memory from `host-meminfo` and write its state to
+    /// `host-policy.json`, both in `dir` (unless the caller wrote
+    /// `host-meminfo` first, the host has 8 GiB of 16 GiB available). The
+    /// daemon's log goes to `host-policy.log` in `dir`.
+    pub fn start_config(env: &TestEnv, dir: &Path, config: &str) -> anyhow::Result<Self> {
+        let meminfo = dir.join("host-meminfo");
+        if !meminfo.exists() {
+            write_meminfo(&meminfo, 16384, 8192)?;
+        }
+        let config_path = dir.join("host-policy.toml");
+        std::fs::write(&config_path, config)?;
         let child = Command::new(&env.host_policy_binary)
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(&config_path)
             // Decisions are logged at info; tests read them whatever RUST_LOG says.
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -91,7 +104,7 @@ impl PolicyProcess {
         Ok(PolicyProcess {
             child: ChildGuard::new("host-policy", child),
             meminfo,
-            config,
+            config: config_path,
             state_file: dir.join("host-policy.json"),
         })
     }

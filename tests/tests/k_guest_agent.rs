@@ -237,6 +237,31 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         )
     })?;
 
+    // 2b. The balloon at its limit (25 %) while the host is still short:
+    //     host-policy asks the agent to drop cache instead (a trim), and
+    //     the guest's page cache falls.
+    let cache_at_limit = page_cache_bytes(&stack.vm.meminfo()?);
+    let trim_line = wait_log_line(
+        &log_path,
+        "while the host reclaims",
+        Duration::from_secs(60),
+    )?;
+    eprintln!("[k] {trim_line}");
+    let trimmed_to = wait_for(
+        "the guest's page cache to fall after the trim",
+        Duration::from_secs(30),
+        || {
+            let cache = page_cache_bytes(&stack.vm.meminfo()?);
+            Ok((cache.saturating_add(8 * MIB) <= cache_at_limit).then_some(cache))
+        },
+    )?;
+    eprintln!(
+        "[k] trim: page cache {} MiB -> {} MiB, balloon held at {} MiB",
+        cache_at_limit / MIB,
+        trimmed_to / MIB,
+        inflated / MIB
+    );
+
     // 3. The host inside the dead band (30 % available: no more reclaim,
     //    no give-back), then a memory hog in the guest: PSI rises and
     //    host-policy takes the agent's report for pressure. The hog also

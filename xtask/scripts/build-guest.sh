@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Builds the test guest into the directory given as $1: `vmlinuz` (a Debian
 # cloud kernel) and `initramfs.gz` (busybox-static, the virtio modules the
-# kernel did not build in, /init from guest/init.sh and, when $2 names one,
-# the static guest-agent binary). Called by `cargo xtask guest`, which keys
-# the cache on a hash of this file, guest/init.sh, the agent binary and $3.
+# kernel did not build in, /init from guest/init.sh and the static programs
+# named after $2, copied to /bin: guest-agent and guest-workload). Called by
+# `cargo xtask guest`, which keys the cache on a hash of this file,
+# guest/init.sh, the programs and $2.
 #
-# $3 picks the kernel's suite: bullseye (5.10), bookworm (6.1),
+# $2 picks the kernel's suite: bullseye (5.10), bookworm (6.1),
 # bookworm-backports (6.12) or unstable (newest). Those are fetched with a
 # private apt state in the work directory, so the host's apt sources are not
-# changed. Without $3: 6.12 from bookworm-backports when the mirror has it,
+# changed. With $2 empty: 6.12 from bookworm-backports when the mirror has it,
 # else bookworm's 6.1, through the host's apt (adding bookworm-backports).
 set -euo pipefail
 
-out=${1:?usage: build-guest.sh OUTDIR [GUEST_AGENT_BINARY] [SUITE]}
-agent=${2:-}
-suite=${3:-}
+out=${1:?usage: build-guest.sh OUTDIR [SUITE] [STATIC_PROGRAM...]}
+suite=${2:-}
+shift $(( $# < 2 ? $# : 2 ))
 here=$(cd "$(dirname "$0")" && pwd)
 work="$out.work"
 rm -rf "$work"
@@ -119,9 +120,9 @@ done
 ls "$root/lib/modules" | sed 's/^/[guest]   module /'
 cp "$here/../guest/init.sh" "$root/init"
 chmod +x "$root/init"
-if [ -n "$agent" ]; then
-  cp "$agent" "$root/bin/guest-agent"
-fi
+for program in "$@"; do
+  cp "$program" "$root/bin/$(basename "$program")"
+done
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out.initramfs.tmp"
 
 mkdir -p "$out"

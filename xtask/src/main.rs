@@ -2,9 +2,12 @@
 //! every test, run the benchmarks. `cargo xtask --help` lists them.
 
 mod bench;
+mod deb;
 mod demo;
 mod fuzz;
 mod matrix;
+mod package_test;
+mod policy_on_guests;
 mod provision;
 mod qemu_comparison;
 
@@ -39,7 +42,17 @@ enum Task {
     /// Boot a 1 GiB guest and show its memory being reclaimed and given back.
     Demo,
     /// Run the benchmarks and write docs/performance.md.
-    Bench,
+    Bench {
+        /// Only the policies on real guests (about 15 min): print the table,
+        /// write the SVG to target/, leave docs/performance.md alone.
+        #[arg(long)]
+        only_policies_on_guests: bool,
+    },
+    /// Build the Debian package: target/deb/balloon-stack_<version>_amd64.deb.
+    Deb,
+    /// Check the package (root): contents, lintian, systemd-analyze, and an
+    /// install, the libvirt hook and a removal in a clean Debian 12 root.
+    PackageTest,
     /// Run every fuzz target for a while (cargo-fuzz, nightly toolchain).
     Fuzz {
         /// Seconds per target.
@@ -81,8 +94,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = provision::ensure_all()?;
             demo::run(&env)
         }
-        Task::Bench => bench::run(),
+        Task::Bench {
+            only_policies_on_guests: false,
+        } => bench::run(),
+        Task::Bench {
+            only_policies_on_guests: true,
+        } => {
+            provision::ensure_all()?;
+            let svg = provision::workspace_root().join("target/policies-on-guests.svg");
+            println!("{}", policy_on_guests::run(&svg)?);
+            eprintln!("[xtask] wrote {}", svg.display());
+            Ok(())
+        }
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Deb => {
+            println!("{}", deb::build()?.display());
+            Ok(())
+        }
+        Task::PackageTest => package_test::run(),
         Task::Test { cargo_args } => {
             provision::ensure_all()?;
             let status = Command::new(provision::cargo())

@@ -20,7 +20,7 @@ pub fn cargo() -> String {
 }
 
 /// `$XDG_CACHE_HOME/balloon-stack`, or `~/.cache/balloon-stack`.
-fn cache_root() -> anyhow::Result<PathBuf> {
+pub fn cache_root() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
@@ -42,7 +42,7 @@ fn recipe_hash(files: &[PathBuf]) -> anyhow::Result<String> {
         .collect())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -113,8 +113,10 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
     Ok(qemu)
 }
 
-/// The guest agent, built as a static binary for the guest.
-fn build_guest_agent() -> anyhow::Result<PathBuf> {
+/// The programs the guest image carries in /bin (the agent and the
+/// benchmark's workload), built as static binaries.
+pub fn build_guest_programs() -> anyhow::Result<Vec<PathBuf>> {
+    const PROGRAMS: [&str; 2] = ["guest-agent", "guest-workload"];
     let root = workspace_root();
     // --target keeps +crt-static away from build scripts and proc macros.
     let target = "x86_64-unknown-linux-gnu";
@@ -129,19 +131,16 @@ fn build_guest_agent() -> anyhow::Result<PathBuf> {
                 root.display()
             ),
         )
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "guest-agent",
-            "--target",
-            target,
-        ])
+        .args(["build", "--release", "--quiet", "--target", target])
+        .args(PROGRAMS.iter().flat_map(|p| ["-p", p]))
         .status()
-        .context("building guest-agent")?;
-    anyhow::ensure!(status.success(), "building the static guest-agent failed");
-    Ok(root.join("target").join(target).join("release/guest-agent"))
+        .context("building the guest programs")?;
+    anyhow::ensure!(
+        status.success(),
+        "building the static guest programs failed"
+    );
+    let release = root.join("target").join(target).join("release");
+    Ok(PROGRAMS.iter().map(|p| release.join(p)).collect())
 }
 
 /// Which Debian cloud kernel a guest image carries.
@@ -182,8 +181,10 @@ pub fn ensure_guest(suite: Option<KernelSuite>) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let script = root.join("xtask/scripts/build-guest.sh");
     let init = root.join("xtask/guest/init.sh");
-    let agent = build_guest_agent()?;
-    let hash = recipe_hash(&[script.clone(), init, agent.clone()])?;
+    let programs = build_guest_programs()?;
+    let mut recipe = vec![script.clone(), init];
+    recipe.extend(programs.iter().cloned());
+    let hash = recipe_hash(&recipe)?;
     let dir = cache_root()?.join(match suite {
         None => format!("guest-{hash}"),
         Some(suite) => format!("guest-{hash}-{}", suite.name()),
@@ -198,10 +199,11 @@ pub fn ensure_guest(suite: Option<KernelSuite>) -> anyhow::Result<PathBuf> {
     );
     eprintln!("[xtask] building the guest image into {}", dir.display());
     let mut command = Command::new("bash");
-    command.arg(&script).arg(&dir).arg(&agent);
-    if let Some(suite) = suite {
-        command.arg(suite.name());
-    }
+    command
+        .arg(&script)
+        .arg(&dir)
+        .arg(suite.map_or("", KernelSuite::name))
+        .args(&programs);
     let status = command.status().context("running build-guest.sh")?;
     anyhow::ensure!(
         status.success(),

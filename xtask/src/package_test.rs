@@ -1,0 +1,461 @@
+//! `cargo xtask package-test` (root; CI runs it): the Debian package and
+//! what it installs, checked with Debian's own tools. Builds the package;
+//! its contents must list every file it promises; lintian must report no
+//! error; `systemd-analyze verify` and `security` run on its units; in a
+//! clean Debian 12 root (debootstrap, cached) `dpkg -i` installs it with
+//! only its declared dependencies, the programs run, the user and
+//! directories exist, the libvirt hook starts and stops a domain's backend
+//! (without systemd: its pid-file path) and leaves other domains alone,
+//! and `dpkg -r` / `dpkg -P` remove it cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::deb::PACKAGE;
+use crate::provision::{cache_root, ensure_packages, is_root, workspace_root};
+
+/// Paths `dpkg-deb --contents` must list.
+const PROMISED: &[&str] = &[
+    "./usr/bin/balloon-backend",
+    "./usr/bin/host-policy",
+    "./usr/bin/balloonctl",
+    "./usr/share/balloon-stack/guest/guest-agent",
+    "./lib/systemd/system/balloon-backend@.service",
+    "./lib/systemd/system/host-policy.service",
+    "./usr/lib/tmpfiles.d/balloon-stack.conf",
+    "./etc/balloon-stack/host-policy.toml",
+    "./etc/balloon-stack/vm.d/",
+    "./etc/libvirt/hooks/qemu.d/balloon-stack",
+    "./usr/share/man/man1/balloon-backend.1.gz",
+    "./usr/share/man/man1/host-policy.1.gz",
+    "./usr/share/man/man1/balloonctl.1.gz",
+    "./usr/share/bash-completion/completions/balloonctl",
+    "./usr/share/bash-completion/completions/host-policy",
+    "./usr/share/bash-completion/completions/balloon-backend",
+    "./usr/share/zsh/vendor-completions/_balloonctl",
+    "./usr/share/fish/vendor_completions.d/balloonctl.fish",
+    "./usr/share/doc/balloon-stack/copyright",
+    "./usr/share/doc/balloon-stack/changelog.Debian.gz",
+    "./usr/share/doc/balloon-stack/install.md",
+    "./usr/share/doc/balloon-stack/host-policy.md",
+];
+
+/// The most systemd-analyze's exposure score (0 safest, 10 most exposed)
+/// a unit may have.
+const MAX_EXPOSURE: f64 = 2.5;
+
+fn output(command: &mut Command) -> anyhow::Result<Output> {
+    command
+        .output()
+        .with_context(|| format!("running {command:?}"))
+}
+
+fn succeed(command: &mut Command) -> anyhow::Result<String> {
+    let out = output(command)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn check_contents(deb: &Path) -> anyhow::Result<()> {
+    let listing = succeed(Command::new("dpkg-deb").arg("--contents").arg(deb))?;
+    let paths: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .collect();
+    let missing: Vec<&&str> = PROMISED.iter().filter(|p| !paths.contains(p)).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the package lacks {missing:?}; it holds:\n{listing}"
+    );
+    eprintln!(
+        "[package] contents: {} paths, all promised ones",
+        paths.len()
+    );
+    Ok(())
+}
+
+/// lintian's tags by severity letter.
+fn lintian(deb: &Path) -> anyhow::Result<Vec<String>> {
+    ensure_packages(&[("lintian", "lintian")])?;
+    // lintian exits non-zero for errors; its report is what is judged.
+    let out = output(
+        Command::new("lintian")
+            .args(["--no-tag-display-limit", "--display-info"])
+            .arg(deb),
+    )?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        !stderr.contains("internal error"),
+        "lintian failed: {stderr}"
+    );
+    let errors: Vec<String> = report
+        .lines()
+        .filter(|l| l.starts_with("E: "))
+        .map(str::to_string)
+        .collect();
+    anyhow::ensure!(errors.is_empty(), "lintian reports errors:\n{report}");
+    for line in report.lines().filter(|l| !l.starts_with("N: ")) {
+        eprintln!("[package] lintian {line}");
+    }
+    eprintln!(
+        "[package] lintian: no errors, {} warnings, {} notes",
+        report.lines().filter(|l| l.starts_with("W: ")).count(),
+        report.lines().filter(|l| l.starts_with("I: ")).count()
+    );
+    Ok(report.lines().map(str::to_string).collect())
+}
+
+/// `systemd-analyze verify` on the units as installed in the root `root`
+/// (which has systemd, as a host has), and each unit's exposure score from
+/// `systemd-analyze security`.
+fn systemd_checks(root: &Path) -> anyhow::Result<Vec<(String, f64)>> {
+    let units = root.join("lib/systemd/system");
+    // An instance of the template, as systemd would load it.
+    let instance = units.join("balloon-backend@vm1.service");
+    std::fs::copy(units.join("balloon-backend@.service"), &instance)?;
+    let mut scores = Vec::new();
+    for unit in ["balloon-backend@vm1.service", "host-policy.service"] {
+        let path = units.join(unit);
+        let verify = output(
+            Command::new("systemd-analyze")
+                .args(["verify", "--man=no"])
+                .arg(format!("--root={}", root.display()))
+                .arg(&path),
+        )?;
+        let complaints = String::from_utf8_lossy(&verify.stderr).into_owned();
+        anyhow::ensure!(
+            verify.status.success() && complaints.trim().is_empty(),
+            "systemd-analyze verify {unit}:\n{complaints}"
+        );
+        let security = succeed(
+            Command::new("systemd-analyze")
+                .args(["security", "--no-pager", "--offline=true"])
+                .arg(format!("--root={}", root.display()))
+                .arg(&path),
+        )?;
+        let score = security
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .with_context(|| format!("no exposure level for {unit} in:\n{security}"))?;
+        eprintln!("[package] systemd-analyze security {unit}: {score}");
+        anyhow::ensure!(
+            score <= MAX_EXPOSURE,
+            "{unit}: exposure {score}, more than {MAX_EXPOSURE}:\n{security}"
+        );
+        scores.push((unit.to_string(), score));
+    }
+    std::fs::remove_file(&instance)?;
+    Ok(scores)
+}
+
+/// A minimal Debian 12 root with systemd (as a host has; the package does
+/// not depend on it), made once with debootstrap from the machine's own
+/// apt source and kept in the cache.
+fn debian_root() -> anyhow::Result<PathBuf> {
+    let cached = cache_root()?.join("debootstrap-bookworm-systemd");
+    if cached.join("usr/bin/dpkg").is_file() {
+        return Ok(cached);
+    }
+    ensure_packages(&[("debootstrap", "debootstrap")])?;
+    let mirror =
+        succeed(Command::new("bash").arg(workspace_root().join("xtask/scripts/debian-mirror.sh")))?;
+    let work = cached.with_extension("work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    eprintln!(
+        "[package] debootstrap --variant=minbase --include=systemd bookworm (once, a few minutes)"
+    );
+    succeed(
+        Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=systemd", "bookworm"])
+            .arg(&work)
+            .arg(mirror.trim()),
+    )?;
+    std::fs::rename(&work, &cached)?;
+    Ok(cached)
+}
+
+/// A copy of the cached root to install into, with /proc mounted for the
+/// backend; unmounted and deleted on drop.
+struct Chroot {
+    root: PathBuf,
+    _scratch: tempfile::TempDir,
+}
+
+impl Chroot {
+    fn new(template: &Path) -> anyhow::Result<Self> {
+        let scratch = tempfile::tempdir()?;
+        let root = scratch.path().join("root");
+        succeed(Command::new("cp").arg("-a").arg(template).arg(&root))?;
+        succeed(
+            Command::new("mount")
+                .args(["-t", "proc", "proc"])
+                .arg(root.join("proc")),
+        )?;
+        Ok(Chroot {
+            root,
+            _scratch: scratch,
+        })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("chroot");
+        command
+            .arg(&self.root)
+            .arg(program)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        command
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        succeed(self.command(program).args(args))
+    }
+
+    fn path(&self, inside: &str) -> PathBuf {
+        self.root.join(inside.trim_start_matches('/'))
+    }
+}
+
+impl Drop for Chroot {
+    fn drop(&mut self) {
+        // Backends the hook started and a failed test left behind, by
+        // their pid files.
+        let pids = std::fs::read_dir(self.path("/run/balloon"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok());
+        for pid in pids {
+            if let Err(error) = Command::new("kill").arg(pid.trim()).status() {
+                eprintln!("[package] stopping a leftover backend: {error}");
+            }
+        }
+        if let Err(error) = Command::new("umount")
+            .arg("-l")
+            .arg(self.root.join("proc"))
+            .status()
+        {
+            eprintln!("[package] unmounting the chroot's /proc: {error}");
+        }
+    }
+}
+
+const DOMAIN_XML: &str =
+    "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\
+<name>NAME</name><qemu:commandline><qemu:arg value='-chardev'/>\
+<qemu:arg value='socket,id=bal0,path=/run/balloon/NAME/balloon.sock,reconnect-ms=1000'/>\
+<qemu:arg value='-device'/>\
+<qemu:arg value='vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16'/>\
+</qemu:commandline>METADATA</domain>";
+
+/// Runs the installed hook as libvirt would, with `xml` on stdin.
+fn hook(chroot: &Chroot, domain: &str, operation: &str, xml: &str) -> anyhow::Result<Output> {
+    use std::io::Write;
+    let mut child = chroot
+        .command("/etc/libvirt/hooks/qemu.d/balloon-stack")
+        .args([domain, operation, "begin", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("the hook's stdin")?
+        .write_all(xml.as_bytes())?;
+    Ok(child.wait_with_output()?)
+}
+
+fn domain_xml(name: &str, metadata: &str) -> String {
+    DOMAIN_XML
+        .replace("NAME", name)
+        .replace("METADATA", metadata)
+}
+
+fn check_hook(chroot: &Chroot) -> anyhow::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    // libvirt's QEMU group, as its package would create it.
+    chroot.run("groupadd", &["--system", "libvirt-qemu"])?;
+    let gid: u32 = chroot
+        .run("getent", &["group", "libvirt-qemu"])?
+        .split(':')
+        .nth(2)
+        .and_then(|g| g.trim().parse().ok())
+        .context("libvirt-qemu's gid")?;
+
+    // A domain with our device: its backend starts before QEMU would.
+    let xml = domain_xml(
+        "vm1",
+        "<metadata><balloon:backend xmlns:balloon='urn:balloon-stack:libvirt:1' max-reclaim-percent='40'/></metadata>",
+    );
+    let out = hook(chroot, "vm1", "prepare", &xml)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "hook prepare failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let socket = chroot.path("/run/balloon/vm1/balloon.sock");
+    let meta = std::fs::metadata(&socket).context("the backend's socket")?;
+    anyhow::ensure!(meta.file_type().is_socket(), "not a socket");
+    anyhow::ensure!(
+        meta.gid() == gid && meta.permissions().mode() & 0o777 == 0o660,
+        "the socket is {:o} gid {} (want 0660, libvirt-qemu {gid})",
+        meta.permissions().mode() & 0o777,
+        meta.gid()
+    );
+    let mut control =
+        guest_tests::backend::ControlClient::connect(&chroot.path("/run/balloon/vm1.ctl"))?;
+    let status = control.status()?;
+    anyhow::ensure!(
+        status["max_reclaim_percent"] == 40,
+        "the metadata's limit did not reach the backend: {status}"
+    );
+    let pid: u32 = std::fs::read_to_string(chroot.path("/run/balloon/vm1.pid"))?
+        .trim()
+        .parse()?;
+    let user = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next().map(str::to_string))
+        .context("the backend's uid")?;
+    let balloon_uid = chroot.run("id", &["-u", "balloon"])?.trim().to_string();
+    anyhow::ensure!(
+        user == balloon_uid,
+        "the backend runs as uid {user}, not balloon's {balloon_uid}"
+    );
+    drop(control);
+
+    // Release: the backend stops and its sockets go.
+    let out = hook(chroot, "vm1", "release", &xml)?;
+    anyhow::ensure!(out.status.success(), "hook release failed");
+    test_support::wait::wait_for_every(
+        "the backend to exit",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || Ok((!Path::new(&format!("/proc/{pid}")).exists()).then_some(())),
+    )?;
+    for gone in [
+        "/run/balloon/vm1/balloon.sock",
+        "/run/balloon/vm1.ctl",
+        "/run/balloon/vm1",
+    ] {
+        anyhow::ensure!(!chroot.path(gone).exists(), "{gone} is left after release");
+    }
+
+    // Another domain: nothing happens, whatever the operation.
+    let plain = "<domain type='kvm'><name>plain</name><devices><memballoon model='virtio'/></devices></domain>";
+    for operation in ["prepare", "start", "release"] {
+        let out = hook(chroot, "plain", operation, plain)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "hook {operation} of a plain domain failed"
+        );
+    }
+    anyhow::ensure!(
+        !chroot.path("/run/balloon/plain").exists(),
+        "the hook acted on a plain domain"
+    );
+
+    // A bad limit in the metadata: the domain does not start, and the
+    // message names the attribute and the accepted values.
+    let bad = domain_xml(
+        "vm2",
+        "<metadata><balloon:backend xmlns:balloon='urn:balloon-stack:libvirt:1' max-reclaim-percent='90'/></metadata>",
+    );
+    let out = hook(chroot, "vm2", "prepare", &bad)?;
+    let message = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        !out.status.success()
+            && message.contains("max-reclaim-percent")
+            && message.contains("0 to 75"),
+        "a limit of 90 was not refused clearly: {message}"
+    );
+    anyhow::ensure!(
+        !chroot.path("/run/balloon/vm2").exists(),
+        "a refused domain left a directory"
+    );
+    eprintln!("[package] libvirt hook (no systemd): starts, stops, ignores, refuses");
+    Ok(())
+}
+
+fn check_install(deb: &Path) -> anyhow::Result<()> {
+    let template = debian_root()?;
+    let chroot = Chroot::new(&template)?;
+    let inside = format!(
+        "/tmp/{}",
+        deb.file_name().and_then(|n| n.to_str()).unwrap_or("x.deb")
+    );
+    std::fs::copy(deb, chroot.path(&inside))?;
+    chroot.run("dpkg", &["-i", &inside])?;
+    for program in ["balloon-backend", "host-policy", "balloonctl"] {
+        let version = chroot.run(program, &["--version"])?;
+        anyhow::ensure!(version.contains(program), "{program} --version: {version}");
+        chroot.run(program, &["--help"])?;
+    }
+    chroot.run("getent", &["passwd", "balloon"])?;
+    for path in [
+        "/run/balloon",
+        "/etc/balloon-stack/host-policy.toml",
+        "/etc/balloon-stack/vm.d",
+    ] {
+        anyhow::ensure!(chroot.path(path).exists(), "{path} missing after install");
+    }
+    chroot.run(
+        "host-policy",
+        &["check", "--config", "/etc/balloon-stack/host-policy.toml"],
+    )?;
+    systemd_checks(&chroot.root)?;
+    check_hook(&chroot)?;
+    // Remove keeps the configuration; purge takes it and the user.
+    chroot.run("dpkg", &["-r", PACKAGE])?;
+    anyhow::ensure!(
+        !chroot.path("/usr/bin/balloon-backend").exists(),
+        "remove left the binary"
+    );
+    anyhow::ensure!(
+        chroot.path("/etc/balloon-stack/host-policy.toml").exists(),
+        "remove took the conffile"
+    );
+    chroot.run("dpkg", &["-P", PACKAGE])?;
+    anyhow::ensure!(
+        !chroot.path("/etc/balloon-stack/host-policy.toml").exists(),
+        "purge left the conffile"
+    );
+    anyhow::ensure!(
+        output(chroot.command("getent").args(["passwd", "balloon"]))?
+            .status
+            .code()
+            == Some(2),
+        "purge left the balloon user"
+    );
+    eprintln!("[package] debootstrap root: installed, ran, removed, purged");
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        is_root(),
+        "cargo xtask package-test needs root (debootstrap, chroot, dpkg -i)"
+    );
+    let deb = crate::deb::build()?;
+    eprintln!("[package] built {}", deb.display());
+    check_contents(&deb)?;
+    lintian(&deb)?;
+    check_install(&deb)?;
+    Ok(())
+}

@@ -96,6 +96,18 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Strips what Debian does not ship: symbols, comments, notes.
+fn strip(path: &Path) -> anyhow::Result<()> {
+    run(Command::new("strip")
+        .args([
+            "--strip-unneeded",
+            "--remove-section=.comment",
+            "--remove-section=.note",
+        ])
+        .arg(path))?;
+    Ok(())
+}
+
 /// gzip -9n: no name or time stamp in the header, as Debian wants.
 fn gzip(path: &Path) -> anyhow::Result<()> {
     run(Command::new("gzip").args(["-9nf"]).arg(path))?;
@@ -288,13 +300,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
             &installed,
             0o755,
         )?;
-        run(Command::new("strip")
-            .args([
-                "--strip-unneeded",
-                "--remove-section=.comment",
-                "--remove-section=.note",
-            ])
-            .arg(&installed))?;
+        strip(&installed)?;
         binaries.push(installed);
     }
     let agent = guest_programs
@@ -303,13 +309,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
         .context("the guest agent was not built")?;
     let installed_agent = root.join("usr/share/balloon-stack/guest/guest-agent");
     copy(agent, &installed_agent, 0o755)?;
-    run(Command::new("strip")
-        .args([
-            "--strip-unneeded",
-            "--remove-section=.comment",
-            "--remove-section=.note",
-        ])
-        .arg(&installed_agent))?;
+    strip(&installed_agent)?;
     let packaging = workspace.join("packaging");
     for (from, to, mode) in PACKAGING_FILES {
         copy(&packaging.join(from), &root.join(to), mode)?;

@@ -5,6 +5,7 @@ mod bench;
 mod deb;
 mod demo;
 mod fuzz;
+mod libvirt_test;
 mod matrix;
 mod package_test;
 mod policy_on_guests;
@@ -50,8 +51,9 @@ enum Task {
     },
     /// Build the Debian package: target/deb/balloon-stack_<version>_amd64.deb.
     Deb,
-    /// Check the package (root): contents, lintian, systemd-analyze, and an
-    /// install, the libvirt hook and a removal in a clean Debian 12 root.
+    /// Check the package (root): contents, lintian, systemd-analyze, an
+    /// install, the libvirt hook and a removal in a clean Debian 12 root,
+    /// then on this host under a real libvirt with a booted guest.
     PackageTest,
     /// Run every fuzz target for a while (cargo-fuzz, nightly toolchain).
     Fuzz {

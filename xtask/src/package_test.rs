@@ -6,7 +6,8 @@
 //! only its declared dependencies, the programs run, the user and
 //! directories exist, the libvirt hook starts and stops a domain's backend
 //! (without systemd: its pid-file path) and leaves other domains alone,
-//! and `dpkg -r` / `dpkg -P` remove it cleanly.
+//! and `dpkg -r` / `dpkg -P` remove it cleanly. Then the package is
+//! installed on this host and run under a real libvirt (`libvirt_test`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -53,7 +54,7 @@ fn output(command: &mut Command) -> anyhow::Result<Output> {
         .with_context(|| format!("running {command:?}"))
 }
 
-fn succeed(command: &mut Command) -> anyhow::Result<String> {
+pub fn succeed(command: &mut Command) -> anyhow::Result<String> {
     let out = output(command)?;
     anyhow::ensure!(
         out.status.success(),
@@ -63,6 +64,33 @@ fn succeed(command: &mut Command) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The real user id of process `pid`.
+pub fn process_uid(pid: u32) -> anyhow::Result<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no Uid in /proc/{pid}/status"))
+}
+
+/// Waits until process `pid` has exited (a stopped backend).
+pub fn wait_exited(pid: u32, timeout: Duration) -> anyhow::Result<()> {
+    test_support::wait::wait_for_every(
+        &format!("process {pid} to exit"),
+        timeout,
+        Duration::from_millis(100),
+        || Ok((!Path::new(&format!("/proc/{pid}")).exists()).then_some(())),
+    )
+}
+
+/// Fails naming the first of `paths` that still exists.
+pub fn ensure_gone(paths: &[PathBuf]) -> anyhow::Result<()> {
+    match paths.iter().find(|p| p.exists()) {
+        Some(left) => anyhow::bail!("{} is left after the backend stopped", left.display()),
+        None => Ok(()),
+    }
 }
 
 fn check_contents(deb: &Path) -> anyhow::Result<()> {
@@ -328,11 +356,7 @@ fn check_hook(chroot: &Chroot) -> anyhow::Result<()> {
     let pid: u32 = std::fs::read_to_string(chroot.path("/run/balloon/vm1.pid"))?
         .trim()
         .parse()?;
-    let user = std::fs::read_to_string(format!("/proc/{pid}/status"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next().map(str::to_string))
-        .context("the backend's uid")?;
+    let user = process_uid(pid)?.to_string();
     let balloon_uid = chroot.run("id", &["-u", "balloon"])?.trim().to_string();
     anyhow::ensure!(
         user == balloon_uid,
@@ -343,19 +367,12 @@ fn check_hook(chroot: &Chroot) -> anyhow::Result<()> {
     // Release: the backend stops and its sockets go.
     let out = hook(chroot, "vm1", "release", &xml)?;
     anyhow::ensure!(out.status.success(), "hook release failed");
-    test_support::wait::wait_for_every(
-        "the backend to exit",
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-        || Ok((!Path::new(&format!("/proc/{pid}")).exists()).then_some(())),
-    )?;
-    for gone in [
-        "/run/balloon/vm1/balloon.sock",
-        "/run/balloon/vm1.ctl",
-        "/run/balloon/vm1",
-    ] {
-        anyhow::ensure!(!chroot.path(gone).exists(), "{gone} is left after release");
-    }
+    wait_exited(pid, Duration::from_secs(10))?;
+    ensure_gone(&[
+        chroot.path("/run/balloon/vm1/balloon.sock"),
+        chroot.path("/run/balloon/vm1.ctl"),
+        chroot.path("/run/balloon/vm1"),
+    ])?;
 
     // Another domain: nothing happens, whatever the operation.
     let plain = "<domain type='kvm'><name>plain</name><devices><memballoon model='virtio'/></devices></domain>";
@@ -457,5 +474,6 @@ pub fn run() -> anyhow::Result<()> {
     check_contents(&deb)?;
     lintian(&deb)?;
     check_install(&deb)?;
+    crate::libvirt_test::run(&deb)?;
     Ok(())
 }

@@ -1,0 +1,282 @@
+//! The package on this host under a real libvirt (part of `cargo xtask
+//! package-test`): installs Debian's libvirt (bookworm-backports) when
+//! missing and our package, starts virtlogd and libvirtd when they are not
+//! running, and checks with a domain of the documented XML, our QEMU as
+//! its emulator and libvirt's default unprivileged QEMU user, that the
+//! hook starts the domain's backend, that a target set over the control
+//! socket is reached and the domain's host-resident RAM falls, that
+//! `virsh destroy` stops the backend and removes its sockets, and that a
+//! domain without the device is left alone.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use guest_tests::backend::ControlClient;
+use guest_tests::memfd_residency;
+
+use crate::package_test::{ensure_gone, process_uid, succeed, wait_exited};
+
+const DOMAIN: &str = "balloon-stack-test";
+const PLAIN_DOMAIN: &str = "balloon-stack-test-plain";
+/// Where the emulator and the guest image are copied: libvirt's QEMU user
+/// cannot read root's cache.
+const SHARED: &str = "/var/lib/balloon-stack-test";
+const MIB: u64 = 1 << 20;
+const GUEST_MIB: u64 = 512;
+const TARGET_MIB: u64 = 256;
+
+const LIBVIRT_PACKAGES: [&str; 3] = [
+    "libvirt-daemon",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-clients",
+];
+
+fn ensure_libvirt() -> anyhow::Result<()> {
+    if Path::new("/usr/sbin/libvirtd").is_file() && Path::new("/usr/bin/virsh").is_file() {
+        return Ok(());
+    }
+    // 11.x from bookworm-backports (build-guest.sh added that source);
+    // bookworm's own 9.0 works too.
+    eprintln!("[libvirt] installing {}", LIBVIRT_PACKAGES.join(" "));
+    let backports = succeed(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "-t",
+                "bookworm-backports",
+                LIBVIRT_PACKAGES[0],
+                LIBVIRT_PACKAGES[1],
+                LIBVIRT_PACKAGES[2],
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    );
+    if backports.is_err() {
+        succeed(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(LIBVIRT_PACKAGES)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    Ok(())
+}
+
+fn running(program: &str) -> bool {
+    Command::new("pidof")
+        .arg(program)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn start_daemons() -> anyhow::Result<()> {
+    for daemon in ["virtlogd", "libvirtd"] {
+        if !running(daemon) {
+            succeed(Command::new(daemon).arg("-d"))?;
+        }
+    }
+    test_support::wait::wait_for_every(
+        "libvirtd to answer",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            Ok(Command::new("virsh")
+                .args(["-c", "qemu:///system", "version"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+                .then_some(()))
+        },
+    )
+}
+
+fn virsh(args: &[&str]) -> anyhow::Result<String> {
+    succeed(
+        Command::new("virsh")
+            .args(["-c", "qemu:///system"])
+            .args(args),
+    )
+}
+
+/// The domain XML of docs/install.md for `name`, booting the test guest
+/// with all its RAM allocated at start (so that ballooned memory shows).
+fn domain_xml(name: &str, emulator: &Path, with_balloon: bool) -> String {
+    let balloon = if with_balloon {
+        format!(
+            "<qemu:arg value='-chardev'/>\
+             <qemu:arg value='socket,id=bal0,path=/run/balloon/{name}/balloon.sock,reconnect-ms=1000'/>\
+             <qemu:arg value='-device'/>\
+             <qemu:arg value='vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16'/>"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\
+         <name>{name}</name><memory unit='MiB'>{GUEST_MIB}</memory><vcpu>1</vcpu>\
+         <memoryBacking><source type='memfd'/><access mode='shared'/><allocation mode='immediate'/></memoryBacking>\
+         <os><type arch='x86_64' machine='pc'>hvm</type>\
+         <kernel>{SHARED}/vmlinuz</kernel><initrd>{SHARED}/initramfs.gz</initrd>\
+         <cmdline>console=ttyS0 quiet loglevel=1 panic=-1</cmdline></os>\
+         <cpu><numa><cell id='0' cpus='0' memory='{GUEST_MIB}' unit='MiB'/></numa></cpu>\
+         <devices><emulator>{}</emulator>\
+         <serial type='file'><source path='{SHARED}/{name}.console'/></serial>\
+         <memballoon model='none'/></devices>\
+         <qemu:commandline><qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/>\
+         <qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/>{balloon}</qemu:commandline>\
+         </domain>",
+        emulator.display()
+    )
+}
+
+fn define(name: &str, xml: &str) -> anyhow::Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), xml)?;
+    // A domain left by an earlier failed run goes first.
+    if virsh(&["dominfo", name]).is_ok() {
+        if let Err(error) = virsh(&["destroy", name]) {
+            eprintln!("[libvirt] {name} was not running: {error:#}");
+        }
+        virsh(&["undefine", name])?;
+    }
+    virsh(&["define", &file.path().display().to_string()])?;
+    Ok(())
+}
+
+fn qemu_pid(name: &str) -> anyhow::Result<u32> {
+    let path = format!("/run/libvirt/qemu/{name}.pid");
+    std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("the pid in {path}"))
+}
+
+fn process_user(pid: u32) -> anyhow::Result<String> {
+    let uid = process_uid(pid)?.to_string();
+    Ok(succeed(Command::new("getent").args(["passwd", &uid]))?
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn resident_bytes(name: &str) -> anyhow::Result<u64> {
+    let memfd = memfd_residency::guest_ram_memfd(qemu_pid(name)?)?;
+    memfd_residency::allocated_bytes(&memfd)
+}
+
+/// Copies the emulator (its whole install tree) and the guest image where
+/// libvirt's QEMU user can read them.
+fn share_artefacts(env: &guest_tests::env::TestEnv) -> anyhow::Result<PathBuf> {
+    let prefix = env
+        .qemu
+        .parent()
+        .and_then(Path::parent)
+        .context("QEMU's install prefix")?;
+    if Path::new(SHARED).exists() {
+        std::fs::remove_dir_all(SHARED)?;
+    }
+    std::fs::create_dir_all(SHARED)?;
+    succeed(
+        Command::new("cp")
+            .arg("-a")
+            .arg(prefix)
+            .arg(format!("{SHARED}/qemu")),
+    )?;
+    std::fs::copy(env.kernel(), format!("{SHARED}/vmlinuz"))?;
+    std::fs::copy(env.initramfs(), format!("{SHARED}/initramfs.gz"))?;
+    succeed(Command::new("chmod").args(["-R", "a+rX", SHARED]))?;
+    Ok(PathBuf::from(format!(
+        "{SHARED}/qemu/bin/qemu-system-x86_64"
+    )))
+}
+
+pub fn run(deb: &Path) -> anyhow::Result<()> {
+    ensure_libvirt()?;
+    succeed(Command::new("dpkg").arg("-i").arg(deb))?;
+    let env = crate::provision::ensure_all()?;
+    let emulator = share_artefacts(&env)?;
+    start_daemons()?;
+
+    define(DOMAIN, &domain_xml(DOMAIN, &emulator, true))?;
+    // Without its backend QEMU waits for the socket: `virsh start` times
+    // out and the paused domain is destroyed.
+    let result = virsh(&["start", DOMAIN]).and_then(|_| check_balloon_domain());
+    if let Err(error) = virsh(&["destroy", DOMAIN]) {
+        eprintln!("[libvirt] destroying {DOMAIN}: {error:#}");
+    }
+    let (backend_pid, qemu_user) = result?;
+    eprintln!("[libvirt] {DOMAIN}: QEMU ran as {qemu_user}, the backend as balloon");
+    wait_exited(backend_pid, Duration::from_secs(15))?;
+    ensure_gone(&[
+        PathBuf::from(format!("/run/balloon/{DOMAIN}/balloon.sock")),
+        PathBuf::from(format!("/run/balloon/{DOMAIN}.ctl")),
+        PathBuf::from(format!("/run/balloon/{DOMAIN}")),
+    ])?;
+    virsh(&["undefine", DOMAIN])?;
+
+    // A domain without the device: the hook leaves it alone.
+    define(PLAIN_DOMAIN, &domain_xml(PLAIN_DOMAIN, &emulator, false))?;
+    virsh(&["start", PLAIN_DOMAIN])?;
+    let untouched = !Path::new(&format!("/run/balloon/{PLAIN_DOMAIN}")).exists()
+        && !Path::new(&format!("/run/balloon/{PLAIN_DOMAIN}.pid")).exists();
+    virsh(&["destroy", PLAIN_DOMAIN])?;
+    virsh(&["undefine", PLAIN_DOMAIN])?;
+    anyhow::ensure!(untouched, "the hook acted on a domain without the balloon");
+    eprintln!("[libvirt] a domain without the device was left alone");
+    // The host as it was, but for libvirt.
+    succeed(Command::new("dpkg").args(["-P", crate::deb::PACKAGE]))?;
+    Ok(())
+}
+
+/// While the domain runs: its backend (started by the hook), QEMU as the
+/// unprivileged user, a target reached and host-resident RAM falling.
+fn check_balloon_domain() -> anyhow::Result<(u32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let backend_pid: u32 = std::fs::read_to_string(format!("/run/balloon/{DOMAIN}.pid"))
+        .context("the hook's pid file (the backend did not start through the hook)")?
+        .trim()
+        .parse()?;
+    anyhow::ensure!(
+        process_user(backend_pid)? == "balloon",
+        "the backend does not run as balloon"
+    );
+    let qemu_user = process_user(qemu_pid(DOMAIN)?)?;
+    anyhow::ensure!(qemu_user != "root", "QEMU runs as root");
+    let socket = std::fs::metadata(format!("/run/balloon/{DOMAIN}/balloon.sock"))?;
+    anyhow::ensure!(
+        socket.mode() & 0o777 == 0o660,
+        "socket mode {:o}",
+        socket.mode()
+    );
+    let mut control = ControlClient::connect(Path::new(&format!("/run/balloon/{DOMAIN}.ctl")))?;
+    test_support::wait::wait_for_every(
+        "the guest driver to negotiate",
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || {
+            let status = control.status()?;
+            Ok((status["connected"] == true
+                && status["features"].as_array().is_some_and(|f| !f.is_empty()))
+            .then_some(()))
+        },
+    )?;
+    let before = resident_bytes(DOMAIN)?;
+    control.set_target(TARGET_MIB * MIB)?;
+    control.wait_actual(TARGET_MIB * MIB, Duration::from_secs(120))?;
+    let after = resident_bytes(DOMAIN)?;
+    eprintln!(
+        "[libvirt] {DOMAIN}: host-resident guest RAM {} MiB -> {} MiB with a {TARGET_MIB} MiB balloon",
+        before / MIB,
+        after / MIB
+    );
+    anyhow::ensure!(
+        after.saturating_add((TARGET_MIB - 32) * MIB) <= before,
+        "host-resident RAM fell from {before} to {after} bytes only"
+    );
+    Ok((backend_pid, qemu_user))
+}

@@ -143,6 +143,95 @@ fn lintian(deb: &Path) -> anyhow::Result<Vec<String>> {
     Ok(report.lines().map(str::to_string).collect())
 }
 
+/// Every system call of the sets a `systemd-analyze syscall-filter` filter
+/// line names (`@system-service`, `~@privileged @resources`), nested sets
+/// expanded.
+fn syscall_set(names: &[&str]) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let listing = succeed(Command::new("systemd-analyze").arg("syscall-filter"))?;
+    let mut sets: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut current = None;
+    for line in listing.lines() {
+        if line.starts_with('@') {
+            let name = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            sets.insert(name.clone(), Vec::new());
+            current = Some(name);
+        } else if let (Some(name), Some(item)) = (&current, line.split_whitespace().next()) {
+            if !item.starts_with('#') {
+                sets.entry(name.clone()).or_default().push(item.to_string());
+            }
+        }
+    }
+    let mut calls = std::collections::BTreeSet::new();
+    // A name without `@` is a call of its own.
+    calls.extend(
+        names
+            .iter()
+            .filter(|n| !n.starts_with('@'))
+            .map(|n| n.to_string()),
+    );
+    let mut pending: Vec<String> = names
+        .iter()
+        .filter(|n| n.starts_with('@'))
+        .map(|n| n.to_string())
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(set) = pending.pop() {
+        if !seen.insert(set.clone()) {
+            continue;
+        }
+        for item in sets.get(&set).into_iter().flatten() {
+            if item.starts_with('@') {
+                pending.push(item.clone());
+            } else {
+                calls.insert(item.clone());
+            }
+        }
+    }
+    Ok(calls)
+}
+
+/// The backend unit's system-call filter (its `SystemCallFilter=` lines:
+/// sets allowed, `~` sets taken away) must allow every call of the
+/// backend's own seccomp allow-lists, or the backend would fail under
+/// systemd only.
+fn check_backend_syscalls(unit: &Path) -> anyhow::Result<()> {
+    use balloon_backend::seccomp::{allow_list, ThreadRole};
+    let text = std::fs::read_to_string(unit)?;
+    let (mut allow, mut deny) = (Vec::new(), Vec::new());
+    for value in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        match value.strip_prefix('~') {
+            Some(taken) => deny.extend(taken.split_whitespace()),
+            None => allow.extend(value.split_whitespace()),
+        }
+    }
+    let allowed = syscall_set(&allow)?;
+    let denied = syscall_set(&deny)?;
+    let mut refused = std::collections::BTreeSet::new();
+    for role in ThreadRole::ALL {
+        for call in allow_list(role) {
+            if !allowed.contains(call.name) || denied.contains(call.name) {
+                refused.insert(call.name);
+            }
+        }
+    }
+    anyhow::ensure!(
+        refused.is_empty(),
+        "balloon-backend@.service's SystemCallFilter refuses calls the backend makes: {refused:?}"
+    );
+    eprintln!(
+        "[package] the backend unit's system-call filter allows all {} calls of the backend's seccomp lists",
+        ThreadRole::ALL.iter().flat_map(|r| allow_list(*r)).map(|c| c.name).collect::<std::collections::BTreeSet<_>>().len()
+    );
+    Ok(())
+}
+
 /// `systemd-analyze verify` on the units as installed in the root `root`
 /// (which has systemd, as a host has), and each unit's exposure score from
 /// `systemd-analyze security`.
@@ -437,6 +526,7 @@ fn check_install(deb: &Path) -> anyhow::Result<()> {
         &["check", "--config", "/etc/balloon-stack/host-policy.toml"],
     )?;
     systemd_checks(&chroot.root)?;
+    check_backend_syscalls(&chroot.path("/lib/systemd/system/balloon-backend@.service"))?;
     check_hook(&chroot)?;
     // Remove keeps the configuration; purge takes it and the user.
     chroot.run("dpkg", &["-r", PACKAGE])?;
@@ -476,4 +566,28 @@ pub fn run() -> anyhow::Result<()> {
     check_install(&deb)?;
     crate::libvirt_test::run(&deb)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_units_filter_allows_every_call_of_its_seccomp_lists() {
+        let unit = workspace_root().join("packaging/systemd/balloon-backend@.service");
+        check_backend_syscalls(&unit).unwrap();
+    }
+
+    #[test]
+    fn a_filter_that_takes_a_call_the_backend_makes_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = dir.path().join("balloon-backend@.service");
+        std::fs::write(
+            &unit,
+            "[Service]\nSystemCallFilter=@system-service\nSystemCallFilter=~fallocate\n",
+        )
+        .unwrap();
+        let error = check_backend_syscalls(&unit).unwrap_err().to_string();
+        assert!(error.contains("fallocate"), "{error}");
+    }
 }

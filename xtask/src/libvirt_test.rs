@@ -278,5 +278,87 @@ fn check_balloon_domain() -> anyhow::Result<(u32, String)> {
         after.saturating_add((TARGET_MIB - 32) * MIB) <= before,
         "host-resident RAM fell from {before} to {after} bytes only"
     );
+    control.set_target(0)?;
+    control.wait_actual(0, Duration::from_secs(120))?;
+    check_packaged_policy(&mut control)?;
     Ok((backend_pid, qemu_user))
+}
+
+/// host-policy as its unit runs it (the `balloon` user, the installed
+/// configuration, which discovers the VM by its control socket) but with
+/// host memory read from a file that says the host is short: it must find
+/// the domain and reclaim from it.
+fn check_packaged_policy(control: &mut ControlClient) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let meminfo = dir.path().join("meminfo");
+    guest_tests::host_policy_process::write_meminfo(&meminfo, 16384, 1024)?;
+    let installed = std::fs::read_to_string("/etc/balloon-stack/host-policy.toml")?;
+    anyhow::ensure!(
+        installed.contains("meminfo = \"/proc/meminfo\"") && installed.contains("interval_s = 5"),
+        "the installed configuration changed; update this test:\n{installed}"
+    );
+    let config = dir.path().join("host-policy.toml");
+    std::fs::write(
+        &config,
+        installed
+            .replace(
+                "meminfo = \"/proc/meminfo\"",
+                &format!("meminfo = {meminfo:?}"),
+            )
+            .replace("interval_s = 5", "interval_s = 1")
+            .replace(
+                "state_file = \"/run/balloon/host-policy.json\"",
+                &format!("state_file = {:?}", dir.path().join("state.json")),
+            ),
+    )?;
+    succeed(
+        Command::new("chown")
+            .arg("-R")
+            .arg("balloon:balloon")
+            .arg(dir.path()),
+    )?;
+    let check = succeed(
+        Command::new("setpriv")
+            .args([
+                "--reuid=balloon",
+                "--regid=balloon",
+                "--clear-groups",
+                "host-policy",
+                "check",
+                "--config",
+            ])
+            .arg(&config),
+    )?;
+    anyhow::ensure!(
+        check.contains(&format!("vm {DOMAIN}:")),
+        "host-policy does not discover {DOMAIN}:\n{check}"
+    );
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=balloon",
+            "--regid=balloon",
+            "--clear-groups",
+            "host-policy",
+            "run",
+            "--config",
+        ])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting host-policy")?;
+    let _policy = test_support::ChildGuard::new("host-policy", child);
+    let reclaimed = test_support::wait::wait_for_every(
+        "host-policy to reclaim from the domain",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let actual = control.status()?["actual_bytes"].as_u64().unwrap_or(0);
+            Ok((actual >= 64 * MIB).then_some(actual))
+        },
+    )?;
+    eprintln!(
+        "[libvirt] host-policy (balloon user, installed configuration) found {DOMAIN} and reclaimed {} MiB",
+        reclaimed / MIB
+    );
+    Ok(())
 }

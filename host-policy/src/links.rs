@@ -434,10 +434,9 @@ impl VmLink {
                 if last_done.is_some_and(|at| at.elapsed() < RECLAIM_REPEAT) {
                     return Gate::Proceed;
                 }
-                let Some(agent) = self.agent.as_ref() else {
+                let Some(cache) = self.agent_page_cache_bytes() else {
                     return Gate::Proceed;
                 };
-                let cache = agent.latest().map_or(0, |r| r.meminfo.page_cache_bytes);
                 if cache < bytes {
                     return Gate::Proceed;
                 }
@@ -464,15 +463,18 @@ impl VmLink {
         if last_done.is_some_and(|at| at.elapsed() < TRIM_REPEAT) {
             return;
         }
-        let cache = self
-            .agent
-            .as_ref()
-            .and_then(|agent| agent.latest())
-            .map_or(0, |r| r.meminfo.page_cache_bytes);
+        let cache = self.agent_page_cache_bytes().unwrap_or(0);
         let bytes = bytes.min(cache / 2);
         if bytes >= TRIM_MIN_BYTES {
             self.ask_reclaim(bytes, "while the host reclaims (the balloon is held)");
         }
+    }
+
+    /// The page cache of the agent's latest report (0 before one); `None`
+    /// for a VM without an agent.
+    fn agent_page_cache_bytes(&self) -> Option<u64> {
+        let agent = self.agent.as_ref()?;
+        Some(agent.latest().map_or(0, |r| r.meminfo.page_cache_bytes))
     }
 
     /// Sends the agent a reclaim of `bytes` and waits for its answer in

@@ -41,6 +41,13 @@ pub struct HostState {
     pub available_bytes: u64,
 }
 
+impl HostState {
+    /// Available memory in percent of the total (0 for an empty host).
+    pub fn available_percent(&self) -> f64 {
+        percent(self.available_bytes, self.total_bytes)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostThresholds {
     pub reclaim_start_percent: u64,
@@ -415,7 +422,7 @@ pub fn decide(
     vms: &[VmInput],
     memory: &PolicyMemory,
 ) -> Decision {
-    let available_percent = percent(host.available_bytes, host.total_bytes);
+    let available_percent = host.available_percent();
     let mode = next_mode(memory.mode, available_percent, thresholds);
     let mut vm_memories: Vec<VmMemory> = Vec::with_capacity(vms.len());
 
@@ -686,11 +693,27 @@ pub fn decide(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
     const GIB: u64 = 1 << 30;
+
+    /// `vms` named vm0, vm1, … (the generators leave names alike).
+    pub(crate) fn numbered(mut vms: Vec<VmInput>) -> Vec<VmInput> {
+        for (i, vm) in vms.iter_mut().enumerate() {
+            vm.name = format!("vm{i}");
+        }
+        vms
+    }
+
+    /// A host of `total_gib` GiB with `avail_pct` % of it available.
+    pub(crate) fn host_with(total_gib: u64, avail_pct: u64) -> HostState {
+        HostState {
+            total_bytes: total_gib * GIB,
+            available_bytes: total_gib * GIB * avail_pct / 100,
+        }
+    }
 
     fn thresholds() -> HostThresholds {
         HostThresholds {
@@ -904,11 +927,8 @@ mod tests {
             mode in 0u8..3,
             now_s in 0u64..1000,
         ) {
-            let mut vms = vms;
-            for (i, vm) in vms.iter_mut().enumerate() {
-                vm.name = format!("vm{i}");
-            }
-            let host = HostState { total_bytes: total_gib * GIB, available_bytes: total_gib * GIB * avail_pct / 100 };
+            let vms = numbered(vms);
+            let host = host_with(total_gib, avail_pct);
             let memory = PolicyMemory {
                 mode: [HostMode::Normal, HostMode::Reclaim, HostMode::Hard][mode as usize],
                 vms: HashMap::new(),

@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::Context;
 use clap::CommandFactory;
 
-use crate::provision::{build_guest_programs, cargo, workspace_root};
+use crate::provision::{build_guest_programs, cargo, succeed, workspace_root};
 
 pub const PACKAGE: &str = "balloon-stack";
 /// The host programs, each with a man page and completions.
@@ -63,19 +63,6 @@ const DOCS: [&str; 9] = [
     "qemu.md",
 ];
 
-fn run(command: &mut Command) -> anyhow::Result<String> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{command:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = to.parent() {
@@ -98,19 +85,21 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 
 /// Strips what Debian does not ship: symbols, comments, notes.
 fn strip(path: &Path) -> anyhow::Result<()> {
-    run(Command::new("strip")
-        .args([
-            "--strip-unneeded",
-            "--remove-section=.comment",
-            "--remove-section=.note",
-        ])
-        .arg(path))?;
+    succeed(
+        Command::new("strip")
+            .args([
+                "--strip-unneeded",
+                "--remove-section=.comment",
+                "--remove-section=.note",
+            ])
+            .arg(path),
+    )?;
     Ok(())
 }
 
 /// gzip -9n: no name or time stamp in the header, as Debian wants.
 fn gzip(path: &Path) -> anyhow::Result<()> {
-    run(Command::new("gzip").args(["-9nf"]).arg(path))?;
+    succeed(Command::new("gzip").args(["-9nf"]).arg(path))?;
     Ok(())
 }
 
@@ -169,7 +158,7 @@ fn shared_library_depends(binaries: &[PathBuf]) -> anyhow::Result<String> {
     for binary in binaries {
         command.arg(format!("-e{}", binary.display()));
     }
-    let output = run(&mut command)?;
+    let output = succeed(&mut command)?;
     output
         .lines()
         .find_map(|line| line.strip_prefix("shlibs:Depends="))
@@ -178,7 +167,7 @@ fn shared_library_depends(binaries: &[PathBuf]) -> anyhow::Result<String> {
 }
 
 fn changelog(version: &str) -> anyhow::Result<String> {
-    let date = run(Command::new("date").args(["-R", "-u"]))?;
+    let date = succeed(Command::new("date").args(["-R", "-u"]))?;
     Ok(format!(
         "{PACKAGE} ({version}) bookworm; urgency=medium\n\n  \
          * Built from the balloon-stack repository by `cargo xtask deb`.\n\n \
@@ -269,7 +258,7 @@ fn md5sums(root: &Path) -> anyhow::Result<String> {
         if relative.starts_with("DEBIAN") {
             continue;
         }
-        let sum = run(Command::new("md5sum").arg(&file))?;
+        let sum = succeed(Command::new("md5sum").arg(&file))?;
         let digest = sum.split_whitespace().next().unwrap_or_default();
         text.push_str(&format!("{digest}  {}\n", relative.display()));
     }
@@ -282,10 +271,12 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let upstream = env!("CARGO_PKG_VERSION");
     let version = format!("{upstream}-1");
     eprintln!("[xtask] building the release binaries");
-    run(Command::new(cargo())
-        .current_dir(&workspace)
-        .args(["build", "--release", "--quiet"])
-        .args(PROGRAMS.iter().flat_map(|p| ["-p", p])))?;
+    succeed(
+        Command::new(cargo())
+            .current_dir(&workspace)
+            .args(["build", "--release", "--quiet"])
+            .args(PROGRAMS.iter().flat_map(|p| ["-p", p])),
+    )?;
     let guest_programs = build_guest_programs()?;
     let out = workspace.join("target/deb");
     let root = out.join(format!("{PACKAGE}_{version}_amd64"));
@@ -356,9 +347,11 @@ pub fn build() -> anyhow::Result<PathBuf> {
         )?;
     }
     let deb = out.join(format!("{PACKAGE}_{version}_amd64.deb"));
-    run(Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-Zxz", "--build"])
-        .arg(&root)
-        .arg(&deb))?;
+    succeed(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-Zxz", "--build"])
+            .arg(&root)
+            .arg(&deb),
+    )?;
     Ok(deb)
 }

@@ -16,7 +16,8 @@ use anyhow::Context;
 use guest_tests::backend::ControlClient;
 use guest_tests::memfd_residency;
 
-use crate::package_test::{ensure_gone, process_uid, succeed, wait_exited};
+use crate::package_test::{ensure_gone, process_uid, wait_exited};
+use crate::provision::succeed;
 
 const DOMAIN: &str = "balloon-stack-test";
 const PLAIN_DOMAIN: &str = "balloon-stack-test-plain";

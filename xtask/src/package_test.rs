@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::deb::PACKAGE;
-use crate::provision::{cache_root, ensure_packages, is_root, workspace_root};
+use crate::provision::{cache_root, ensure_packages, is_root, output, succeed, workspace_root};
 
 /// Paths `dpkg-deb --contents` must list.
 const PROMISED: &[&str] = &[
@@ -47,24 +47,6 @@ const PROMISED: &[&str] = &[
 /// The most systemd-analyze's exposure score (0 safest, 10 most exposed)
 /// a unit may have.
 const MAX_EXPOSURE: f64 = 2.5;
-
-fn output(command: &mut Command) -> anyhow::Result<Output> {
-    command
-        .output()
-        .with_context(|| format!("running {command:?}"))
-}
-
-pub fn succeed(command: &mut Command) -> anyhow::Result<String> {
-    let out = output(command)?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The real user id of process `pid`.
 pub fn process_uid(pid: u32) -> anyhow::Result<u32> {

@@ -4,7 +4,7 @@
 //! cached outside the checkout, keyed by a hash of the recipe that made them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use anyhow::Context;
 use guest_tests::env::TestEnv;
@@ -336,4 +336,24 @@ pub fn ensure_all() -> anyhow::Result<TestEnv> {
     env.accel = choose_accel(&env)?;
     env.save(&workspace_root())?;
     Ok(env)
+}
+
+/// Runs `command` and returns what it did, whatever its exit status.
+pub fn output(command: &mut Command) -> anyhow::Result<Output> {
+    command
+        .output()
+        .with_context(|| format!("running {command:?}"))
+}
+
+/// Runs `command`; its stdout, or an error with its status and output.
+pub fn succeed(command: &mut Command) -> anyhow::Result<String> {
+    let out = output(command)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

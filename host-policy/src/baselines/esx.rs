@@ -22,7 +22,7 @@ use crate::policy::{
     PAGE_BYTES,
 };
 
-use super::{assemble, memory_of, percent};
+use super::{assemble, memory_of};
 
 /// The idle-memory tax rate (ESX's `Mem.IdleTax` default, 75 %).
 pub const TAX_RATE: f64 = 0.75;
@@ -54,7 +54,7 @@ pub fn decide(
     vms: &[VmInput],
     memory: &PolicyMemory,
 ) -> Decision {
-    let available_percent = percent(host.available_bytes, host.total_bytes);
+    let available_percent = host.available_percent();
     let mode = next_mode(memory.mode, available_percent, thresholds);
     let mut balloons: Vec<u64> = vms.iter().map(|vm| vm.target_bytes).collect();
     // Each VM's room this tick, and the budget to move.

@@ -150,14 +150,6 @@ fn assemble(
     }
 }
 
-fn percent(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        part as f64 * 100.0 / whole as f64
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -231,11 +223,8 @@ pub(crate) mod tests {
             avail_pct in 0u64..100,
             ticks in 1usize..4,
         ) {
-            let mut vms = vms;
-            for (i, vm) in vms.iter_mut().enumerate() {
-                vm.name = format!("vm{i}");
-            }
-            let host = HostState { total_bytes: total_gib * GIB, available_bytes: total_gib * GIB * avail_pct / 100 };
+            let vms = crate::policy::tests::numbered(vms);
+            let host = crate::policy::tests::host_with(total_gib, avail_pct);
             for kind in PolicyKind::ALL {
                 let mut memory = PolicyMemory::default();
                 for tick in 0..ticks {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use crate::policy::{Decision, HostMode, HostState, PolicyMemory, VmInput};
 
-use super::{assemble, balloon_for_memory, memory_of, minimum_of, percent};
+use super::{assemble, balloon_for_memory, memory_of, minimum_of};
 
 /// Host free share below which the host is under pressure (shrink).
 pub const PRESSURE_THRESHOLD: f64 = 0.20;
@@ -120,13 +120,7 @@ pub fn decide(host: &HostState, vms: &[VmInput], memory: &PolicyMemory) -> Decis
             )
         })
         .collect();
-    assemble(
-        vms,
-        mode,
-        percent(host.available_bytes, host.total_bytes),
-        wishes,
-        samples,
-    )
+    assemble(vms, mode, host.available_percent(), wishes, samples)
 }
 
 #[cfg(test)]

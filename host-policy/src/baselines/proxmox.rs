@@ -13,7 +13,7 @@
 
 use crate::policy::{Decision, HostState, HostThresholds, PolicyMemory, VmInput};
 
-use super::{assemble, balloon_for_memory, memory_of, minimum_of, percent};
+use super::{assemble, balloon_for_memory, memory_of, minimum_of};
 
 const MIB: u64 = 1 << 20;
 /// The share of host memory Proxmox aims to have in use (`ballooning-target`).
@@ -160,7 +160,7 @@ pub fn decide(
             )
         })
         .collect();
-    let available_percent = percent(host.available_bytes, host.total_bytes);
+    let available_percent = host.available_percent();
     // Proxmox has no modes; ours are reported for comparison.
     let mode = crate::policy::next_mode(memory.mode, available_percent, thresholds);
     assemble(vms, mode, available_percent, wishes, Default::default())

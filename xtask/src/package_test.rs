@@ -372,11 +372,17 @@ fn hook(chroot: &Chroot, domain: &str, operation: &str, xml: &str) -> anyhow::Re
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    child
+    let written = child
         .stdin
         .take()
         .context("the hook's stdin")?
-        .write_all(xml.as_bytes())?;
+        .write_all(xml.as_bytes());
+    // For operations it ignores the hook exits without reading the XML,
+    // as libvirt allows: a closed pipe is not a failure.
+    match written {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => return Err(error.into()),
+        _ => {}
+    }
     Ok(child.wait_with_output()?)
 }
 

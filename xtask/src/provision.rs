@@ -47,7 +47,9 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-const QEMU_DEVICE: &str = "vhost-user-test-device-pci";
+/// The device only our patched QEMU has (the tests use it and the
+/// generic `vhost-user-test-device-pci`, which it has too).
+const QEMU_DEVICE: &str = "vhost-user-balloon-pci";
 const QEMU_APT_PACKAGES: &str = "libglib2.0-dev ninja-build pkg-config flex bison libpixman-1-dev zlib1g-dev libfdt-dev seabios qemu-system-data dpkg-dev xz-utils patch python3 python3-venv";
 
 fn has_balloon_device(qemu: &Path) -> bool {
@@ -65,7 +67,7 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
         let qemu = PathBuf::from(qemu);
         anyhow::ensure!(
             has_balloon_device(&qemu),
-            "BALLOON_QEMU={} has no {QEMU_DEVICE} (QEMU >= 10.2 is needed)",
+            "BALLOON_QEMU={} has no {QEMU_DEVICE} (QEMU 10.2 with xtask/qemu-patches is needed)",
             qemu.display()
         );
         return Ok(qemu);
@@ -94,7 +96,7 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
             "no QEMU with {QEMU_DEVICE} found and building one needs root.\n\
              As root, run `cargo xtask qemu`: it installs Debian's packages ({QEMU_APT_PACKAGES},\n\
              and meson and python3-pycotap from bookworm-backports) and builds QEMU,\n\
-             or point BALLOON_QEMU at a QEMU >= 10.2."
+             or point BALLOON_QEMU at a QEMU 10.2 built with xtask/qemu-patches."
         );
     }
     eprintln!(

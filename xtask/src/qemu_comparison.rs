@@ -2,15 +2,14 @@
 //! guest image and memfd guest RAM: inflate speed, memory returned, discard
 //! system calls and host CPU; and free page reporting.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use guest_tests::backend::BackendProcess;
 use guest_tests::env::TestEnv;
+use guest_tests::qmp::Qmp;
 use guest_tests::vm::{Balloon, Vm, VmConfig};
 use guest_tests::{wait_for, MIB};
 use serde_json::{json, Value};
@@ -19,49 +18,6 @@ use test_support::ChildGuard;
 
 const GUEST_MIB: u64 = 2048;
 const TARGET_BYTES: u64 = 1 << 30;
-
-/// A minimal QMP client.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> anyhow::Result<Qmp> {
-        let stream = wait_for("the QMP socket", Duration::from_secs(20), || {
-            Ok(UnixStream::connect(path).ok())
-        })?;
-        let mut qmp = Qmp {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        };
-        qmp.read()?; // greeting
-        qmp.execute("qmp_capabilities", json!({}))?;
-        Ok(qmp)
-    }
-
-    fn read(&mut self) -> anyhow::Result<Value> {
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        Ok(serde_json::from_str(&line)?)
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
-        writeln!(
-            self.writer,
-            "{}",
-            json!({"execute": command, "arguments": arguments})
-        )?;
-        loop {
-            let reply = self.read()?;
-            if reply.get("event").is_some() {
-                continue;
-            }
-            anyhow::ensure!(reply.get("error").is_none(), "QMP {command}: {reply}");
-            return Ok(reply["return"].clone());
-        }
-    }
-}
 
 /// CPU seconds of a process's threads, leaving out vCPU threads ("CPU n/…").
 fn device_cpu_s(pid: u32) -> anyhow::Result<f64> {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::features::FeatureSwitches;
+use crate::saved_state::STATE_VERSION;
 use crate::seccomp::SeccompMode;
 
 /// Largest maximum reclaim an operator may configure (percent of guest RAM).
@@ -71,6 +72,16 @@ pub struct Args {
     /// `off` installs no filter.
     #[arg(long, value_enum, default_value_t = SeccompMode::Enforce)]
     pub seccomp: SeccompMode,
+    /// File that keeps the balloon's state (which pages are ballooned, the
+    /// target, the counters) across a restart of this backend: rewritten
+    /// within half a second of a change, read at start-up, and taken over
+    /// only by the same guest (the same memory files).
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+    /// The saved-state version this process writes and accepts (for
+    /// compatibility tests only).
+    #[arg(long, value_name = "N", hide = true, default_value_t = STATE_VERSION)]
+    pub device_state_version: u32,
 }
 
 /// Validated configuration of one backend process.
@@ -87,6 +98,8 @@ pub struct BackendOptions {
     pub max_reclaim_percent: u8,
     pub switches: FeatureSwitches,
     pub seccomp: SeccompMode,
+    pub state_file: Option<PathBuf>,
+    pub state_version: u32,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -95,8 +108,8 @@ pub enum FlagError {
     MaxReclaimPercent(u8),
     #[error("--stats-interval must be between 0 and {MAX_STATS_INTERVAL_S} seconds, got {0}")]
     StatsInterval(u64),
-    #[error("--socket and --control must be different paths, both are {0}")]
-    SamePath(PathBuf),
+    #[error("{flags} must be different paths, both are {path}")]
+    SamePath { flags: &'static str, path: PathBuf },
     #[error("{flag} must not be empty")]
     EmptyPath { flag: &'static str },
     #[error("--socket-mode must be an octal mode from 0600 to 0777 that gives the owner read and write (for example 0660), got {0:?}")]
@@ -191,7 +204,28 @@ impl TryFrom<Args> for BackendOptions {
                 return Err(FlagError::EmptyPath { flag: "--control" });
             }
             if *control == args.socket {
-                return Err(FlagError::SamePath(control.clone()));
+                return Err(FlagError::SamePath {
+                    flags: "--socket and --control",
+                    path: control.clone(),
+                });
+            }
+        }
+        if let Some(state_file) = &args.state_file {
+            if state_file.as_os_str().is_empty() {
+                return Err(FlagError::EmptyPath {
+                    flag: "--state-file",
+                });
+            }
+            for (flags, other) in [
+                ("--state-file and --socket", Some(&args.socket)),
+                ("--state-file and --control", args.control.as_ref()),
+            ] {
+                if other == Some(state_file) {
+                    return Err(FlagError::SamePath {
+                        flags,
+                        path: state_file.clone(),
+                    });
+                }
             }
         }
         let socket_gid = args
@@ -219,6 +253,8 @@ impl TryFrom<Args> for BackendOptions {
                 reporting: !args.no_reporting,
             },
             seccomp: args.seccomp,
+            state_file: args.state_file,
+            state_version: args.device_state_version,
         })
     }
 }
@@ -364,6 +400,37 @@ mod tests {
         assert_eq!(
             BackendOptions::try_from(args).unwrap_err(),
             FlagError::EmptyPath { flag: "--control" }
+        );
+    }
+
+    #[test]
+    fn the_state_file_is_a_path_of_its_own() {
+        let config = parse(&["--state-file", "/run/balloon/vm1/state.json"]).unwrap();
+        assert_eq!(
+            config.state_file,
+            Some(PathBuf::from("/run/balloon/vm1/state.json"))
+        );
+        assert_eq!(config.state_version, STATE_VERSION);
+        assert_eq!(parse(&[]).unwrap().state_file, None);
+        assert_eq!(
+            parse(&["--state-file", "/run/b.sock"]).unwrap_err(),
+            FlagError::SamePath {
+                flags: "--state-file and --socket",
+                path: PathBuf::from("/run/b.sock")
+            }
+        );
+        let error = parse(&["--control", "/run/c", "--state-file", "/run/c"]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--state-file and --control must be different paths, both are /run/c"
+        );
+        let mut args = Args::try_parse_from(["balloon-backend", "--socket", "s"]).unwrap();
+        args.state_file = Some(PathBuf::new());
+        assert_eq!(
+            BackendOptions::try_from(args).unwrap_err(),
+            FlagError::EmptyPath {
+                flag: "--state-file"
+            }
         );
     }
 

@@ -12,15 +12,17 @@ use std::sync::{Arc, Mutex};
 use log::{info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::cli::BackendOptions;
 use crate::control;
 use crate::device::{
-    BalloonDevice, DeviceSettings, PUNCH_EVENT, STATS_INTERVAL_EVENT, STATS_REQUEST_EVENT,
+    BalloonDevice, DeviceSettings, GuestRamMap, StateOrigin, PUNCH_EVENT, STATS_INTERVAL_EVENT,
+    STATS_REQUEST_EVENT,
 };
 use crate::seccomp::{self, ThreadRole};
+use crate::state_file::{self, StateFileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -53,6 +55,8 @@ pub enum DaemonError {
     },
     #[error("--socket-mode/--socket-group {path}: {source}")]
     Permissions { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    StateFile(StateFileError),
     #[error("creating the device: {0}")]
     Device(io::Error),
     #[error("vhost-user: {0}")]
@@ -209,9 +213,29 @@ impl Backend {
                 max_reclaim_percent: config.max_reclaim_percent,
                 seccomp: config.seccomp,
                 stats_interval_s: config.stats_interval_s,
+                state_version: config.state_version,
             })
             .map_err(DaemonError::Device)?,
         );
+        if let Some(path) = &config.state_file {
+            prepare_directory("--state-file", path, config.create_dirs)?;
+            let (file, loaded) =
+                state_file::open(path, config.state_version).map_err(DaemonError::StateFile)?;
+            match loaded {
+                Ok(Some(saved)) => device.adopt(saved, StateOrigin::StateFile),
+                Ok(None) => {}
+                Err(error) => warn!("{error}; starting with an empty balloon"),
+            }
+            let device = device.clone();
+            let mode = config.seccomp;
+            std::thread::Builder::new()
+                .name("state-file".into())
+                .spawn(move || {
+                    seccomp::confine_or_exit(ThreadRole::StateFile, mode);
+                    state_file::keep_written(device, file)
+                })
+                .map_err(DaemonError::Device)?;
+        }
         files.claim(&config.socket);
         let listener = Listener::new(&config.socket, false).map_err(|e| DaemonError::Bind {
             flag: "--socket",
@@ -261,7 +285,7 @@ impl Backend {
         let mut daemon = VhostUserDaemon::new(
             "balloon".into(),
             self.device.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            GuestMemoryAtomic::new(GuestRamMap::new()),
         )
         .map_err(DaemonError::VhostUser)?;
         let handlers = daemon.get_epoll_handlers();

@@ -142,6 +142,19 @@ impl FaultLog {
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
+    /// Adds saved counters (by name) to these; unknown names are skipped.
+    pub fn add_counts<'a>(&self, counts: impl IntoIterator<Item = (&'a str, u64)>) {
+        for (name, n) in counts {
+            if let Some(count) = ALL
+                .iter()
+                .position(|f| f.name() == name)
+                .and_then(|index| self.counts.get(index))
+            {
+                count.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Non-zero counters by name.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         ALL.iter()

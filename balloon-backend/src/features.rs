@@ -16,6 +16,9 @@ pub const REPORTING: u32 = 5;
 pub const RING_INDIRECT_DESC: u32 = 28;
 /// Transport: event index suppression.
 pub const RING_EVENT_IDX: u32 = 29;
+/// vhost: the backend logs its writes to guest RAM for migration (never
+/// acked by a guest driver; QEMU sets it while a migration runs).
+pub const LOG_ALL: u32 = 26;
 /// vhost-user only: protocol features are negotiated (never shown to the guest).
 pub const PROTOCOL_FEATURES: u32 = 30;
 /// Modern (virtio 1.x) device.

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 use vmm_sys_util::seek_hole::SeekHole;
@@ -66,7 +67,7 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    pub fn from_memory(memory: &GuestMemoryMmap<()>) -> Result<Self, HostMemoryError> {
+    pub fn from_memory<B: Bitmap>(memory: &GuestMemoryMmap<B>) -> Result<Self, HostMemoryError> {
         let mut regions = Vec::new();
         for region in memory.iter() {
             let gpa = region.start_addr().0;
@@ -99,6 +100,38 @@ impl GuestRam {
             .iter()
             .map(|r| (r.ram.size_bytes, r.host_page_bytes))
             .collect()
+    }
+
+    /// (start, size, host page size) per region: what a saved state must
+    /// match to be taken over.
+    pub fn shape(&self) -> Vec<(u64, u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.ram.start_gpa, r.ram.size_bytes, r.host_page_bytes))
+            .collect()
+    }
+
+    /// (device, inode) of each region's memory file; (0, 0) where the file
+    /// cannot be read (it then matches nothing real).
+    pub fn file_identities(&self) -> Vec<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        self.regions
+            .iter()
+            .map(|r| r.file.metadata().map_or((0, 0), |m| (m.dev(), m.ino())))
+            .collect()
+    }
+
+    /// Whether `other` is the same guest RAM: the same regions in the same
+    /// files (QEMU sends its memory table again on every device start).
+    pub fn same_ram_as(&self, other: &GuestRam) -> bool {
+        !self.regions.is_empty()
+            && self.shape() == other.shape()
+            && self.file_identities() == other.file_identities()
+            && self
+                .regions
+                .iter()
+                .zip(&other.regions)
+                .all(|(a, b)| a.file_offset == b.file_offset)
     }
 
     pub fn total_bytes(&self) -> u64 {

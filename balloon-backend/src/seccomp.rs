@@ -47,14 +47,18 @@ pub enum ThreadRole {
     /// Handles queue events and the stats timers: reads eventfds and the
     /// interval timerfd, punches holes, signals the guest.
     VringWorker,
+    /// Rewrites the state file (`--state-file`) through the descriptor
+    /// opened at start-up.
+    StateFile,
 }
 
 impl ThreadRole {
-    pub const ALL: [ThreadRole; 4] = [
+    pub const ALL: [ThreadRole; 5] = [
         ThreadRole::Signals,
         ThreadRole::Control,
         ThreadRole::Vhost,
         ThreadRole::VringWorker,
+        ThreadRole::StateFile,
     ];
 
     /// The name used in logs and in docs/balloon-backend.md.
@@ -64,6 +68,7 @@ impl ThreadRole {
             ThreadRole::Control => "control",
             ThreadRole::Vhost => "vhost",
             ThreadRole::VringWorker => "vring-worker",
+            ThreadRole::StateFile => "state-file",
         }
     }
 }
@@ -336,6 +341,25 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
             ));
         }
         ThreadRole::VringWorker => list.extend(queue_work()),
+        ThreadRole::StateFile => {
+            list.push(allow!(SYS_clock_nanosleep));
+            // Back to the start of the file; no other seek.
+            list.push(allow!(
+                SYS_lseek,
+                ArgLimit::OneOf {
+                    index: 2,
+                    values: &[libc::SEEK_SET as u64]
+                }
+            ));
+            // The memory files' identities, from their own descriptors.
+            list.push(allow!(
+                SYS_statx,
+                ArgLimit::BitsSet {
+                    index: 2,
+                    mask: libc::AT_EMPTY_PATH as u64
+                }
+            ));
+        }
     }
     list
 }

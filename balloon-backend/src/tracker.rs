@@ -149,6 +149,13 @@ impl BalloonTracker {
         }
     }
 
+    /// Whether one 4 KiB page of a region is in the balloon.
+    pub fn is_ballooned(&self, region: usize, page: u64) -> bool {
+        self.regions
+            .get(region)
+            .is_some_and(|r| bit_is_set(&r.bits, page))
+    }
+
     pub fn ballooned_pages(&self) -> u64 {
         self.ballooned_pages
     }
@@ -181,6 +188,66 @@ impl BalloonTracker {
         let per = region.pages_per_host_page;
         let end = run.first_page.saturating_add(run.pages).min(region.pages);
         (run.first_page / per, end.div_ceil(per))
+    }
+
+    /// The ballooned pages of each region as (first page, pages) runs, in
+    /// order: what a saved state carries.
+    pub fn ballooned_runs(&self) -> Vec<Vec<(u64, u64)>> {
+        self.regions
+            .iter()
+            .map(|region| {
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for (word_index, word) in region.bits.iter().enumerate() {
+                    let mut word = *word;
+                    while word != 0 {
+                        let page = word_index as u64 * 64 + u64::from(word.trailing_zeros());
+                        word &= word - 1;
+                        match runs.last_mut() {
+                            Some((first, pages)) if *first + *pages == page => *pages += 1,
+                            _ => runs.push((page, 1)),
+                        }
+                    }
+                }
+                runs
+            })
+            .collect()
+    }
+
+    /// A tracker for `regions` holding the ballooned `runs` of a saved
+    /// state (runs beyond a region are cut off). With `punched`, their
+    /// host memory is taken as freed already (the same guest RAM, after a
+    /// backend restart); without, it is pending, so the next
+    /// `take_punches` frees it again (guest RAM that a migration refilled).
+    pub fn restore(regions: &[(u64, u64)], runs: &[Vec<(u64, u64)>], punched: bool) -> Self {
+        let mut tracker = BalloonTracker::new(regions);
+        for (region, region_runs) in runs.iter().enumerate() {
+            for &(first_page, pages) in region_runs {
+                tracker.inflate(&PageRun {
+                    region,
+                    first_page,
+                    pages,
+                });
+            }
+        }
+        if punched {
+            for region in &mut tracker.regions {
+                region.pending.fill(0);
+            }
+            tracker.pending_bytes = 0;
+        }
+        tracker
+    }
+
+    /// Forgets every ballooned page (the guest was reset: its balloon is
+    /// gone and its driver starts over).
+    pub fn clear(&mut self) {
+        for region in &mut self.regions {
+            region.bits.fill(0);
+            region.pending.fill(0);
+        }
+        self.ballooned_pages = 0;
+        self.full_host_pages_bytes = 0;
+        self.pending_bytes = 0;
     }
 
     pub fn inflate(&mut self, run: &PageRun) -> InflateOutcome {
@@ -409,6 +476,35 @@ mod tests {
         assert!(punch_due(PUNCH_PENDING_CAP_BYTES, Duration::ZERO));
     }
 
+    #[test]
+    fn restored_runs_are_pending_or_taken_as_punched() {
+        let regions = [(1 << 20, 4096), (4 * HUGE, HUGE)];
+        let mut tracker = BalloonTracker::new(&regions);
+        tracker.inflate(&run(3, 5));
+        tracker.inflate(&PageRun {
+            region: 1,
+            first_page: 512,
+            pages: 600,
+        });
+        let runs = tracker.ballooned_runs();
+        assert_eq!(runs, vec![vec![(3, 5)], vec![(512, 600)]]);
+        let refilled = BalloonTracker::restore(&regions, &runs, false);
+        assert_eq!(refilled.pending_bytes(), 5 * 4096 + HUGE);
+        assert_eq!(refilled.discarded_bytes(), 0);
+        let same_ram = BalloonTracker::restore(&regions, &runs, true);
+        assert_eq!(same_ram.pending_bytes(), 0);
+        assert_eq!(same_ram.discarded_bytes(), 5 * 4096 + HUGE);
+        assert_eq!(same_ram.ballooned_pages(), 605);
+        // A run beyond its region is cut off, an unknown region ignored.
+        let cut =
+            BalloonTracker::restore(&regions, &[vec![(250, 100)], vec![], vec![(0, 9)]], true);
+        assert_eq!(cut.ballooned_runs(), vec![vec![(250, 6)], vec![]]);
+        let mut cleared = same_ram;
+        cleared.clear();
+        assert_eq!(cleared.ballooned_pages() + cleared.discarded_bytes(), 0);
+        assert_eq!(cleared.ballooned_runs(), vec![vec![], vec![]]);
+    }
+
     proptest! {
         /// Against a plain model: every punched byte is wholly ballooned
         /// when it is punched (so a page the guest got back is never
@@ -461,6 +557,13 @@ mod tests {
                 let full_count = (0..pages / per as u64).filter(|h| full(&model, *h)).count() as u64;
                 prop_assert_eq!(tracker.discarded_bytes() + tracker.pending_bytes(), full_count * host_page);
             }
+            // A saved state restores the same pages and the same freed memory.
+            let restored = BalloonTracker::restore(&[(pages * 4096, host_page)], &tracker.ballooned_runs(), true);
+            prop_assert_eq!(restored.ballooned_runs(), tracker.ballooned_runs());
+            prop_assert_eq!(restored.ballooned_pages(), tracker.ballooned_pages());
+            prop_assert_eq!(restored.discarded_bytes(), tracker.discarded_bytes() + tracker.pending_bytes());
+            let expected: Vec<bool> = (0..pages).map(|p| restored.is_ballooned(0, p)).collect();
+            prop_assert_eq!(expected, model);
         }
     }
 }

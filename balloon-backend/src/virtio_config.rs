@@ -40,6 +40,16 @@ fn span(offset: u32, size: usize) -> Result<Range<usize>, OutOfRange> {
 }
 
 impl ConfigSpace {
+    /// The whole config space, as a saved state carries it.
+    pub fn to_bytes(&self) -> [u8; CONFIG_BYTES] {
+        self.bytes
+    }
+
+    /// A config space from saved bytes.
+    pub fn from_bytes(bytes: [u8; CONFIG_BYTES]) -> Self {
+        ConfigSpace { bytes }
+    }
+
     fn field(&self, range: Range<usize>) -> u32 {
         let mut value = [0u8; 4];
         if let Some(bytes) = self.bytes.get(range) {

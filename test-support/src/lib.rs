@@ -26,13 +26,14 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
+use balloon_backend::device::GuestRamMap;
 use balloon_backend::features;
 use balloon_protocol::lines::{Limits, LineConnection};
 use serde_json::Value;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const MIB: u64 = 1 << 20;
@@ -88,8 +89,8 @@ pub fn allocated(file: &File, start: u64, len: u64) -> u64 {
 
 /// Maps the memfd as guest RAM: region 0 at GPA 0 (file offset 0), region 1
 /// at GPA 48 MiB (file offset 40 MiB), a hole between them.
-pub fn guest_memory(memfd: &File) -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges_with_files([
+pub fn guest_memory(memfd: &File) -> GuestRamMap {
+    GuestRamMap::from_ranges_with_files([
         (
             GuestAddress(0),
             REGION0_BYTES as usize,
@@ -172,7 +173,7 @@ impl TestQueue {
 
     /// Writes raw descriptors (addr, len, flags, next) at the next free
     /// slots and makes the first one available. Nothing is fixed up.
-    pub fn write_chain(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, u16, u16)]) -> u16 {
+    pub fn write_chain(&mut self, mem: &GuestRamMap, descs: &[(u64, u32, u16, u16)]) -> u16 {
         let head = self.next_desc;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let index = (head + i as u16) % QUEUE_SIZE;
@@ -199,7 +200,7 @@ impl TestQueue {
     }
 
     /// How many chains the device has used so far.
-    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+    pub fn used_idx(&self, mem: &GuestRamMap) -> u16 {
         mem.read_obj(GuestAddress(self.used_addr() + 2)).unwrap()
     }
 
@@ -220,7 +221,7 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub frontend: Frontend,
     pub memfd: File,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRamMap,
     pub queues: Vec<TestQueue>,
     pub channel: UnixStream,
     control: Control,

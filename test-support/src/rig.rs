@@ -6,9 +6,10 @@ use std::fs::File;
 use std::sync::Arc;
 
 use balloon_backend::device::{BalloonDevice, DeviceSettings, DeviceStatus};
+use balloon_backend::device::{BalloonVring, GuestRamMap};
 use balloon_backend::features::{queue_roles, FeatureSwitches};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::{fill_outside_ram, guest_memory, TestQueue, DRIVER_FEATURES, MEMFD_BYTES, QUEUE_SIZE};
@@ -16,15 +17,20 @@ use crate::{fill_outside_ram, guest_memory, TestQueue, DRIVER_FEATURES, MEMFD_BY
 pub struct Rig {
     pub device: Arc<BalloonDevice>,
     pub memfd: File,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRamMap,
     pub queues: Vec<TestQueue>,
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<BalloonVring>,
 }
 
 impl Rig {
     /// A device with every feature acked but event index, over guest RAM
     /// whose non-RAM parts of the file hold a sentinel.
     pub fn new() -> Rig {
+        Self::with_state_version(balloon_backend::saved_state::STATE_VERSION)
+    }
+
+    /// Like `new`, speaking saved-state `version`.
+    pub fn with_state_version(version: u32) -> Rig {
         let memfd = crate::memory::memfd("rig-ram", MEMFD_BYTES).unwrap();
         fill_outside_ram(&memfd);
         let mem = guest_memory(&memfd);
@@ -37,6 +43,7 @@ impl Rig {
                 seccomp: balloon_backend::seccomp::SeccompMode::Off,
                 // Tests ask for statistics themselves.
                 stats_interval_s: 0,
+                state_version: version,
             })
             .unwrap(),
         );
@@ -48,7 +55,7 @@ impl Rig {
         let mut vrings = Vec::new();
         for index in 0..queue_roles(acked).len() {
             let queue = TestQueue::new(index);
-            let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+            let vring = BalloonVring::new(atomic.clone(), QUEUE_SIZE).unwrap();
             vring.set_queue_size(QUEUE_SIZE);
             let (desc, avail, used) = queue.addresses();
             vring.set_queue_info(desc, avail, used).unwrap();

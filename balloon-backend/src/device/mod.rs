@@ -13,7 +13,11 @@ use log::{debug, info, warn};
 use std::os::fd::{AsRawFd, RawFd};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+
+/// A vring over guest RAM with the migration dirty log.
+pub type BalloonVring = VringRwLock<GuestMemory>;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
@@ -38,10 +42,16 @@ use crate::tracker::{punch_due, BalloonTracker, PUNCH_DELAY};
 use crate::virtio_config::ConfigSpace;
 
 mod queues;
+mod transfer;
 mod vhost_backend;
 
-type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-type ChainMemory = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+pub use transfer::{StateOrigin, TransferError};
+
+/// Guest RAM as the backend maps it: every write the device makes to it
+/// (used rings) is marked in QEMU's dirty log while a migration runs.
+pub type GuestRamMap = GuestMemoryMmap<BitmapMmapRegion>;
+type GuestMemory = GuestMemoryAtomic<GuestRamMap>;
+type ChainMemory = GuestMemoryLoadGuard<GuestRamMap>;
 
 /// Event id of a statistics request (the eventfd `request_stats` writes):
 /// ids up to `MAX_QUEUES` are the queues and the exit event, so custom
@@ -67,6 +77,9 @@ pub struct DeviceSettings {
     pub seccomp: SeccompMode,
     /// Seconds between statistics refreshes; 0 refreshes only on request.
     pub stats_interval_s: u64,
+    /// The saved-state version written and accepted
+    /// (`saved_state::STATE_VERSION` but in compatibility tests).
+    pub state_version: u32,
 }
 
 /// The outcome of a set-target request.
@@ -125,7 +138,7 @@ struct DeviceState {
     /// Head index of the stats buffer the device is holding.
     held_stats: Option<u16>,
     /// The vrings, kept to rewind the stats queue when it is stopped.
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<BalloonVring>,
     reported_bytes_total: u64,
     connected: bool,
     /// An operator's target holds until it is unpinned.
@@ -136,6 +149,11 @@ struct DeviceState {
     pending_since: Option<Instant>,
     /// The punch timer will fire for the pending punches.
     punch_timer_armed: bool,
+    /// A loaded state whose bitmap waits for guest RAM.
+    incoming: Option<transfer::Incoming>,
+    /// The device restarted with a balloon: the first event checks that
+    /// the guest did not start over (`check_restart`).
+    restart_check: bool,
 }
 
 /// The balloon device, shared by the vhost-user worker and the control socket.
@@ -158,6 +176,8 @@ pub struct BalloonDevice {
     /// then every inflate request is punched at once.
     punch_at_once: AtomicBool,
     faults: FaultLog,
+    /// The device-state transfer QEMU started, until it checks it.
+    transfer: Mutex<Option<transfer::Transfer>>,
 }
 
 /// A periodic timer of `interval_s` seconds, armed now; None for 0.
@@ -194,6 +214,7 @@ impl BalloonDevice {
             ),
             punch_at_once: AtomicBool::new(false),
             faults: FaultLog::default(),
+            transfer: Mutex::new(None),
         })
     }
 
@@ -460,10 +481,41 @@ impl BalloonDevice {
         }
     }
 
-    /// Marks the frontend gone (the vhost-user connection ended).
+    /// vhost-user-base never sends RESET_DEVICE, so a guest reset looks to
+    /// the backend like a pause: a stop, then the same memory table. The
+    /// rings tell them apart: a reset guest's inflate queue starts again at
+    /// index 0, a resumed one where it stopped. A kept bitmap of a reset
+    /// guest would count its pages as ballooned and let a later punch run
+    /// span them, so it is dropped here, before any request is read. (A
+    /// resumed ring that wrapped to exactly 0 loses its bitmap too: the
+    /// accounting, never a page.)
+    fn check_restart(&self, vrings: &[BalloonVring]) {
+        let mut state = self.state();
+        // Until QEMU has set the ring up again (a timer may fire first) its
+        // index is the one from before the stop.
+        let Some(inflate) = vrings
+            .first()
+            .filter(|ring| state.restart_check && ring.get_ref().get_queue().ready())
+        else {
+            return;
+        };
+        state.restart_check = false;
+        if inflate.queue_next_avail() == 0 && state.tracker.ballooned_pages() > 0 {
+            info!(
+                "the guest's queues started over (a reset): its balloon of {} MiB is gone",
+                (state.tracker.ballooned_pages() * PAGE_SIZE_BYTES) >> 20
+            );
+            state.tracker.clear();
+        }
+    }
+
+    /// Marks the frontend gone (the vhost-user connection ended). Its guest
+    /// is gone with it (QEMU exited or restarts): the next frontend starts
+    /// with an empty balloon unless a state file says otherwise.
     pub fn disconnected(&self) {
         let mut state = self.state();
         self.punch_locked(&mut state);
+        state.tracker.clear();
         state.connected = false;
         state.held_stats = None;
         state.vrings.clear();

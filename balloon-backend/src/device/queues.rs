@@ -5,7 +5,7 @@
 use super::*;
 
 impl BalloonDevice {
-    pub(super) fn process_queue(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+    pub(super) fn process_queue(&self, index: usize, vring: &BalloonVring) -> io::Result<()> {
         let (role, event_idx, memory) = {
             let state = self.state();
             (
@@ -17,6 +17,11 @@ impl BalloonDevice {
         let (Some(role), Some(memory)) = (role, memory) else {
             return Ok(());
         };
+        // A stopped ring (QEMU stopped the device: a pause, a migration)
+        // waits for its restart; a stats timer may still fire meanwhile.
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -32,7 +37,7 @@ impl BalloonDevice {
         Ok(())
     }
 
-    fn drain(&self, role: QueueRole, vring: &VringRwLock, memory: &GuestMemory) -> io::Result<()> {
+    fn drain(&self, role: QueueRole, vring: &BalloonVring, memory: &GuestMemory) -> io::Result<()> {
         let mut used_any = false;
         loop {
             let chain = vring
@@ -61,7 +66,7 @@ impl BalloonDevice {
     }
 
     /// Puts a chain in the used ring with length 0 (nothing written back).
-    fn complete(&self, vring: &VringRwLock, head: u16) -> bool {
+    fn complete(&self, vring: &BalloonVring, head: u16) -> bool {
         match vring.add_used(head, 0) {
             Ok(()) => true,
             Err(error) => {
@@ -73,7 +78,7 @@ impl BalloonDevice {
         }
     }
 
-    fn signal(&self, vring: &VringRwLock) {
+    fn signal(&self, vring: &BalloonVring) {
         let needed = vring.needs_notification().unwrap_or(true);
         if needed {
             if let Err(error) = vring.signal_used_queue() {
@@ -240,7 +245,7 @@ impl BalloonDevice {
     /// Parses a stats buffer and holds it; returns whether a chain was used.
     fn handle_stats_buffer(
         &self,
-        vring: &VringRwLock,
+        vring: &BalloonVring,
         chain: DescriptorChain<ChainMemory>,
     ) -> bool {
         let head = chain.head_index();
@@ -289,7 +294,7 @@ impl BalloonDevice {
     /// A statistics request or the interval timer: hand the held stats
     /// buffer back so the guest refreshes it, or pick up a buffer that is
     /// waiting (after a rewind).
-    pub(super) fn stats_wanted(&self, event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
+    pub(super) fn stats_wanted(&self, event: u16, vrings: &[BalloonVring]) -> io::Result<()> {
         if event == STATS_INTERVAL_EVENT {
             self.drain_stats_interval();
         } else {

@@ -1,11 +1,15 @@
 //! The `VhostUserBackend` implementation: what vhost-user-backend calls on
 //! the request-handler and vring-worker threads.
 
+use std::fs::File;
+
+use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+
 use super::*;
 
 impl VhostUserBackend for BalloonDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = BalloonVring;
 
     fn num_queues(&self) -> usize {
         MAX_QUEUES
@@ -16,7 +20,9 @@ impl VhostUserBackend for BalloonDevice {
     }
 
     fn features(&self) -> u64 {
-        features::offered(self.settings.switches)
+        // LOG_ALL: the used-ring writes are logged (the crate marks them in
+        // QEMU's dirty log through BitmapMmapRegion), so QEMU may migrate.
+        features::offered(self.settings.switches) | features::bit(features::LOG_ALL)
     }
 
     fn acked_features(&self, acked: u64) {
@@ -34,11 +40,17 @@ impl VhostUserBackend for BalloonDevice {
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn reset_device(&self) {
         let mut state = self.state();
         self.punch_locked(&mut state);
+        // The guest was reset: its balloon is gone and its pages are its
+        // own again (they read as zeros where they were punched).
+        state.tracker.clear();
         state.acked_features = 0;
         state.roles.clear();
         state.held_stats = None;
@@ -92,11 +104,18 @@ impl VhostUserBackend for BalloonDevice {
             ram.total_bytes() >> 20,
             ram.layout().len()
         );
+        // QEMU sends its memory table again on every device start (a
+        // resumed VM, a cancelled migration): the balloon of the same guest
+        // RAM stays; other RAM starts empty.
+        if !state.ram.same_ram_as(&ram) {
+            state.tracker = BalloonTracker::new(&ram.tracker_regions());
+        }
         state.layout = ram.layout();
-        state.tracker = BalloonTracker::new(&ram.tracker_regions());
         state.ram = ram;
         state.memory = Some(memory);
         state.connected = true;
+        self.take_incoming_bitmap(&mut state);
+        state.restart_check = state.tracker.ballooned_pages() > 0;
         Ok(())
     }
 
@@ -131,6 +150,20 @@ impl VhostUserBackend for BalloonDevice {
         }
     }
 
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        self.start_transfer(direction, phase, file)?;
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        Ok(self.finish_transfer()?)
+    }
+
     fn stop_vring(&self, index: u32) -> io::Result<()> {
         let mut state = self.state();
         // Before the frontend goes on (a reset, a reboot): nothing pending
@@ -154,7 +187,7 @@ impl VhostUserBackend for BalloonDevice {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[BalloonVring],
         _thread_id: usize,
     ) -> io::Result<()> {
         crate::seccomp::confine_vring_worker_once(self.settings.seccomp);
@@ -167,6 +200,7 @@ impl VhostUserBackend for BalloonDevice {
                 state.vrings = vrings.to_vec();
             }
         }
+        self.check_restart(vrings);
         if device_event == PUNCH_EVENT {
             self.punch_timer_fired();
             return Ok(());

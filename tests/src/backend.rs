@@ -64,6 +64,8 @@ pub struct BackendProcess {
     binary: PathBuf,
     args: Vec<String>,
     account: Option<Account>,
+    /// Where its stderr goes (the tests' own stderr when None).
+    log: Option<PathBuf>,
     pub socket: PathBuf,
     pub control: PathBuf,
 }
@@ -71,6 +73,16 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Starts the backend with sockets in `dir` and extra flags.
     pub fn start(env: &TestEnv, dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_logged(env, dir, extra_args, None)
+    }
+
+    /// Like `start`, with the backend's log (stderr) appended to `log`.
+    pub fn start_logged(
+        env: &TestEnv,
+        dir: &Path,
+        extra_args: &[&str],
+        log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let socket = dir.join("balloon.sock");
         let control = dir.join("control.sock");
         let mut args = vec![
@@ -98,12 +110,14 @@ impl BackendProcess {
             }
             binary = link;
         }
-        let child = Self::spawn(&binary, &args, account)?;
+        let log = log.map(Path::to_path_buf);
+        let child = Self::spawn(&binary, &args, account, log.as_deref())?;
         let backend = BackendProcess {
             child,
             binary,
             args,
             account,
+            log,
             socket,
             control,
         };
@@ -115,6 +129,7 @@ impl BackendProcess {
         binary: &Path,
         args: &[String],
         account: Option<Account>,
+        log: Option<&Path>,
     ) -> anyhow::Result<ChildGuard> {
         let mut command = Command::new(binary);
         if let Some(account) = account {
@@ -129,8 +144,18 @@ impl BackendProcess {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::inherit());
+        match log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                command.stderr(file)
+            }
+            None => command.stderr(Stdio::inherit()),
+        };
         // A copied binary stays "busy" while a process forked by another
         // test still holds the copy's descriptor; that ends at its exec.
         wait_for(
@@ -166,7 +191,7 @@ impl BackendProcess {
     /// kill -9 the backend, then start it again with the same flags.
     pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
-        self.child = Self::spawn(&self.binary, &self.args, self.account)?;
+        self.child = Self::spawn(&self.binary, &self.args, self.account, self.log.as_deref())?;
         self.wait_ready()
     }
 

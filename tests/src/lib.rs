@@ -7,6 +7,8 @@ pub mod backend;
 pub mod env;
 pub mod host_policy_process;
 pub mod memfd_residency;
+pub mod migration;
+pub mod qmp;
 pub mod vm;
 
 use std::time::Duration;

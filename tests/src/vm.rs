@@ -23,6 +23,9 @@ pub enum Balloon {
     VhostUser {
         socket: PathBuf,
         reconnect_ms: Option<u32>,
+        /// Our QEMU's `vhost-user-balloon-pci` (migratable) instead of the
+        /// generic `vhost-user-test-device-pci` a stock QEMU has.
+        migratable: bool,
     },
     /// QEMU's built-in virtio-balloon-pci (for comparisons).
     BuiltIn { free_page_reporting: bool },
@@ -44,6 +47,10 @@ pub struct VmConfig {
     pub agent_socket: Option<PathBuf>,
     /// A raw disk image, attached as virtio-blk (/dev/vda in the guest).
     pub disk: Option<PathBuf>,
+    /// Wait for a migration from this URI (QEMU's `-incoming`).
+    pub incoming: Option<String>,
+    /// Let a guest reboot restart it (no `-no-reboot`).
+    pub allow_reboot: bool,
 }
 
 impl VmConfig {
@@ -53,6 +60,7 @@ impl VmConfig {
             balloon: Balloon::VhostUser {
                 socket,
                 reconnect_ms: None,
+                migratable: false,
             },
             ..VmConfig::default()
         }
@@ -103,7 +111,6 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
         "console=ttyS0 quiet loglevel=1 panic=-1".into(),
         "-nodefaults".into(),
         "-no-user-config".into(),
-        "-no-reboot".into(),
         "-display".into(),
         "none".into(),
         "-monitor".into(),
@@ -111,6 +118,9 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
         "-serial".into(),
         "stdio".into(),
     ];
+    if !config.allow_reboot {
+        args.push("-no-reboot".into());
+    }
     for dir in &env.firmware_dirs {
         args.push("-L".into());
         args.push(dir.display().to_string());
@@ -120,18 +130,18 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
         Balloon::VhostUser {
             socket,
             reconnect_ms,
+            migratable,
         } => {
             let mut chardev = format!("socket,id=bal0,path={}", socket.display());
             if let Some(ms) = reconnect_ms {
                 chardev.push_str(&format!(",reconnect-ms={ms}"));
             }
-            args.extend([
-                "-chardev".into(),
-                chardev,
-                "-device".into(),
+            let device = if *migratable {
+                "vhost-user-balloon-pci,chardev=bal0"
+            } else {
                 "vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16"
-                    .into(),
-            ]);
+            };
+            args.extend(["-chardev".into(), chardev, "-device".into(), device.into()]);
         }
         Balloon::BuiltIn {
             free_page_reporting,
@@ -168,6 +178,9 @@ pub fn qemu_args(env: &TestEnv, config: &VmConfig) -> Vec<String> {
             format!("unix:{},server=on,wait=off", qmp.display()),
         ]);
     }
+    if let Some(uri) = &config.incoming {
+        args.extend(["-incoming".into(), uri.clone()]);
+    }
     args
 }
 
@@ -179,6 +192,31 @@ impl Vm {
 
     /// Like `boot`, with a deadline for the guest's shell to appear.
     pub fn boot_within(env: &TestEnv, config: &VmConfig, timeout: Duration) -> anyhow::Result<Vm> {
+        let vm = Self::spawn(env, config)?;
+        let started = Instant::now();
+        vm.wait_line(|l| l == "@@READY", timeout)
+            .context("the guest did not boot to its shell")?;
+        let kernel = vm
+            .console()
+            .into_iter()
+            .find_map(|l| l.strip_prefix("@@GUEST kernel=").map(str::to_string))
+            .unwrap_or_else(|| "?".into());
+        eprintln!(
+            "[guest-tests] guest booted in {:.1} s ({}, kernel {kernel})",
+            started.elapsed().as_secs_f64(),
+            env.accel
+        );
+        Ok(vm)
+    }
+
+    /// Starts a QEMU that waits for a migration (`config.incoming`); its
+    /// console carries the migrated guest's shell once it runs.
+    pub fn start_incoming(env: &TestEnv, config: &VmConfig) -> anyhow::Result<Vm> {
+        anyhow::ensure!(config.incoming.is_some(), "no -incoming URI");
+        Self::spawn(env, config)
+    }
+
+    fn spawn(env: &TestEnv, config: &VmConfig) -> anyhow::Result<Vm> {
         let mut child = Command::new(&env.qemu)
             .args(qemu_args(env, config))
             .stdin(Stdio::piped())
@@ -213,26 +251,12 @@ impl Vm {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             reader_console.changed.notify_all();
         });
-        let vm = Vm {
+        Ok(Vm {
             child,
             stdin,
             console,
             next_id: 1,
-        };
-        let started = Instant::now();
-        vm.wait_line(|l| l == "@@READY", timeout)
-            .context("the guest did not boot to its shell")?;
-        let kernel = vm
-            .console()
-            .into_iter()
-            .find_map(|l| l.strip_prefix("@@GUEST kernel=").map(str::to_string))
-            .unwrap_or_else(|| "?".into());
-        eprintln!(
-            "[guest-tests] guest booted in {:.1} s ({}, kernel {kernel})",
-            started.elapsed().as_secs_f64(),
-            env.accel
-        );
-        Ok(vm)
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -276,6 +300,36 @@ impl Vm {
                 .map_err(|_| anyhow::anyhow!("console lock"))?
                 .0;
         }
+    }
+
+    /// Waits until the guest's shell has come up `times` times (after
+    /// reboots).
+    pub fn wait_ready_count(&self, times: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = self.console().iter().filter(|l| *l == "@@READY").count();
+            if ready >= times {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline
+                    && !self
+                        .console
+                        .closed
+                        .load(std::sync::atomic::Ordering::SeqCst),
+                "the guest's shell came up {ready} of {times} times"
+            );
+            std::thread::sleep(crate::POLL_INTERVAL);
+        }
+    }
+
+    /// Sends a command that never reports back (a reboot).
+    pub fn send(&mut self, command: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(!command.contains('\n'), "one line per command");
+        let id = self.next_id;
+        self.next_id += 1;
+        writeln!(self.stdin, "{id} {command}")?;
+        Ok(self.stdin.flush()?)
     }
 
     /// Runs a shell command in the guest; returns its exit status and output.

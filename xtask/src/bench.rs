@@ -264,6 +264,84 @@ fn policy_comparison() -> anyhow::Result<String> {
 /// f2dea55), kept so the document shows before and after.
 const HOST_POLICY_WAKEUPS_BEFORE: &str = "15.0";
 
+/// The heading of the migration comparison's section.
+const MIGRATION_HEADING: &str = "## Migration";
+
+/// The migration comparison's section (heading, text, table).
+fn migration_section(env: &guest_tests::env::TestEnv) -> anyhow::Result<String> {
+    let table = crate::migration_comparison::run(env)?;
+    Ok(format!(
+        "{MIGRATION_HEADING}\n\n\
+         One live migration over a Unix socket on this host: a {} MiB guest\n\
+         (Linux 6.12, {}) that wrote 128 MiB of random data and then gave\n\
+         {} MiB to its balloon, to a QEMU started with `-incoming` (return path on).\n\
+         Same QEMU build and guest image for both devices. Time and RAM sent are\n\
+         QEMU's `query-migrate` (`total-time`, `ram.transferred`); resident is\n\
+         the destination's guest-RAM memfd once the guest runs there. Ours\n\
+         punches the ballooned pages again on the destination before the guest\n\
+         runs; QEMU's balloon does not, and loading guest RAM allocates every\n\
+         page of a shared memfd.\n\n{table}",
+        guest_tests::migration::GUEST_MIB,
+        env.accel,
+        guest_tests::migration::BALLOON_BYTES / guest_tests::MIB,
+    ))
+}
+
+/// `--only-migration`: measures the migration comparison and replaces its
+/// section of docs/performance.md (appended when missing), noting the date.
+pub fn run_migration_only(env: &guest_tests::env::TestEnv) -> anyhow::Result<()> {
+    let section = migration_section(env)?;
+    let section = format!(
+        "{section}\n\nThis section was measured on its own by `cargo xtask bench\n\
+         --only-migration` on {} ({}, {} cores).\n",
+        command_output("date", &["-u", "+%Y-%m-%d"]),
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let path = workspace_root().join("docs/performance.md");
+    let document =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let document = replace_section(&document, MIGRATION_HEADING, &section);
+    std::fs::write(&path, document).with_context(|| format!("writing {}", path.display()))?;
+    println!("{section}\nwritten to {}", path.display());
+    Ok(())
+}
+
+/// `document` with the section under `heading` (up to the next `## `
+/// heading) replaced by `section`, or with `section` appended.
+fn replace_section(document: &str, heading: &str, section: &str) -> String {
+    let start = document
+        .lines()
+        .scan(0usize, |offset, line| {
+            let at = *offset;
+            *offset += line.len() + 1;
+            Some((at, line))
+        })
+        .find(|(_, line)| *line == heading)
+        .map(|(at, _)| at);
+    let Some(start) = start else {
+        return format!("{}\n\n{}", document.trim_end(), section);
+    };
+    let after = start + heading.len();
+    let end = document
+        .get(after..)
+        .and_then(|rest| rest.find("\n## "))
+        .map_or(document.len(), |at| after + at + 1);
+    format!(
+        "{}{}{}",
+        document.get(..start).unwrap_or_default(),
+        section.trim_end(),
+        document
+            .get(end..)
+            .map(|rest| if rest.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("\n\n{rest}")
+            })
+            .unwrap_or_default()
+    )
+}
+
 pub fn run() -> anyhow::Result<()> {
     let root = workspace_root();
     let table = cargo_bench("balloon-backend", "inflate")?;
@@ -281,6 +359,7 @@ pub fn run() -> anyhow::Result<()> {
     let punch_limit_s = table_seconds(&table, "| limit, as guest RAM is")?;
     let punch_unmapped_s = table_seconds(&table, "| limit: one punch of the whole range")?;
     let comparison_table = crate::qemu_comparison::run(&env, punch_limit_s, punch_unmapped_s)?;
+    let migration = migration_section(&env)?;
     let document = format!(
         "# Performance\n\n\
          Measured by `cargo xtask bench` on {date}: {cpu}, {cores} cores, kernel {kernel}.\n\
@@ -350,7 +429,8 @@ pub fn run() -> anyhow::Result<()> {
          under {accel}. Targets: ours through the control socket, QEMU's through QMP\n\
          `balloon`. Discard calls are counted with `strace -c -f` in a second run of\n\
          each side (tracing slows the process, so times come from the untraced run).\n\n\
-         {comparison_table}\n",
+         {comparison_table}\n\n\
+         {migration}\n",
         date = command_output("date", &["-u", "+%Y-%m-%d"]),
         cpu = cpu_model(),
         cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -373,4 +453,27 @@ pub fn run() -> anyhow::Result<()> {
         path.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_section_is_replaced_in_place_or_appended() {
+        let document = "# T\n\n## A\n\nold a\n\n## Migration\n\nold m\n\n## B\n\nb\n";
+        assert_eq!(
+            replace_section(document, "## Migration", "## Migration\n\nnew m\n"),
+            "# T\n\n## A\n\nold a\n\n## Migration\n\nnew m\n\n## B\n\nb\n"
+        );
+        let last = "# T\n\n## Migration\n\nold m\n";
+        assert_eq!(
+            replace_section(last, "## Migration", "## Migration\n\nnew\n"),
+            "# T\n\n## Migration\n\nnew\n"
+        );
+        assert_eq!(
+            replace_section("# T\n\n## A\n\na\n", "## Migration", "## Migration\n\nm\n"),
+            "# T\n\n## A\n\na\n\n## Migration\n\nm\n"
+        );
+    }
 }

@@ -111,6 +111,10 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
         .context("creating the guest's disk")?;
     let mut config = VmConfig::with_backend(GUEST_MIB, backend.socket.clone());
     config.disk = Some(disk);
+    // The device an operator should use with this QEMU (it migrates).
+    if let guest_tests::vm::Balloon::VhostUser { migratable, .. } = &mut config.balloon {
+        *migratable = true;
+    }
     println!(
         "\nballoon-backend --socket {} --control {} --stats-interval 1",
         backend.socket.display(),

@@ -10,11 +10,12 @@ use anyhow::Context;
 
 use crate::provision::{cargo, workspace_root};
 
-pub const TARGETS: [&str; 4] = [
+pub const TARGETS: [&str; 5] = [
     "queues",
     "pfn_tracking",
     "stats_and_config",
     "operator_input",
+    "saved_state",
 ];
 
 fn cargo_fuzz_installed() -> bool {

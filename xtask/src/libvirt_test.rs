@@ -5,8 +5,10 @@
 //! its emulator and libvirt's default unprivileged QEMU user, that the
 //! hook starts the domain's backend, that a target set over the control
 //! socket is reached and the domain's host-resident RAM falls, that
-//! `virsh destroy` stops the backend and removes its sockets, and that a
-//! domain without the device is left alone.
+//! `virsh save` and `virsh restore` keep the balloon and the memory it
+//! returned (the device-state migration of `vhost-user-balloon-pci`),
+//! that `virsh destroy` stops the backend and removes its sockets, and that
+//! a domain without the device is left alone.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -110,7 +112,7 @@ fn domain_xml(name: &str, emulator: &Path, with_balloon: bool) -> String {
             "<qemu:arg value='-chardev'/>\
              <qemu:arg value='socket,id=bal0,path=/run/balloon/{name}/balloon.sock,reconnect-ms=1000'/>\
              <qemu:arg value='-device'/>\
-             <qemu:arg value='vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16'/>"
+             <qemu:arg value='vhost-user-balloon-pci,chardev=bal0'/>"
         )
     } else {
         String::new()
@@ -206,7 +208,9 @@ pub fn run(deb: &Path) -> anyhow::Result<()> {
     define(DOMAIN, &domain_xml(DOMAIN, &emulator, true))?;
     // Without its backend QEMU waits for the socket: `virsh start` times
     // out and the paused domain is destroyed.
-    let result = virsh(&["start", DOMAIN]).and_then(|_| check_balloon_domain());
+    let result = virsh(&["start", DOMAIN])
+        .and_then(|_| check_balloon_domain())
+        .and_then(|(_, qemu_user)| Ok((check_save_and_restore()?, qemu_user)));
     if let Err(error) = virsh(&["destroy", DOMAIN]) {
         eprintln!("[libvirt] destroying {DOMAIN}: {error:#}");
     }
@@ -238,10 +242,7 @@ pub fn run(deb: &Path) -> anyhow::Result<()> {
 /// unprivileged user, a target reached and host-resident RAM falling.
 fn check_balloon_domain() -> anyhow::Result<(u32, String)> {
     use std::os::unix::fs::MetadataExt;
-    let backend_pid: u32 = std::fs::read_to_string(format!("/run/balloon/{DOMAIN}.pid"))
-        .context("the hook's pid file (the backend did not start through the hook)")?
-        .trim()
-        .parse()?;
+    let backend_pid = hook_backend_pid()?;
     anyhow::ensure!(
         process_user(backend_pid)? == "balloon",
         "the backend does not run as balloon"
@@ -283,6 +284,59 @@ fn check_balloon_domain() -> anyhow::Result<(u32, String)> {
     control.wait_actual(0, Duration::from_secs(120))?;
     check_packaged_policy(&mut control)?;
     Ok((backend_pid, qemu_user))
+}
+
+/// The hook's backend of the running domain.
+fn hook_backend_pid() -> anyhow::Result<u32> {
+    Ok(
+        std::fs::read_to_string(format!("/run/balloon/{DOMAIN}.pid"))
+            .context("the hook's pid file (the backend did not start through the hook)")?
+            .trim()
+            .parse()?,
+    )
+}
+
+/// `virsh save` with a 256 MiB balloon, then `virsh restore`: the restored
+/// domain's new backend holds the same balloon and the restored QEMU's
+/// guest RAM stays returned. The new backend's pid.
+fn check_save_and_restore() -> anyhow::Result<u32> {
+    let control_path = PathBuf::from(format!("/run/balloon/{DOMAIN}.ctl"));
+    let mut control = ControlClient::connect(&control_path)?;
+    control.set_target(TARGET_MIB * MIB)?;
+    control.wait_actual(TARGET_MIB * MIB, Duration::from_secs(120))?;
+    let saved_backend = hook_backend_pid()?;
+    let image = Path::new(SHARED).join(format!("{DOMAIN}.save"));
+    let image_text = image.display().to_string();
+    virsh(&["save", DOMAIN, &image_text])?;
+    wait_exited(saved_backend, Duration::from_secs(15))?;
+    let restored = virsh(&["restore", &image_text]);
+    if let Err(error) = std::fs::remove_file(&image) {
+        eprintln!("[libvirt] removing {}: {error}", image.display());
+    }
+    restored?;
+    let mut control = test_support::wait::wait_for_every(
+        "the restored domain's backend",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || Ok(ControlClient::connect(&control_path).ok()),
+    )?;
+    let status = control.wait_actual(TARGET_MIB * MIB, Duration::from_secs(120))?;
+    anyhow::ensure!(
+        status["ballooned_bytes"] == TARGET_MIB * MIB && status["target_bytes"] == TARGET_MIB * MIB,
+        "the restored balloon: {status}"
+    );
+    let resident = resident_bytes(DOMAIN)?;
+    eprintln!(
+        "[libvirt] {DOMAIN}: after virsh save and restore, balloon {TARGET_MIB} MiB, host-resident guest RAM {} MiB",
+        resident / MIB
+    );
+    anyhow::ensure!(
+        resident <= (GUEST_MIB - TARGET_MIB + 8) * MIB,
+        "the restored domain holds {resident} bytes of guest RAM: the balloon's memory came back"
+    );
+    control.set_target(0)?;
+    control.wait_actual(0, Duration::from_secs(120))?;
+    hook_backend_pid()
 }
 
 /// host-policy as its unit runs it (the `balloon` user, the installed

@@ -7,6 +7,7 @@ mod demo;
 mod fuzz;
 mod libvirt_test;
 mod matrix;
+mod migration_comparison;
 mod package_test;
 mod policy_on_guests;
 mod provision;
@@ -29,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Find or build a QEMU >= 10.2 with vhost-user-test-device-pci.
+    /// Find or build a QEMU 10.2 with our patches (vhost-user-balloon-pci).
     Qemu,
     /// Build (or reuse) the test guest: kernel, busybox, balloon module.
     Guest {
@@ -48,6 +49,10 @@ enum Task {
         /// write the SVG to target/, leave docs/performance.md alone.
         #[arg(long)]
         only_policies_on_guests: bool,
+        /// Only the migration comparison (about 1 min): rewrite its section
+        /// of docs/performance.md.
+        #[arg(long, conflicts_with = "only_policies_on_guests")]
+        only_migration: bool,
     },
     /// Build the Debian package: target/deb/balloon-stack_<version>_amd64.deb.
     Deb,
@@ -61,7 +66,8 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Provision everything, then run every test in the workspace.
+    /// Provision everything, run every test in the workspace, then the
+    /// package test (with extra arguments: only `cargo test` with them).
     Test {
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -97,10 +103,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(&env)
         }
         Task::Bench {
+            only_migration: true,
+            ..
+        } => {
+            let env = provision::ensure_all()?;
+            bench::run_migration_only(&env)
+        }
+        Task::Bench {
             only_policies_on_guests: false,
+            ..
         } => bench::run(),
         Task::Bench {
             only_policies_on_guests: true,
+            ..
         } => {
             provision::ensure_all()?;
             let svg = provision::workspace_root().join("target/policies-on-guests.svg");
@@ -123,6 +138,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .status()
                 .context("running cargo test")?;
             anyhow::ensure!(status.success(), "cargo test failed ({status})");
+            // The whole suite includes the package under a real libvirt
+            // (`virsh save`/`restore` among its checks); a filtered run
+            // is just `cargo test`.
+            if cargo_args.is_empty() {
+                package_test::run()?;
+            }
             Ok(())
         }
     }

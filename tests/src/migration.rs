@@ -1,0 +1,187 @@
+//! One side of a migration: a backend and a QEMU with `vhost-user-balloon-pci`
+//! and a QMP socket, either booting a guest (the source) or waiting for
+//! one (`-incoming`, the destination).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::backend::{BackendProcess, ControlClient};
+use crate::env::TestEnv;
+use crate::qmp::Qmp;
+use crate::vm::{Balloon, Vm, VmConfig};
+use crate::{wait_for, MIB};
+
+/// Guest RAM of the migration tests.
+pub const GUEST_MIB: u64 = 512;
+/// The balloon they migrate.
+pub const BALLOON_BYTES: u64 = 256 * MIB;
+/// Host memory a destination may hold beyond guest RAM minus the balloon
+/// (page tables of the guest's own, rounding): "a small margin".
+pub const RESIDENT_MARGIN_BYTES: u64 = 8 * MIB;
+/// Longest a migration of a 512 MiB guest may take under TCG.
+pub const MIGRATION_DEADLINE: Duration = Duration::from_secs(180);
+
+pub struct Side {
+    pub vm: Vm,
+    pub qmp: Qmp,
+    pub backend: BackendProcess,
+    pub control: ControlClient,
+}
+
+/// Where each side keeps its sockets.
+pub fn side_dir(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::create_dir_all(&path)?;
+    Ok(path)
+}
+
+fn config(backend: &BackendProcess, qmp: PathBuf, incoming: Option<String>) -> VmConfig {
+    VmConfig {
+        mem_mib: GUEST_MIB,
+        balloon: Balloon::VhostUser {
+            socket: backend.socket.clone(),
+            reconnect_ms: None,
+            migratable: true,
+        },
+        qmp_socket: Some(qmp),
+        incoming,
+        ..VmConfig::default()
+    }
+}
+
+impl Side {
+    /// A backend with `backend_args` and a guest booted on it, its driver
+    /// negotiated.
+    pub fn boot(env: &TestEnv, dir: &Path, backend_args: &[&str]) -> anyhow::Result<Side> {
+        let backend = BackendProcess::start(env, dir, backend_args)?;
+        let vm = Vm::boot(env, &config(&backend, dir.join("qmp.sock"), None))?;
+        let qmp = Qmp::connect(&dir.join("qmp.sock"))?;
+        let mut control = backend.client()?;
+        wait_for(
+            "the guest driver to negotiate",
+            Duration::from_secs(60),
+            || {
+                let status = control.status()?;
+                Ok((status["connected"] == true
+                    && status["features"].as_array().is_some_and(|f| !f.is_empty()))
+                .then_some(()))
+            },
+        )?;
+        Ok(Side {
+            vm,
+            qmp,
+            backend,
+            control,
+        })
+    }
+
+    /// A backend with `backend_args` and a QEMU waiting on `incoming`.
+    pub fn incoming(
+        env: &TestEnv,
+        dir: &Path,
+        backend_args: &[&str],
+        incoming: &str,
+    ) -> anyhow::Result<Side> {
+        Self::incoming_logged(env, dir, backend_args, incoming, None)
+    }
+
+    /// Like `incoming`, with the backend's log in `log`.
+    pub fn incoming_logged(
+        env: &TestEnv,
+        dir: &Path,
+        backend_args: &[&str],
+        incoming: &str,
+        log: Option<&Path>,
+    ) -> anyhow::Result<Side> {
+        let backend = BackendProcess::start_logged(env, dir, backend_args, log)?;
+        let vm = Vm::start_incoming(
+            env,
+            &config(&backend, dir.join("qmp.sock"), Some(incoming.into())),
+        )?;
+        let mut qmp = Qmp::connect(&dir.join("qmp.sock"))?;
+        if has_return_path(incoming) {
+            enable_return_path(&mut qmp)?;
+        }
+        let control = backend.client()?;
+        Ok(Side {
+            vm,
+            qmp,
+            backend,
+            control,
+        })
+    }
+
+    /// Waits until the migrated guest runs here.
+    pub fn wait_running(&mut self) -> anyhow::Result<()> {
+        let qmp = &mut self.qmp;
+        wait_for("the destination to run", MIGRATION_DEADLINE, || {
+            Ok((qmp.run_state()? == "running").then_some(()))
+        })
+    }
+}
+
+/// Whether a migration to `uri` can have a return path (a socket can, a
+/// file cannot).
+fn has_return_path(uri: &str) -> bool {
+    uri.starts_with("unix:") || uri.starts_with("tcp:")
+}
+
+/// With a return path the source waits for the destination to load the
+/// state, so a destination that refuses it fails the migration and the
+/// source resumes (without, the source stops in `postmigrate`).
+fn enable_return_path(qmp: &mut Qmp) -> anyhow::Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        serde_json::json!({"capabilities": [{"capability": "return-path", "state": true}]}),
+    )?;
+    Ok(())
+}
+
+/// What one migration cost, from the source's `query-migrate`.
+#[derive(Debug)]
+pub struct MigrationCost {
+    pub total_time_ms: u64,
+    pub transferred_bytes: u64,
+}
+
+/// Migrates `source` to `uri`; the final `query-migrate`, whatever the
+/// outcome.
+pub fn try_migrate(source: &mut Side, uri: &str) -> anyhow::Result<serde_json::Value> {
+    if has_return_path(uri) {
+        enable_return_path(&mut source.qmp)?;
+    }
+    source.qmp.migrate(uri, MIGRATION_DEADLINE)
+}
+
+/// Migrates `source` to `uri` and checks that it completed.
+pub fn migrate(source: &mut Side, uri: &str) -> anyhow::Result<MigrationCost> {
+    let started = Instant::now();
+    let info = try_migrate(source, uri)?;
+    anyhow::ensure!(info["status"] == "completed", "migration failed: {info}");
+    let cost = MigrationCost {
+        total_time_ms: info["total-time"]
+            .as_u64()
+            .unwrap_or(started.elapsed().as_millis() as u64),
+        transferred_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+    };
+    eprintln!(
+        "[migration] to {uri}: {} ms, {} MiB sent",
+        cost.total_time_ms,
+        cost.transferred_bytes / MIB
+    );
+    Ok(cost)
+}
+
+/// Error counters of a backend's status, as (name, count) pairs.
+pub fn error_counters(status: &serde_json::Value) -> Vec<(String, u64)> {
+    status["errors"]
+        .as_object()
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|(name, n)| (name.clone(), n.as_u64().unwrap_or(0)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -251,6 +251,16 @@ impl ControlClient {
         Ok(reply)
     }
 
+    /// Waits until a guest's driver has negotiated its features.
+    pub fn wait_negotiated(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for("the guest driver to negotiate", timeout, || {
+            let status = self.status()?;
+            let negotiated = status["connected"] == true
+                && status["features"].as_array().is_some_and(|f| !f.is_empty());
+            Ok(negotiated.then_some(()))
+        })
+    }
+
     /// Waits until the guest's `actual` equals the target.
     /// Waits until the guest reports `bytes` in the balloon and the
     /// backend has punched all of it (inflated pages wait up to 20 ms).

@@ -57,16 +57,7 @@ impl Stack {
         tweak(&mut config);
         let vm = vm::Vm::boot(&env, &config)?;
         let mut control = backend.client()?;
-        wait_for(
-            "the guest driver to negotiate",
-            Duration::from_secs(60),
-            || {
-                let status = control.status()?;
-                let negotiated = status["connected"] == true
-                    && status["features"].as_array().is_some_and(|f| !f.is_empty());
-                Ok(negotiated.then_some(()))
-            },
-        )?;
+        control.wait_negotiated(Duration::from_secs(60))?;
         Ok(Stack {
             env,
             vm,

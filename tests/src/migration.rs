@@ -57,16 +57,7 @@ impl Side {
         let vm = Vm::boot(env, &config(&backend, dir.join("qmp.sock"), None))?;
         let qmp = Qmp::connect(&dir.join("qmp.sock"))?;
         let mut control = backend.client()?;
-        wait_for(
-            "the guest driver to negotiate",
-            Duration::from_secs(60),
-            || {
-                let status = control.status()?;
-                Ok((status["connected"] == true
-                    && status["features"].as_array().is_some_and(|f| !f.is_empty()))
-                .then_some(()))
-            },
-        )?;
+        control.wait_negotiated(Duration::from_secs(60))?;
         Ok(Side {
             vm,
             qmp,

@@ -26,6 +26,16 @@ fn write_pattern(vm: &mut Vm) -> anyhow::Result<String> {
     vm.sh(&format!("md5sum {PATTERN}"))
 }
 
+/// A source guest with the data pattern written and the balloon full;
+/// the pattern's checksum.
+fn source_with_balloon(env: &TestEnv, dir: &std::path::Path) -> anyhow::Result<(Side, String)> {
+    let mut source = Side::boot(env, dir, &[])?;
+    let checksum = write_pattern(&mut source.vm)?;
+    source.control.set_target(BALLOON_BYTES)?;
+    source.control.wait_actual(BALLOON_BYTES, TARGET_DEADLINE)?;
+    Ok((source, checksum))
+}
+
 /// Everything a destination must show after taking the guest over: the
 /// guest runs with its data, the balloon and its target are as they were,
 /// its memory is returned here too, and the balloon still works both ways.
@@ -89,10 +99,7 @@ fn live_migration_keeps_the_balloon_and_the_returned_memory() -> anyhow::Result<
     let dir = tempfile::tempdir()?;
     let source_dir = side_dir(dir.path(), "source")?;
     let destination_dir = side_dir(dir.path(), "destination")?;
-    let mut source = Side::boot(&env, &source_dir, &[])?;
-    let checksum = write_pattern(&mut source.vm)?;
-    source.control.set_target(BALLOON_BYTES)?;
-    source.control.wait_actual(BALLOON_BYTES, TARGET_DEADLINE)?;
+    let (mut source, checksum) = source_with_balloon(&env, &source_dir)?;
 
     // host-policy watches both ends; the host sits in its dead band (25 %
     // available) and the guests' floor is low, so it holds every balloon
@@ -199,10 +206,7 @@ fn migration_while_inflating_and_reporting_free_pages() -> anyhow::Result<()> {
 fn save_to_a_file_and_restore() -> anyhow::Result<()> {
     let env = TestEnv::load()?;
     let dir = tempfile::tempdir()?;
-    let mut source = Side::boot(&env, &side_dir(dir.path(), "source")?, &[])?;
-    let checksum = write_pattern(&mut source.vm)?;
-    source.control.set_target(BALLOON_BYTES)?;
-    source.control.wait_actual(BALLOON_BYTES, TARGET_DEADLINE)?;
+    let (mut source, checksum) = source_with_balloon(&env, &side_dir(dir.path(), "source")?)?;
 
     let image = dir.path().join("guest.state");
     let uri = format!("file:{}", image.display());

@@ -256,17 +256,7 @@ fn check_balloon_domain() -> anyhow::Result<(u32, String)> {
         socket.mode()
     );
     let mut control = ControlClient::connect(Path::new(&format!("/run/balloon/{DOMAIN}.ctl")))?;
-    test_support::wait::wait_for_every(
-        "the guest driver to negotiate",
-        Duration::from_secs(120),
-        Duration::from_millis(200),
-        || {
-            let status = control.status()?;
-            Ok((status["connected"] == true
-                && status["features"].as_array().is_some_and(|f| !f.is_empty()))
-            .then_some(()))
-        },
-    )?;
+    control.wait_negotiated(Duration::from_secs(120))?;
     let before = resident_bytes(DOMAIN)?;
     control.set_target(TARGET_MIB * MIB)?;
     control.wait_actual(TARGET_MIB * MIB, Duration::from_secs(120))?;

@@ -144,6 +144,32 @@ pub fn try_migrate(source: &mut Side, uri: &str) -> anyhow::Result<serde_json::V
     source.qmp.migrate(uri, MIGRATION_DEADLINE)
 }
 
+/// For a destination started with `-incoming defer`: sets `capabilities`
+/// (and the return path) on both sides, lets the destination listen on
+/// `uri` (`migrate-incoming`, as libvirt does) and migrates.
+pub fn migrate_with_capabilities(
+    source: &mut Side,
+    destination: &mut Side,
+    uri: &str,
+    capabilities: &[&str],
+) -> anyhow::Result<MigrationCost> {
+    let mut list: Vec<serde_json::Value> = capabilities
+        .iter()
+        .map(|name| serde_json::json!({"capability": name, "state": true}))
+        .collect();
+    list.push(serde_json::json!({"capability": "return-path", "state": true}));
+    for qmp in [&mut source.qmp, &mut destination.qmp] {
+        qmp.execute(
+            "migrate-set-capabilities",
+            serde_json::json!({ "capabilities": list }),
+        )?;
+    }
+    destination
+        .qmp
+        .execute("migrate-incoming", serde_json::json!({ "uri": uri }))?;
+    migrate(source, uri)
+}
+
 /// Migrates `source` to `uri` and checks that it completed.
 pub fn migrate(source: &mut Side, uri: &str) -> anyhow::Result<MigrationCost> {
     let started = Instant::now();

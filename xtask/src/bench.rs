@@ -274,13 +274,16 @@ fn migration_section(env: &guest_tests::env::TestEnv) -> anyhow::Result<String> 
         "{MIGRATION_HEADING}\n\n\
          One live migration over a Unix socket on this host: a {} MiB guest\n\
          (Linux 6.12, {}) that wrote 128 MiB of random data and then gave\n\
-         {} MiB to its balloon, to a QEMU started with `-incoming` (return path on).\n\
+         {} MiB to its balloon, to a QEMU started with `-incoming defer` (return\n\
+         path on, then `migrate-incoming`, as libvirt does).\n\
          Same QEMU build and guest image for both devices. Time and RAM sent are\n\
          QEMU's `query-migrate` (`total-time`, `ram.transferred`); resident is\n\
-         the destination's guest-RAM memfd once the guest runs there. Ours\n\
-         punches the ballooned pages again on the destination before the guest\n\
-         runs; QEMU's balloon does not, and loading guest RAM allocates every\n\
-         page of a shared memfd.\n\n{table}",
+         the destination's guest-RAM memfd once the guest runs there. In a\n\
+         precopy migration loading guest RAM allocates every page of a shared\n\
+         memfd; ours then punches the ballooned pages again before the guest\n\
+         runs, QEMU's balloon does not. With multifd (on both sides) the\n\
+         destination leaves pages sent as zero alone, so every hole survives\n\
+         with either balloon.\n\n{table}",
         guest_tests::migration::GUEST_MIB,
         env.accel,
         guest_tests::migration::BALLOON_BYTES / guest_tests::MIB,

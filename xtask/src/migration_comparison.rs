@@ -2,13 +2,16 @@
 //! our `vhost-user-balloon-pci` and with QEMU's built-in
 //! `virtio-balloon-pci` on the same QEMU build and guest image: how long
 //! it took, how much RAM was sent, and how much guest RAM the destination
-//! holds on the host afterwards.
+//! holds on the host afterwards; each as a plain precopy migration and
+//! with multifd (which leaves pages sent as zero alone on the destination).
 
 use std::path::Path;
 use std::time::Duration;
 
 use guest_tests::env::TestEnv;
-use guest_tests::migration::{migrate, side_dir, MigrationCost, Side, BALLOON_BYTES, GUEST_MIB};
+use guest_tests::migration::{
+    migrate_with_capabilities, side_dir, MigrationCost, Side, BALLOON_BYTES, GUEST_MIB,
+};
 use guest_tests::qmp::Qmp;
 use guest_tests::vm::{Balloon, Vm, VmConfig};
 use guest_tests::{wait_for, MIB, TARGET_DEADLINE};
@@ -30,14 +33,24 @@ fn write_pattern(vm: &mut Vm) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ours(env: &TestEnv, dir: &Path) -> anyhow::Result<Outcome> {
+/// The migration capabilities of a run (the return path is always on).
+fn capabilities(multifd: bool) -> &'static [&'static str] {
+    if multifd {
+        &["multifd"]
+    } else {
+        &[]
+    }
+}
+
+fn ours(env: &TestEnv, dir: &Path, multifd: bool) -> anyhow::Result<Outcome> {
     let mut source = Side::boot(env, &side_dir(dir, "ours-source")?, &[])?;
     write_pattern(&mut source.vm)?;
     source.control.set_target(BALLOON_BYTES)?;
     source.control.wait_actual(BALLOON_BYTES, TARGET_DEADLINE)?;
     let uri = format!("unix:{}", dir.join("ours.sock").display());
-    let mut destination = Side::incoming(env, &side_dir(dir, "ours-destination")?, &[], &uri)?;
-    let cost = migrate(&mut source, &uri)?;
+    let mut destination = Side::incoming(env, &side_dir(dir, "ours-destination")?, &[], "defer")?;
+    let cost =
+        migrate_with_capabilities(&mut source, &mut destination, &uri, capabilities(multifd))?;
     destination.wait_running()?;
     let status = destination
         .control
@@ -61,11 +74,14 @@ fn builtin_config(qmp: &Path, incoming: Option<String>) -> VmConfig {
     }
 }
 
-fn enable_return_path(qmp: &mut Qmp) -> anyhow::Result<()> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "return-path", "state": true}]}),
-    )?;
+fn set_capabilities(qmp: &mut Qmp, multifd: bool) -> anyhow::Result<()> {
+    let mut list = vec![json!({"capability": "return-path", "state": true})];
+    list.extend(
+        capabilities(multifd)
+            .iter()
+            .map(|name| json!({"capability": name, "state": true})),
+    );
+    qmp.execute("migrate-set-capabilities", json!({ "capabilities": list }))?;
     Ok(())
 }
 
@@ -78,7 +94,7 @@ fn builtin_balloon_bytes(qmp: &mut Qmp) -> anyhow::Result<u64> {
     Ok((GUEST_MIB * MIB).saturating_sub(actual))
 }
 
-fn builtin(env: &TestEnv, dir: &Path) -> anyhow::Result<Outcome> {
+fn builtin(env: &TestEnv, dir: &Path, multifd: bool) -> anyhow::Result<Outcome> {
     let source_qmp = dir.join("builtin-source.qmp");
     let mut source = Vm::boot(env, &builtin_config(&source_qmp, None))?;
     let mut qmp = Qmp::connect(&source_qmp)?;
@@ -90,10 +106,11 @@ fn builtin(env: &TestEnv, dir: &Path) -> anyhow::Result<Outcome> {
     let uri = format!("unix:{}", dir.join("builtin.sock").display());
     let destination_qmp = dir.join("builtin-destination.qmp");
     let destination =
-        Vm::start_incoming(env, &builtin_config(&destination_qmp, Some(uri.clone())))?;
+        Vm::start_incoming(env, &builtin_config(&destination_qmp, Some("defer".into())))?;
     let mut destination_control = Qmp::connect(&destination_qmp)?;
-    enable_return_path(&mut destination_control)?;
-    enable_return_path(&mut qmp)?;
+    set_capabilities(&mut destination_control, multifd)?;
+    set_capabilities(&mut qmp, multifd)?;
+    destination_control.execute("migrate-incoming", json!({ "uri": uri }))?;
     let info = qmp.migrate(&uri, guest_tests::migration::MIGRATION_DEADLINE)?;
     anyhow::ensure!(info["status"] == "completed", "migration failed: {info}");
     wait_for("the destination to run", Duration::from_secs(60), || {
@@ -111,11 +128,17 @@ fn builtin(env: &TestEnv, dir: &Path) -> anyhow::Result<Outcome> {
 
 /// Runs both migrations; the markdown table.
 pub fn run(env: &TestEnv) -> anyhow::Result<String> {
-    let dir = tempfile::tempdir()?;
-    eprintln!("[xtask] migrating with our balloon");
-    let ours = ours(env, dir.path())?;
-    eprintln!("[xtask] migrating with QEMU's virtio-balloon-pci");
-    let builtin = builtin(env, dir.path())?;
+    let mut runs = Vec::new();
+    for multifd in [false, true] {
+        let how = if multifd { "multifd" } else { "precopy" };
+        // A fresh directory per pair: the sockets' names repeat.
+        let dir = tempfile::tempdir()?;
+        eprintln!("[xtask] migrating with our balloon ({how})");
+        let ours = ours(env, dir.path(), multifd)?;
+        eprintln!("[xtask] migrating with QEMU's virtio-balloon-pci ({how})");
+        let builtin = builtin(env, dir.path(), multifd)?;
+        runs.push((how, ours, builtin));
+    }
     let row = |name: &str, o: &Outcome| {
         format!(
             "| {name} | {:.2} s | {} MiB | {} MiB | {} MiB |",
@@ -132,19 +155,22 @@ pub fn run(env: &TestEnv) -> anyhow::Result<String> {
             format!("{:.2}x", ours as f64 / theirs as f64)
         }
     };
-    Ok(format!(
-        "| device | migration time | RAM sent | balloon on the destination | destination guest RAM resident |\n\
-         |---|---|---|---|---|\n\
-         {}\n\
-         {}\n\
-         | ours / built-in | {} | {} | | {} |",
-        row("vhost-user-balloon-pci + balloon-backend", &ours),
-        row("virtio-balloon-pci (QEMU's)", &builtin),
-        ratio(ours.cost.total_time_ms, builtin.cost.total_time_ms),
-        ratio(ours.cost.transferred_bytes, builtin.cost.transferred_bytes),
-        ratio(
-            ours.destination_resident_bytes,
-            builtin.destination_resident_bytes
-        ),
-    ))
+    let mut table = String::from(
+        "| migration | device | migration time | RAM sent | balloon on the destination | destination guest RAM resident |\n\
+         |---|---|---|---|---|---|",
+    );
+    for (how, ours, builtin) in &runs {
+        table.push_str(&format!(
+            "\n| {how} {}\n| {how} {}\n| {how} | ours / built-in | {} | {} | | {} |",
+            row("vhost-user-balloon-pci + balloon-backend", ours),
+            row("virtio-balloon-pci (QEMU's)", builtin),
+            ratio(ours.cost.total_time_ms, builtin.cost.total_time_ms),
+            ratio(ours.cost.transferred_bytes, builtin.cost.transferred_bytes),
+            ratio(
+                ours.destination_resident_bytes,
+                builtin.destination_resident_bytes
+            ),
+        ));
+    }
+    Ok(table)
 }

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use balloon_backend::device::{BalloonDevice, DeviceSettings, DeviceStatus};
+use balloon_backend::device::{BalloonDevice, DeviceSettings, DeviceStatus, STATS_REQUEST_EVENT};
 use balloon_backend::device::{BalloonVring, GuestRamMap};
 use balloon_backend::features::{queue_roles, FeatureSwitches};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -20,6 +20,7 @@ pub struct Rig {
     pub mem: GuestRamMap,
     pub queues: Vec<TestQueue>,
     vrings: Vec<BalloonVring>,
+    atomic: GuestMemoryAtomic<GuestRamMap>,
 }
 
 impl Rig {
@@ -70,6 +71,7 @@ impl Rig {
             mem,
             queues,
             vrings,
+            atomic,
         }
     }
 
@@ -79,6 +81,32 @@ impl Rig {
         self.device
             .handle_event(queue as u16, EventSet::IN, &self.vrings, 0)
             .unwrap();
+    }
+
+    /// QEMU stopping and starting the device on the same guest RAM, as a
+    /// pause or a guest reset does: GET_VRING_BASE on every ring, the
+    /// memory table again, the inflate ring restarted at `inflate_next`
+    /// (where it stopped after a pause, 0 after a reset), then an event.
+    pub fn restart(&mut self, inflate_next: u16) {
+        for (index, vring) in self.vrings.iter().enumerate() {
+            vring.set_queue_ready(false);
+            self.device.stop_vring(index as u32).unwrap();
+        }
+        self.device.update_memory(self.atomic.clone()).unwrap();
+        if let Some(inflate) = self.vrings.first() {
+            inflate.set_queue_next_avail(inflate_next);
+        }
+        for vring in &self.vrings {
+            vring.set_queue_ready(true);
+        }
+        self.device
+            .handle_event(STATS_REQUEST_EVENT, EventSet::IN, &self.vrings, 0)
+            .unwrap();
+    }
+
+    /// Where the device will read the inflate ring next.
+    pub fn inflate_next(&self) -> u16 {
+        self.vrings.first().map_or(0, |v| v.queue_next_avail())
     }
 
     pub fn used(&self, queue: usize) -> u16 {

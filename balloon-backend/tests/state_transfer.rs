@@ -12,11 +12,16 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 
+use balloon_backend::device::{BalloonDevice, DeviceSettings};
+use balloon_backend::features::FeatureSwitches;
 use balloon_backend::saved_state::STATE_VERSION;
+use balloon_backend::seccomp::SeccompMode;
 use test_support::rig::Rig;
 use test_support::{allocated, BUFFER_AREA_GPA, GUEST_RAM_BYTES, INFLATE, MIB, REGION0_BYTES};
+use test_support::{guest_memory, MEMFD_BYTES};
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 use vhost_user_backend::VhostUserBackend;
+use vm_memory::GuestMemoryAtomic;
 use vm_memory::{Bytes, GuestAddress};
 
 const PAGE: u64 = 4096;
@@ -59,14 +64,18 @@ fn save(rig: &Rig) -> Vec<u8> {
 
 /// LOAD, as QEMU's vhost_load_backend_state does it.
 fn load(rig: &Rig, bytes: Vec<u8>) -> std::io::Result<()> {
+    load_into(&rig.device, bytes)
+}
+
+fn load_into(device: &BalloonDevice, bytes: Vec<u8>) -> std::io::Result<()> {
     let (reader, mut writer) = pipe();
     let feed = std::thread::spawn(move || writer.write_all(&bytes));
-    rig.device.set_device_state_fd(
+    device.set_device_state_fd(
         VhostTransferStateDirection::LOAD,
         VhostTransferStatePhase::STOPPED,
         reader,
     )?;
-    let checked = rig.device.check_device_state();
+    let checked = device.check_device_state();
     feed.join().unwrap().unwrap();
     checked
 }
@@ -151,4 +160,33 @@ fn a_check_without_a_transfer_or_of_an_empty_one_is_an_error() {
         )
         .is_ok());
     rig.device.check_device_state().unwrap();
+}
+
+#[test]
+fn a_migrated_state_ends_with_the_connection_that_loaded_it() {
+    let bytes = save(&source());
+    // A destination backend that received the state before any guest RAM
+    // (as QEMU orders it), whose QEMU then went away.
+    let device = BalloonDevice::new(DeviceSettings {
+        switches: FeatureSwitches::default(),
+        max_reclaim_percent: 75,
+        seccomp: SeccompMode::Off,
+        stats_interval_s: 0,
+        state_version: STATE_VERSION,
+    })
+    .unwrap();
+    load_into(&device, bytes).unwrap();
+    device.disconnected();
+    // The next QEMU brings another guest with the same layout: none of its
+    // pages may be punched for the old balloon.
+    let memfd = test_support::memory::memfd("next-guest", MEMFD_BYTES).unwrap();
+    let memory = guest_memory(&memfd);
+    memory
+        .write_slice(&vec![0x5a; REGION0_BYTES as usize], GuestAddress(0))
+        .unwrap();
+    device
+        .update_memory(GuestMemoryAtomic::new(memory))
+        .unwrap();
+    assert_eq!(device.status().ballooned_bytes, 0);
+    assert_eq!(allocated(&memfd, 0, REGION0_BYTES), REGION0_BYTES);
 }

@@ -516,6 +516,11 @@ impl BalloonDevice {
         let mut state = self.state();
         self.punch_locked(&mut state);
         state.tracker.clear();
+        // A migrated state belongs to the QEMU that loaded it: the next
+        // frontend may bring another guest, whose pages must never be
+        // punched after it.
+        state.incoming = None;
+        state.restart_check = false;
         state.connected = false;
         state.held_stats = None;
         state.vrings.clear();

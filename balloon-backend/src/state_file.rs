@@ -1,8 +1,8 @@
 //! The state file (`--state-file`): the device's saved state on disk, so
 //! that a backend restarted under a running guest (a crash, `systemctl
 //! restart`) keeps the balloon's accounting. Read once at start-up;
-//! rewritten by a thread of its own within `WRITE_INTERVAL` of a change,
-//! in place through a descriptor opened at start-up. The thread may open,
+//! rewritten by a thread of its own within `WRITE_INTERVAL` of a change
+//! (it sleeps while nothing changes), in place through a descriptor opened at start-up. The thread may open,
 //! truncate or write at an offset nothing (its seccomp list), so a shorter
 //! state is padded with spaces, which JSON ignores, and an all-blank file
 //! means no state. A torn write (a crash mid-write) fails to decode and
@@ -20,7 +20,8 @@ use log::warn;
 use crate::device::BalloonDevice;
 use crate::saved_state::{self, SavedState, StateError, MAX_STATE_BYTES};
 
-/// How often the writer looks for a change.
+/// The writer wakes only when the state changed, and writes at most once
+/// per interval, so a burst of requests costs one write.
 pub const WRITE_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +83,18 @@ fn rewrite(mut file: &File, bytes: &[u8], length: usize) -> io::Result<usize> {
 pub fn keep_written(device: Arc<BalloonDevice>, file: File) {
     let mut written: Option<SavedState> = None;
     let mut length = file.metadata().map_or(0, |m| m.len() as usize);
-    let mut failed_before = false;
+    // Set while writes fail: retried every interval, logged once.
+    let mut failing = false;
+    let mut seen = 0;
     loop {
+        if !failing {
+            seen = device.wait_saved_change(seen);
+        }
+        // Let a burst of changes settle into one write.
         std::thread::sleep(WRITE_INTERVAL);
         let now = device.snapshot_if_attached();
         if now == written {
+            failing = false;
             continue;
         }
         let result = match &now {
@@ -99,14 +107,14 @@ pub fn keep_written(device: Arc<BalloonDevice>, file: File) {
             Ok(new_length) => {
                 length = new_length;
                 written = now;
-                failed_before = false;
+                failing = false;
             }
-            // Logged once per run of failures; retried next interval.
-            Err(error) if !failed_before => {
-                warn!("writing the state file: {error}");
-                failed_before = true;
+            Err(error) => {
+                if !failing {
+                    warn!("writing the state file: {error}; retrying every {WRITE_INTERVAL:?}");
+                }
+                failing = true;
             }
-            Err(_) => {}
         }
     }
 }

@@ -154,6 +154,9 @@ struct DeviceState {
     /// The device restarted with a balloon: the first event checks that
     /// the guest did not start over (`check_restart`).
     restart_check: bool,
+    /// Bumped whenever something a saved state holds changes, so the state
+    /// file's writer sleeps until there is something to write.
+    saved_generation: u64,
 }
 
 /// The balloon device, shared by the vhost-user worker and the control socket.
@@ -161,6 +164,8 @@ pub struct BalloonDevice {
     settings: DeviceSettings,
     state: Mutex<DeviceState>,
     stats_updated: Condvar,
+    /// Signalled with `saved_generation`.
+    saved_changed: Condvar,
     notifier: Mutex<Option<ConfigChangeNotifier>>,
     /// Where the backend request channel is looked for.
     open_fds: FdDirectory,
@@ -205,6 +210,7 @@ impl BalloonDevice {
             settings,
             state: Mutex::new(DeviceState::default()),
             stats_updated: Condvar::new(),
+            saved_changed: Condvar::new(),
             notifier: Mutex::new(None),
             open_fds: FdDirectory::open()?,
             stats_request: EventFd::new(EFD_NONBLOCK)?,
@@ -279,6 +285,24 @@ impl BalloonDevice {
                 self.punch_locked(&mut state);
             }
         }
+    }
+
+    /// Notes that something a saved state holds changed (call with the
+    /// state locked).
+    fn saved_state_changed(&self, state: &mut DeviceState) {
+        state.saved_generation = state.saved_generation.wrapping_add(1);
+        self.saved_changed.notify_all();
+    }
+
+    /// Waits until the saved state changed since generation `seen`; the
+    /// new generation. Sleeps as long as nothing changes.
+    pub fn wait_saved_change(&self, seen: u64) -> u64 {
+        let state = self.state();
+        let state = self
+            .saved_changed
+            .wait_while(state, |s| s.saved_generation == seen)
+            .unwrap_or_else(|e| e.into_inner());
+        state.saved_generation
     }
 
     /// Gives up deferring: inflate requests are punched as they complete.
@@ -407,6 +431,7 @@ impl BalloonDevice {
             let bytes = requested_bytes.min(limit);
             let pages = u32::try_from(bytes / PAGE_SIZE_BYTES).unwrap_or(u32::MAX);
             state.config.set_num_pages(pages);
+            self.saved_state_changed(&mut state);
             (u64::from(pages) * PAGE_SIZE_BYTES, clamped)
         };
         if clamped {
@@ -425,7 +450,10 @@ impl BalloonDevice {
 
     /// Releases an operator's pin; says whether there was one.
     pub fn unpin(&self) -> bool {
-        std::mem::take(&mut self.state().pinned)
+        let mut state = self.state();
+        let was = std::mem::take(&mut state.pinned);
+        self.saved_state_changed(&mut state);
+        was
     }
 
     fn notify_config_change(&self) -> bool {
@@ -500,6 +528,7 @@ impl BalloonDevice {
             return;
         };
         state.restart_check = false;
+        self.saved_state_changed(&mut state);
         if inflate.queue_next_avail() == 0 && state.tracker.ballooned_pages() > 0 {
             info!(
                 "the guest's queues started over (a reset): its balloon of {} MiB is gone",
@@ -522,6 +551,7 @@ impl BalloonDevice {
         state.incoming = None;
         state.restart_check = false;
         state.connected = false;
+        self.saved_state_changed(&mut state);
         state.held_stats = None;
         state.vrings.clear();
         drop(state);

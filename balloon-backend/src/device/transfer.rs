@@ -205,6 +205,7 @@ impl BalloonDevice {
             state: saved,
             origin,
         });
+        self.saved_state_changed(&mut state);
         if state.connected && state.ram.total_bytes() > 0 {
             self.take_incoming_bitmap(&mut state);
         }

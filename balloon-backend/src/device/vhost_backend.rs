@@ -51,6 +51,7 @@ impl VhostUserBackend for BalloonDevice {
         // The guest was reset: its balloon is gone and its pages are its
         // own again (they read as zeros where they were punched).
         state.tracker.clear();
+        self.saved_state_changed(&mut state);
         state.acked_features = 0;
         state.roles.clear();
         state.held_stats = None;
@@ -75,6 +76,9 @@ impl VhostUserBackend for BalloonDevice {
         let mut state = self.state();
         match state.config.write(offset, buf) {
             Ok(effect) => {
+                if effect.actual_changed || effect.poison_changed {
+                    self.saved_state_changed(&mut state);
+                }
                 if effect.poison_changed {
                     info!(
                         "guest page poison value is {:#x}",
@@ -116,6 +120,7 @@ impl VhostUserBackend for BalloonDevice {
         state.connected = true;
         self.take_incoming_bitmap(&mut state);
         state.restart_check = state.tracker.ballooned_pages() > 0;
+        self.saved_state_changed(&mut state);
         Ok(())
     }
 

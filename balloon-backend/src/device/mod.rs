@@ -15,9 +15,6 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-
-/// A vring over guest RAM with the migration dirty log.
-pub type BalloonVring = VringRwLock<GuestMemory>;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
@@ -52,6 +49,8 @@ pub use transfer::{StateOrigin, TransferError};
 pub type GuestRamMap = GuestMemoryMmap<BitmapMmapRegion>;
 type GuestMemory = GuestMemoryAtomic<GuestRamMap>;
 type ChainMemory = GuestMemoryLoadGuard<GuestRamMap>;
+/// A vring over guest RAM with the migration dirty log.
+pub type BalloonVring = VringRwLock<GuestMemory>;
 
 /// Event id of a statistics request (the eventfd `request_stats` writes):
 /// ids up to `MAX_QUEUES` are the queues and the exit event, so custom

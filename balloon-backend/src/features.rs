@@ -84,7 +84,11 @@ pub fn offered(switches: FeatureSwitches) -> u64 {
         | bit(RING_EVENT_IDX)
         | bit(RING_INDIRECT_DESC)
         | bit(PROTOCOL_FEATURES)
-        | bit(MUST_TELL_HOST);
+        | bit(MUST_TELL_HOST)
+        // The device's writes to guest RAM (used rings) go into QEMU's
+        // dirty log (vhost-user-backend's BitmapMmapRegion), so QEMU may
+        // migrate the VM.
+        | bit(LOG_ALL);
     for (enabled, feature) in [
         (switches.stats, STATS_VQ),
         (switches.deflate_on_oom, DEFLATE_ON_OOM),

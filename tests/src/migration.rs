@@ -91,7 +91,7 @@ impl Side {
         )?;
         let mut qmp = Qmp::connect(&dir.join("qmp.sock"))?;
         if has_return_path(incoming) {
-            enable_return_path(&mut qmp)?;
+            set_capabilities(&mut qmp, &[])?;
         }
         let control = backend.client()?;
         Ok(Side {
@@ -117,13 +117,30 @@ fn has_return_path(uri: &str) -> bool {
     uri.starts_with("unix:") || uri.starts_with("tcp:")
 }
 
-/// With a return path the source waits for the destination to load the
-/// state, so a destination that refuses it fails the migration and the
-/// source resumes (without, the source stops in `postmigrate`).
-fn enable_return_path(qmp: &mut Qmp) -> anyhow::Result<()> {
+/// Where the migration tests write their data pattern in the guest.
+pub const PATTERN: &str = "/mnt/data/pattern";
+
+/// Writes `mib` MiB of random data to `PATTERN` in the guest; its checksum.
+pub fn write_pattern(vm: &mut Vm, mib: u64) -> anyhow::Result<String> {
+    vm.sh(&format!(
+        "dd if=/dev/urandom of={PATTERN} bs=1M count={mib} 2>/dev/null"
+    ))?;
+    vm.sh(&format!("md5sum {PATTERN}"))
+}
+
+/// Turns on `capabilities` and the return path on one QEMU. With a return
+/// path the source waits for the destination to load the state, so a
+/// destination that refuses it fails the migration and the source resumes
+/// (without, the source stops in `postmigrate`).
+pub fn set_capabilities(qmp: &mut Qmp, capabilities: &[&str]) -> anyhow::Result<()> {
+    let list: Vec<serde_json::Value> = capabilities
+        .iter()
+        .chain(&["return-path"])
+        .map(|name| serde_json::json!({"capability": name, "state": true}))
+        .collect();
     qmp.execute(
         "migrate-set-capabilities",
-        serde_json::json!({"capabilities": [{"capability": "return-path", "state": true}]}),
+        serde_json::json!({ "capabilities": list }),
     )?;
     Ok(())
 }
@@ -139,7 +156,7 @@ pub struct MigrationCost {
 /// outcome.
 pub fn try_migrate(source: &mut Side, uri: &str) -> anyhow::Result<serde_json::Value> {
     if has_return_path(uri) {
-        enable_return_path(&mut source.qmp)?;
+        set_capabilities(&mut source.qmp, &[])?;
     }
     source.qmp.migrate(uri, MIGRATION_DEADLINE)
 }
@@ -153,16 +170,8 @@ pub fn migrate_with_capabilities(
     uri: &str,
     capabilities: &[&str],
 ) -> anyhow::Result<MigrationCost> {
-    let mut list: Vec<serde_json::Value> = capabilities
-        .iter()
-        .map(|name| serde_json::json!({"capability": name, "state": true}))
-        .collect();
-    list.push(serde_json::json!({"capability": "return-path", "state": true}));
     for qmp in [&mut source.qmp, &mut destination.qmp] {
-        qmp.execute(
-            "migrate-set-capabilities",
-            serde_json::json!({ "capabilities": list }),
-        )?;
+        set_capabilities(qmp, capabilities)?;
     }
     destination
         .qmp

@@ -269,6 +269,16 @@ impl Vm {
         matches: impl Fn(&str) -> bool,
         timeout: Duration,
     ) -> anyhow::Result<String> {
+        self.wait_nth_line(matches, 1, timeout)
+    }
+
+    /// Waits for the `n`th console line matching `matches`; returns it.
+    fn wait_nth_line(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
         let mut lines = self
             .console
@@ -276,7 +286,7 @@ impl Vm {
             .lock()
             .map_err(|_| anyhow::anyhow!("console lock"))?;
         loop {
-            if let Some(line) = lines.iter().find(|l| matches(l)) {
+            if let Some(line) = lines.iter().filter(|l| matches(l)).nth(n.saturating_sub(1)) {
                 return Ok(line.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -305,40 +315,24 @@ impl Vm {
     /// Waits until the guest's shell has come up `times` times (after
     /// reboots).
     pub fn wait_ready_count(&self, times: usize, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let ready = self.console().iter().filter(|l| *l == "@@READY").count();
-            if ready >= times {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline
-                    && !self
-                        .console
-                        .closed
-                        .load(std::sync::atomic::Ordering::SeqCst),
-                "the guest's shell came up {ready} of {times} times"
-            );
-            std::thread::sleep(crate::POLL_INTERVAL);
-        }
+        self.wait_nth_line(|l| l == "@@READY", times, timeout)
+            .map(drop)
     }
 
-    /// Sends a command that never reports back (a reboot).
-    pub fn send(&mut self, command: &str) -> anyhow::Result<()> {
-        anyhow::ensure!(!command.contains('\n'), "one line per command");
-        let id = self.next_id;
-        self.next_id += 1;
-        writeln!(self.stdin, "{id} {command}")?;
-        Ok(self.stdin.flush()?)
-    }
-
-    /// Runs a shell command in the guest; returns its exit status and output.
-    pub fn run(&mut self, command: &str, timeout: Duration) -> anyhow::Result<(i32, String)> {
+    /// Sends a command to the guest's shell without waiting for it (a
+    /// reboot never reports back); its id.
+    pub fn send(&mut self, command: &str) -> anyhow::Result<u64> {
         anyhow::ensure!(!command.contains('\n'), "one line per command");
         let id = self.next_id;
         self.next_id += 1;
         writeln!(self.stdin, "{id} {command}")?;
         self.stdin.flush()?;
+        Ok(id)
+    }
+
+    /// Runs a shell command in the guest; returns its exit status and output.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> anyhow::Result<(i32, String)> {
+        let id = self.send(command)?;
         let end_prefix = format!("@@E{id} ");
         let end = self
             .wait_line(|l| l.starts_with(&end_prefix), timeout)

@@ -11,27 +11,19 @@ use std::time::Duration;
 use guest_tests::env::TestEnv;
 use guest_tests::host_policy_process::{write_meminfo, PolicyProcess};
 use guest_tests::migration::{
-    error_counters, migrate, migrate_with_capabilities, side_dir, Side, BALLOON_BYTES, GUEST_MIB,
-    RESIDENT_MARGIN_BYTES,
+    error_counters, migrate, migrate_with_capabilities, side_dir, write_pattern, Side,
+    BALLOON_BYTES, GUEST_MIB, PATTERN, RESIDENT_MARGIN_BYTES,
 };
-use guest_tests::vm::Vm;
 use guest_tests::{wait_for, Stack, MIB, TARGET_DEADLINE};
 
-const PATTERN: &str = "/mnt/data/pattern";
-
-/// Writes 128 MiB of random data in the guest; its checksum.
-fn write_pattern(vm: &mut Vm) -> anyhow::Result<String> {
-    vm.sh(&format!(
-        "dd if=/dev/urandom of={PATTERN} bs=1M count=128 2>/dev/null"
-    ))?;
-    vm.sh(&format!("md5sum {PATTERN}"))
-}
+/// The guest's data, written before the balloon fills.
+const PATTERN_MIB: u64 = 128;
 
 /// A source guest with the data pattern written and the balloon full;
 /// the pattern's checksum.
 fn source_with_balloon(env: &TestEnv, dir: &std::path::Path) -> anyhow::Result<(Side, String)> {
     let mut source = Side::boot(env, dir, &[])?;
-    let checksum = write_pattern(&mut source.vm)?;
+    let checksum = write_pattern(&mut source.vm, PATTERN_MIB)?;
     source.control.set_target(BALLOON_BYTES)?;
     source.control.wait_actual(BALLOON_BYTES, TARGET_DEADLINE)?;
     Ok((source, checksum))
@@ -177,7 +169,7 @@ fn migration_while_inflating_and_reporting_free_pages() -> anyhow::Result<()> {
     let env = TestEnv::load()?;
     let dir = tempfile::tempdir()?;
     let mut source = Side::boot(&env, &side_dir(dir.path(), "source")?, &[])?;
-    let checksum = write_pattern(&mut source.vm)?;
+    let checksum = write_pattern(&mut source.vm, PATTERN_MIB)?;
     // Freed guest memory that free page reporting is returning while the
     // balloon fills from 0 to its target: both move during the migration.
     source.vm.sh(
@@ -208,7 +200,7 @@ fn with_multifd_every_returned_page_stays_returned() -> anyhow::Result<()> {
     let env = TestEnv::load()?;
     let dir = tempfile::tempdir()?;
     let mut source = Side::boot(&env, &side_dir(dir.path(), "source")?, &[])?;
-    let checksum = write_pattern(&mut source.vm)?;
+    let checksum = write_pattern(&mut source.vm, PATTERN_MIB)?;
     // Memory the guest freed goes back through free page reporting, which
     // the balloon's state does not describe.
     source.vm.sh(

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use guest_tests::env::TestEnv;
 use guest_tests::migration::{
-    migrate_with_capabilities, side_dir, MigrationCost, Side, BALLOON_BYTES, GUEST_MIB,
+    migrate_with_capabilities, set_capabilities, side_dir, write_pattern, MigrationCost, Side,
+    BALLOON_BYTES, GUEST_MIB,
 };
 use guest_tests::qmp::Qmp;
 use guest_tests::vm::{Balloon, Vm, VmConfig};
@@ -26,13 +27,6 @@ struct Outcome {
     balloon_after_bytes: u64,
 }
 
-fn write_pattern(vm: &mut Vm) -> anyhow::Result<()> {
-    vm.sh(&format!(
-        "dd if=/dev/urandom of=/mnt/data/pattern bs=1M count={PATTERN_MIB} 2>/dev/null"
-    ))?;
-    Ok(())
-}
-
 /// The migration capabilities of a run (the return path is always on).
 fn capabilities(multifd: bool) -> &'static [&'static str] {
     if multifd {
@@ -44,7 +38,7 @@ fn capabilities(multifd: bool) -> &'static [&'static str] {
 
 fn ours(env: &TestEnv, dir: &Path, multifd: bool) -> anyhow::Result<Outcome> {
     let mut source = Side::boot(env, &side_dir(dir, "ours-source")?, &[])?;
-    write_pattern(&mut source.vm)?;
+    write_pattern(&mut source.vm, PATTERN_MIB)?;
     source.control.set_target(BALLOON_BYTES)?;
     source.control.wait_actual(BALLOON_BYTES, TARGET_DEADLINE)?;
     let uri = format!("unix:{}", dir.join("ours.sock").display());
@@ -74,17 +68,6 @@ fn builtin_config(qmp: &Path, incoming: Option<String>) -> VmConfig {
     }
 }
 
-fn set_capabilities(qmp: &mut Qmp, multifd: bool) -> anyhow::Result<()> {
-    let mut list = vec![json!({"capability": "return-path", "state": true})];
-    list.extend(
-        capabilities(multifd)
-            .iter()
-            .map(|name| json!({"capability": name, "state": true})),
-    );
-    qmp.execute("migrate-set-capabilities", json!({ "capabilities": list }))?;
-    Ok(())
-}
-
 /// Bytes in QEMU's built-in balloon (`query-balloon` reports guest RAM
 /// minus the balloon).
 fn builtin_balloon_bytes(qmp: &mut Qmp) -> anyhow::Result<u64> {
@@ -98,7 +81,7 @@ fn builtin(env: &TestEnv, dir: &Path, multifd: bool) -> anyhow::Result<Outcome> 
     let source_qmp = dir.join("builtin-source.qmp");
     let mut source = Vm::boot(env, &builtin_config(&source_qmp, None))?;
     let mut qmp = Qmp::connect(&source_qmp)?;
-    write_pattern(&mut source)?;
+    write_pattern(&mut source, PATTERN_MIB)?;
     qmp.execute("balloon", json!({"value": GUEST_MIB * MIB - BALLOON_BYTES}))?;
     wait_for("the built-in balloon to fill", TARGET_DEADLINE, || {
         Ok((builtin_balloon_bytes(&mut qmp)? >= BALLOON_BYTES).then_some(()))
@@ -108,8 +91,8 @@ fn builtin(env: &TestEnv, dir: &Path, multifd: bool) -> anyhow::Result<Outcome> 
     let destination =
         Vm::start_incoming(env, &builtin_config(&destination_qmp, Some("defer".into())))?;
     let mut destination_control = Qmp::connect(&destination_qmp)?;
-    set_capabilities(&mut destination_control, multifd)?;
-    set_capabilities(&mut qmp, multifd)?;
+    set_capabilities(&mut destination_control, capabilities(multifd))?;
+    set_capabilities(&mut qmp, capabilities(multifd))?;
     destination_control.execute("migrate-incoming", json!({ "uri": uri }))?;
     let info = qmp.migrate(&uri, guest_tests::migration::MIGRATION_DEADLINE)?;
     anyhow::ensure!(info["status"] == "completed", "migration failed: {info}");

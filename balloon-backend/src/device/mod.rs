@@ -156,6 +156,9 @@ struct DeviceState {
     /// Bumped whenever something a saved state holds changes, so the state
     /// file's writer sleeps until there is something to write.
     saved_generation: u64,
+    /// A state-file writer waits on `saved_changed` (without one, changes
+    /// on the request path need no wake-up call).
+    saved_watched: bool,
 }
 
 /// The balloon device, shared by the vhost-user worker and the control socket.
@@ -290,13 +293,16 @@ impl BalloonDevice {
     /// state locked).
     fn saved_state_changed(&self, state: &mut DeviceState) {
         state.saved_generation = state.saved_generation.wrapping_add(1);
-        self.saved_changed.notify_all();
+        if state.saved_watched {
+            self.saved_changed.notify_all();
+        }
     }
 
     /// Waits until the saved state changed since generation `seen`; the
     /// new generation. Sleeps as long as nothing changes.
     pub fn wait_saved_change(&self, seen: u64) -> u64 {
-        let state = self.state();
+        let mut state = self.state();
+        state.saved_watched = true;
         let state = self
             .saved_changed
             .wait_while(state, |s| s.saved_generation == seen)
@@ -516,8 +522,7 @@ impl BalloonDevice {
     /// span them, so it is dropped here, before any request is read. (A
     /// resumed ring that wrapped to exactly 0 loses its bitmap too: the
     /// accounting, never a page.)
-    fn check_restart(&self, vrings: &[BalloonVring]) {
-        let mut state = self.state();
+    fn check_restart(&self, state: &mut DeviceState, vrings: &[BalloonVring]) {
         // Until QEMU has set the ring up again (a timer may fire first) its
         // index is the one from before the stop.
         let Some(inflate) = vrings
@@ -527,13 +532,13 @@ impl BalloonDevice {
             return;
         };
         state.restart_check = false;
-        self.saved_state_changed(&mut state);
         if inflate.queue_next_avail() == 0 && state.tracker.ballooned_pages() > 0 {
             info!(
                 "the guest's queues started over (a reset): its balloon of {} MiB is gone",
                 (state.tracker.ballooned_pages() * PAGE_SIZE_BYTES) >> 20
             );
             state.tracker.clear();
+            self.saved_state_changed(state);
         }
     }
 

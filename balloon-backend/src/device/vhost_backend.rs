@@ -20,9 +20,7 @@ impl VhostUserBackend for BalloonDevice {
     }
 
     fn features(&self) -> u64 {
-        // LOG_ALL: the used-ring writes are logged (the crate marks them in
-        // QEMU's dirty log through BitmapMmapRegion), so QEMU may migrate.
-        features::offered(self.settings.switches) | features::bit(features::LOG_ALL)
+        features::offered(self.settings.switches)
     }
 
     fn acked_features(&self, acked: u64) {
@@ -204,8 +202,8 @@ impl VhostUserBackend for BalloonDevice {
             if state.vrings.is_empty() {
                 state.vrings = vrings.to_vec();
             }
+            self.check_restart(&mut state, vrings);
         }
-        self.check_restart(vrings);
         if device_event == PUNCH_EVENT {
             self.punch_timer_fired();
             return Ok(());

@@ -18,11 +18,11 @@ use vmm_sys_util::epoll::EventSet;
 use crate::cli::BackendOptions;
 use crate::control;
 use crate::device::{
-    BalloonDevice, DeviceSettings, GuestRamMap, StateOrigin, PUNCH_EVENT, STATS_INTERVAL_EVENT,
+    BalloonDevice, DeviceSettings, GuestRamMap, PUNCH_EVENT, STATS_INTERVAL_EVENT,
     STATS_REQUEST_EVENT,
 };
 use crate::seccomp::{self, ThreadRole};
-use crate::state_file::{self, StateFileError};
+use crate::state_file::{StateFile, StateFileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -219,22 +219,14 @@ impl Backend {
         );
         if let Some(path) = &config.state_file {
             prepare_directory("--state-file", path, config.create_dirs)?;
-            let (file, loaded) =
-                state_file::open(path, config.state_version).map_err(DaemonError::StateFile)?;
-            match loaded {
-                Ok(Some(saved)) => device.adopt(saved, StateOrigin::StateFile),
-                Ok(None) => {}
-                Err(error) => warn!("{error}; starting with an empty balloon"),
+            let file = StateFile::open(path).map_err(DaemonError::StateFile)?;
+            if file.kept_regions().is_some() {
+                info!(
+                    "{}: holds a balloon, taken over if the guest RAM that arrives is the same",
+                    path.display()
+                );
             }
-            let device = device.clone();
-            let mode = config.seccomp;
-            std::thread::Builder::new()
-                .name("state-file".into())
-                .spawn(move || {
-                    seccomp::confine_or_exit(ThreadRole::StateFile, mode);
-                    state_file::keep_written(device, file)
-                })
-                .map_err(DaemonError::Device)?;
+            device.keep_state_in(file);
         }
         files.claim(&config.socket);
         let listener = Listener::new(&config.socket, false).map_err(|e| DaemonError::Bind {

@@ -47,18 +47,14 @@ pub enum ThreadRole {
     /// Handles queue events and the stats timers: reads eventfds and the
     /// interval timerfd, punches holes, signals the guest.
     VringWorker,
-    /// Rewrites the state file (`--state-file`) through the descriptor
-    /// opened at start-up.
-    StateFile,
 }
 
 impl ThreadRole {
-    pub const ALL: [ThreadRole; 5] = [
+    pub const ALL: [ThreadRole; 4] = [
         ThreadRole::Signals,
         ThreadRole::Control,
         ThreadRole::Vhost,
         ThreadRole::VringWorker,
-        ThreadRole::StateFile,
     ];
 
     /// The name used in logs and in docs/balloon-backend.md.
@@ -68,7 +64,6 @@ impl ThreadRole {
             ThreadRole::Control => "control",
             ThreadRole::Vhost => "vhost",
             ThreadRole::VringWorker => "vring-worker",
-            ThreadRole::StateFile => "state-file",
         }
     }
 }
@@ -321,6 +316,8 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
                 allow!(SYS_fstat),
                 allow!(SYS_newfstatat),
                 allow!(SYS_statx),
+                // Sizes the state file for new guest RAM (`--state-file`).
+                allow!(SYS_ftruncate),
             ]);
             list.extend(queue_work());
             // Lets the vring worker add its narrower filter; a filter can
@@ -341,25 +338,6 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
             ));
         }
         ThreadRole::VringWorker => list.extend(queue_work()),
-        ThreadRole::StateFile => {
-            list.push(allow!(SYS_clock_nanosleep));
-            // Back to the start of the file; no other seek.
-            list.push(allow!(
-                SYS_lseek,
-                ArgLimit::OneOf {
-                    index: 2,
-                    values: &[libc::SEEK_SET as u64]
-                }
-            ));
-            // The memory files' identities, from their own descriptors.
-            list.push(allow!(
-                SYS_statx,
-                ArgLimit::BitsSet {
-                    index: 2,
-                    mask: libc::AT_EMPTY_PATH as u64
-                }
-            ));
-        }
     }
     list
 }

@@ -1,184 +1,443 @@
-//! The state file (`--state-file`): the device's saved state on disk, so
-//! that a backend restarted under a running guest (a crash, `systemctl
-//! restart`) keeps the balloon's accounting. Read once at start-up;
-//! rewritten by a thread of its own within `WRITE_INTERVAL` of a change
-//! (it sleeps while nothing changes), in place through a descriptor opened at start-up. The thread may open,
-//! truncate or write at an offset nothing (its seccomp list), so a shorter
-//! state is padded with spaces, which JSON ignores, and an all-blank file
-//! means no state. A torn write (a crash mid-write) fails to decode and
-//! the next backend starts with an empty balloon, which is safe.
+//! The state file (`--state-file`): the balloon's bitmap and the device's
+//! settings kept in a file mapped into the backend (`MAP_SHARED`), so that
+//! a backend restarted under a running guest (a crash, `systemctl
+//! restart`) takes the balloon over exactly as it was.
+//!
+//! Nothing is written behind: the tracker's page bits live in the mapping
+//! itself, so an inflate or deflate is in the file (the kernel's page cache)
+//! the moment the device records it, before the guest's request completes.
+//! A SIGKILL cannot lose it; only the host's own crash can, and that takes
+//! the guest with it. A stale bitmap, which could let a deferred punch span
+//! pages the guest took back, cannot arise.
+//!
+//! Layout, in native-endian u64 words (the file never leaves this host):
+//! a header page (magic, layout version, a valid flag, the region count,
+//! the 16-byte config space, the pin, the reported-bytes counter, then per
+//! region its start, size, host page size, memory file identity and the
+//! offset and length of its bits), then the bits of every region. The
+//! valid flag is cleared while the regions are laid out anew and set once
+//! they are, so a crash in between leaves a file that is not taken over.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use log::warn;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
 
-use crate::device::BalloonDevice;
-use crate::saved_state::{self, SavedState, StateError, MAX_STATE_BYTES};
-
-/// The writer wakes only when the state changed, and writes at most once
-/// per interval, so a burst of requests costs one write.
-pub const WRITE_INTERVAL: Duration = Duration::from_millis(500);
+/// "BLNSTATE", read as a little-endian u64.
+const MAGIC: u64 = u64::from_le_bytes(*b"BLNSTATE");
+/// The layout this build writes and reads; another layout is not taken over.
+pub const LAYOUT_VERSION: u64 = 1;
+/// The header takes one 4 KiB page.
+const HEADER_WORDS: usize = 512;
+const WORD_MAGIC: usize = 0;
+const WORD_VERSION: usize = 1;
+const WORD_VALID: usize = 2;
+const WORD_REGIONS: usize = 3;
+const WORD_CONFIG: usize = 4; // and 5
+const WORD_PINNED: usize = 6;
+const WORD_REPORTED: usize = 7;
+const WORD_TABLE: usize = 8;
+/// start, size, host page size, device, inode, bits offset, bits length.
+const REGION_WORDS: usize = 7;
+/// Regions the header has room for (QEMU sends at most a few dozen).
+pub const MAX_REGIONS: usize = (HEADER_WORDS - WORD_TABLE) / REGION_WORDS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
     #[error("--state-file {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("--state-file {path}: {source}")]
-    Decode { path: PathBuf, source: StateError },
+    #[error("--state-file {path}: mapping it: {source}")]
+    Map {
+        path: PathBuf,
+        source: vm_memory::mmap::MmapRegionError,
+    },
 }
 
-/// Opens (creating, mode 0600) the state file and reads the state in it:
-/// None when it is new or empty.
-pub fn open(
-    path: &Path,
-    version: u32,
-) -> Result<(File, Result<Option<SavedState>, StateFileError>), StateFileError> {
-    let open_error = |source| StateFileError::Open {
+/// One region of guest RAM as the state file records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeptRegion {
+    pub start_gpa: u64,
+    pub size_bytes: u64,
+    pub host_page_bytes: u64,
+    /// (device, inode) of its memory file.
+    pub file: (u64, u64),
+}
+
+impl KeptRegion {
+    /// Words of page bits the region needs (one bit per 4 KiB page).
+    pub fn bit_words(&self) -> u64 {
+        (self.size_bytes / crate::pfn::PAGE_SIZE_BYTES).div_ceil(64)
+    }
+}
+
+/// The device's settings the file keeps beside the bitmap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeptSettings {
+    pub config: [u8; 16],
+    pub pinned: bool,
+    pub reported_bytes_total: u64,
+}
+
+/// The mapped file. Its header is read and written only through it; the
+/// bits are handed out as `KeptBits`, one per region, never two over the
+/// same words.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    file: File,
+    map: Arc<MmapRegion<()>>,
+}
+
+/// One region's page bits inside the state file's mapping.
+#[derive(Debug)]
+pub struct KeptBits {
+    map: Arc<MmapRegion<()>>,
+    first_word: usize,
+    words: usize,
+}
+
+impl Deref for KeptBits {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        // SAFETY: `StateFile::bits` made this range inside the mapping
+        // (checked against its size), 8-byte aligned (the mapping is
+        // page-aligned), past the header, and disjoint from every other
+        // KeptBits alive; the mapping lives as long as `self.map`.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map.as_ptr().cast::<u64>().add(self.first_word),
+                self.words,
+            )
+        }
+    }
+}
+
+impl DerefMut for KeptBits {
+    fn deref_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as in `deref`; `&mut self` is the only way to these words,
+        // since no other KeptBits or header access covers them.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.map.as_ptr().cast::<u64>().add(self.first_word),
+                self.words,
+            )
+        }
+    }
+}
+
+fn map_file(path: &Path, file: &File, bytes: usize) -> Result<MmapRegion<()>, StateFileError> {
+    let file = file.try_clone().map_err(|source| StateFileError::Open {
         path: path.to_path_buf(),
         source,
-    };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(open_error)?;
-    let mut bytes = Vec::new();
-    (&mut file)
-        .take(MAX_STATE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(open_error)?;
-    let state = if bytes.iter().all(u8::is_ascii_whitespace) {
-        Ok(None)
-    } else {
-        saved_state::decode(&bytes, version)
-            .map(Some)
-            .map_err(|source| StateFileError::Decode {
-                path: path.to_path_buf(),
-                source,
-            })
-    };
-    Ok((file, state))
+    })?;
+    MmapRegion::from_file(FileOffset::new(file, 0), bytes).map_err(|source| StateFileError::Map {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-/// Replaces the file's contents with `bytes` (empty: no state), padded
-/// with spaces over what the file held before; returns the file's length.
-fn rewrite(mut file: &File, bytes: &[u8], length: usize) -> io::Result<usize> {
-    file.seek(SeekFrom::Start(0))?;
-    file.write_all(bytes)?;
-    let padding = length.saturating_sub(bytes.len());
-    file.write_all(&vec![b' '; padding])?;
-    Ok(length.max(bytes.len()))
-}
-
-/// Writes the device's state whenever it changed, and empties the file
-/// once the guest it described has gone. Runs forever.
-pub fn keep_written(device: Arc<BalloonDevice>, file: File) {
-    let mut written: Option<SavedState> = None;
-    let mut length = file.metadata().map_or(0, |m| m.len() as usize);
-    // Set while writes fail: retried every interval, logged once.
-    let mut failing = false;
-    let mut seen = 0;
-    loop {
-        if !failing {
-            seen = device.wait_saved_change(seen);
-        }
-        // Let a burst of changes settle into one write.
-        std::thread::sleep(WRITE_INTERVAL);
-        let now = device.snapshot_if_attached();
-        if now == written {
-            failing = false;
-            continue;
-        }
-        let result = match &now {
-            Some(state) => saved_state::encode(state)
-                .map_err(io::Error::other)
-                .and_then(|bytes| rewrite(&file, &bytes, length)),
-            None => rewrite(&file, &[], length),
+impl StateFile {
+    /// Opens (creating, mode 0600) and maps the state file; what it holds
+    /// is taken over later, when guest RAM arrives (`take_over`).
+    pub fn open(path: &Path) -> Result<Self, StateFileError> {
+        let open_error = |source| StateFileError::Open {
+            path: path.to_path_buf(),
+            source,
         };
-        match result {
-            Ok(new_length) => {
-                length = new_length;
-                written = now;
-                failing = false;
-            }
-            Err(error) => {
-                if !failing {
-                    warn!("writing the state file: {error}; retrying every {WRITE_INTERVAL:?}");
-                }
-                failing = true;
-            }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(open_error)?;
+        let length = file.metadata().map_err(open_error)?.len();
+        let header_bytes = (HEADER_WORDS * 8) as u64;
+        if length < header_bytes {
+            file.set_len(header_bytes).map_err(open_error)?;
         }
+        let bytes = usize::try_from(length.max(header_bytes))
+            .map_err(|_| open_error(io::Error::from(io::ErrorKind::FileTooLarge)))?;
+        let map = Arc::new(map_file(path, &file, bytes)?);
+        Ok(StateFile {
+            path: path.to_path_buf(),
+            file,
+            map,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn mapped_words(&self) -> usize {
+        self.map.size() / 8
+    }
+
+    fn word(&self, index: usize) -> u64 {
+        if index >= HEADER_WORDS.min(self.mapped_words()) {
+            return 0;
+        }
+        // SAFETY: `index` is inside the header, which is mapped (checked
+        // above) and never handed out as KeptBits.
+        unsafe { self.map.as_ptr().cast::<u64>().add(index).read_volatile() }
+    }
+
+    fn set_word(&mut self, index: usize, value: u64) {
+        if index >= HEADER_WORDS.min(self.mapped_words()) {
+            return;
+        }
+        // SAFETY: as in `word`; `&mut self` serialises header writes.
+        unsafe {
+            self.map
+                .as_ptr()
+                .cast::<u64>()
+                .add(index)
+                .write_volatile(value)
+        }
+    }
+
+    /// The regions a valid file describes; None for a new, cleared,
+    /// half-written or foreign file.
+    pub fn kept_regions(&self) -> Option<Vec<KeptRegion>> {
+        if self.word(WORD_MAGIC) != MAGIC
+            || self.word(WORD_VERSION) != LAYOUT_VERSION
+            || self.word(WORD_VALID) != 1
+        {
+            return None;
+        }
+        let count = usize::try_from(self.word(WORD_REGIONS)).ok()?;
+        if count > MAX_REGIONS {
+            return None;
+        }
+        let mut next_word = HEADER_WORDS as u64;
+        let mut regions = Vec::with_capacity(count);
+        for index in 0..count {
+            let at = WORD_TABLE + index * REGION_WORDS;
+            let region = KeptRegion {
+                start_gpa: self.word(at),
+                size_bytes: self.word(at + 1),
+                host_page_bytes: self.word(at + 2),
+                file: (self.word(at + 3), self.word(at + 4)),
+            };
+            // Bits are laid out back to back; anything else is not ours.
+            if self.word(at + 5) != next_word || self.word(at + 6) != region.bit_words() {
+                return None;
+            }
+            next_word = next_word.checked_add(region.bit_words())?;
+            regions.push(region);
+        }
+        (next_word <= self.mapped_words() as u64).then_some(regions)
+    }
+
+    /// The settings the file holds (meaningful when `kept_regions` is).
+    pub fn kept_settings(&self) -> KeptSettings {
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&self.word(WORD_CONFIG).to_le_bytes());
+        config[8..].copy_from_slice(&self.word(WORD_CONFIG + 1).to_le_bytes());
+        KeptSettings {
+            config,
+            pinned: self.word(WORD_PINNED) == 1,
+            reported_bytes_total: self.word(WORD_REPORTED),
+        }
+    }
+
+    /// Records the settings (a few stores into the mapping).
+    pub fn keep_settings(&mut self, settings: &KeptSettings) {
+        let (low, high) = settings.config.split_at(8);
+        let word = |bytes: &[u8]| {
+            let mut array = [0u8; 8];
+            array.copy_from_slice(bytes);
+            u64::from_le_bytes(array)
+        };
+        self.set_word(WORD_CONFIG, word(low));
+        self.set_word(WORD_CONFIG + 1, word(high));
+        self.set_word(WORD_PINNED, u64::from(settings.pinned));
+        self.set_word(WORD_REPORTED, settings.reported_bytes_total);
+    }
+
+    /// Page bits over the words the file holds for `regions`, when it
+    /// describes exactly those regions; the caller must have dropped every
+    /// KeptBits it was given before (None otherwise).
+    pub fn take_over(&mut self, regions: &[KeptRegion]) -> Option<Vec<KeptBits>> {
+        if self.kept_regions().as_deref() != Some(regions) {
+            return None;
+        }
+        self.bits(regions)
+    }
+
+    /// Lays the file out for `regions` with no page ballooned and default
+    /// settings, and returns their page bits; None (and a cleared file)
+    /// when the header has no room for them, the file cannot grow, or
+    /// KeptBits handed out before are still alive.
+    pub fn lay_out(&mut self, regions: &[KeptRegion]) -> Result<Option<Vec<KeptBits>>, io::Error> {
+        self.forget();
+        if regions.len() > MAX_REGIONS || Arc::strong_count(&self.map) != 1 {
+            return Ok(None);
+        }
+        let total_words = regions
+            .iter()
+            .try_fold(HEADER_WORDS as u64, |sum, r| sum.checked_add(r.bit_words()))
+            .and_then(|words| words.checked_mul(8))
+            .and_then(|bytes| usize::try_from(bytes).ok())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::FileTooLarge))?;
+        if total_words != self.map.size() {
+            // Remap at the new size (shrinking frees a larger guest's bits).
+            self.file.set_len(total_words as u64)?;
+            self.map =
+                Arc::new(map_file(&self.path, &self.file, total_words).map_err(io::Error::other)?);
+            self.forget();
+        }
+        let mut next_word = HEADER_WORDS as u64;
+        for (index, region) in regions.iter().enumerate() {
+            let at = WORD_TABLE + index * REGION_WORDS;
+            for (offset, value) in [
+                region.start_gpa,
+                region.size_bytes,
+                region.host_page_bytes,
+                region.file.0,
+                region.file.1,
+                next_word,
+                region.bit_words(),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                self.set_word(at + offset, value);
+            }
+            next_word += region.bit_words();
+        }
+        self.set_word(WORD_REGIONS, regions.len() as u64);
+        self.keep_settings(&KeptSettings::default());
+        let mut bits = self.bits(regions).unwrap_or_default();
+        for region_bits in &mut bits {
+            region_bits.fill(0);
+        }
+        self.set_word(WORD_MAGIC, MAGIC);
+        self.set_word(WORD_VERSION, LAYOUT_VERSION);
+        self.set_word(WORD_VALID, 1);
+        Ok(Some(bits))
+    }
+
+    /// Marks the file as holding no state (the guest went away).
+    pub fn forget(&mut self) {
+        self.set_word(WORD_VALID, 0);
+    }
+
+    /// The bits of each region, back to back after the header.
+    fn bits(&self, regions: &[KeptRegion]) -> Option<Vec<KeptBits>> {
+        if Arc::strong_count(&self.map) != 1 {
+            return None;
+        }
+        let mut first_word = HEADER_WORDS;
+        let mut all = Vec::with_capacity(regions.len());
+        for region in regions {
+            let words = usize::try_from(region.bit_words()).ok()?;
+            let end = first_word.checked_add(words)?;
+            if end > self.mapped_words() {
+                return None;
+            }
+            all.push(KeptBits {
+                map: self.map.clone(),
+                first_word,
+                words,
+            });
+            first_word = end;
+        }
+        Some(all)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saved_state::{encode, SavedRegion, STATE_FORMAT, STATE_VERSION};
 
-    fn state(runs: Vec<(u64, u64)>) -> SavedState {
-        SavedState {
-            format: STATE_FORMAT.into(),
-            version: STATE_VERSION,
-            regions: vec![SavedRegion {
-                start_gpa: 0,
-                size_bytes: 1 << 30,
-                host_page_bytes: 4096,
-                ballooned: runs,
-            }],
-            files: vec![(1, 2)],
-            config: [0; 16],
-            acked_features: 0,
-            pinned: false,
-            reported_bytes_total: 0,
-            discard_cpu_us: 0,
-            errors: Default::default(),
+    fn region(size_mib: u64, inode: u64) -> KeptRegion {
+        KeptRegion {
+            start_gpa: 0,
+            size_bytes: size_mib << 20,
+            host_page_bytes: 4096,
+            file: (9, inode),
         }
     }
 
-    fn reopen(path: &Path) -> Option<SavedState> {
-        let (_, loaded) = open(path, STATE_VERSION).unwrap();
-        loaded.unwrap()
+    #[test]
+    fn bits_written_are_there_for_the_next_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let regions = [
+            region(8, 1),
+            KeptRegion {
+                start_gpa: 1 << 32,
+                ..region(2, 2)
+            },
+        ];
+        let settings = KeptSettings {
+            config: [7; 16],
+            pinned: true,
+            reported_bytes_total: 12345,
+        };
+        {
+            let mut file = StateFile::open(&path).unwrap();
+            assert_eq!(file.kept_regions(), None, "a new file holds no state");
+            let mut bits = file.lay_out(&regions).unwrap().unwrap();
+            assert_eq!(bits.len(), 2);
+            assert_eq!((bits[0].len(), bits[1].len()), (32, 8));
+            bits[0][3] = 0xf0;
+            bits[1][7] = 1;
+            file.keep_settings(&settings);
+            // A second set of bits while these live would alias them.
+            assert!(file.take_over(&regions).is_none());
+            // Dropped without any orderly shutdown, as a SIGKILL would.
+        }
+        let mut file = StateFile::open(&path).unwrap();
+        assert_eq!(file.kept_regions().as_deref(), Some(&regions[..]));
+        assert_eq!(file.kept_settings(), settings);
+        assert!(
+            file.take_over(&[region(8, 1)]).is_none(),
+            "other RAM is not taken over"
+        );
+        let bits = file.take_over(&regions).unwrap();
+        assert_eq!(bits[0][3], 0xf0);
+        assert_eq!(bits[1][7], 1);
+        drop(bits);
+        file.forget();
+        assert_eq!(file.kept_regions(), None);
     }
 
     #[test]
-    fn a_shorter_state_is_padded_and_a_blank_file_means_none() {
+    fn a_new_layout_starts_empty_and_resizes_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
-        let (file, loaded) = open(&path, STATE_VERSION).unwrap();
-        assert!(loaded.unwrap().is_none());
-        let long = state((0..50).map(|i| (i * 10, 5)).collect());
-        let short = state(vec![(7, 1)]);
-        let length = rewrite(&file, &encode(&long).unwrap(), 0).unwrap();
-        assert_eq!(reopen(&path), Some(long));
-        let padded = rewrite(&file, &encode(&short).unwrap(), length).unwrap();
-        assert_eq!(padded, length, "the file never shrinks");
-        assert_eq!(reopen(&path), Some(short));
-        rewrite(&file, &[], padded).unwrap();
-        assert_eq!(reopen(&path), None);
+        let path = dir.path().join("state");
+        let mut file = StateFile::open(&path).unwrap();
+        let mut bits = file.lay_out(&[region(64, 1)]).unwrap().unwrap();
+        bits[0].fill(u64::MAX);
+        drop(bits);
+        let bits = file.lay_out(&[region(4, 2)]).unwrap().unwrap();
+        assert!(bits[0].iter().all(|w| *w == 0));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096 + 16 * 8);
+        assert_eq!(file.kept_settings(), KeptSettings::default());
     }
 
     #[test]
-    fn a_torn_file_is_an_error_naming_the_flag() {
+    fn foreign_or_damaged_files_are_not_taken_over() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
-        let bytes = encode(&state(vec![(1, 2)])).unwrap();
-        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-        let (_, loaded) = open(&path, STATE_VERSION).unwrap();
-        let error = loaded.unwrap_err();
-        assert!(error.to_string().starts_with("--state-file "), "{error}");
-        let missing_dir = dir.path().join("no/such/dir/state.json");
-        assert!(matches!(
-            open(&missing_dir, STATE_VERSION),
-            Err(StateFileError::Open { .. })
-        ));
+        let path = dir.path().join("state");
+        std::fs::write(&path, br#"{"format":"balloon-backend-state","version":1}"#).unwrap();
+        let mut file = StateFile::open(&path).unwrap();
+        assert_eq!(file.kept_regions(), None);
+        drop(file.lay_out(&[region(4, 1)]).unwrap().unwrap());
+        // A table whose bits do not follow one another.
+        file.set_word(WORD_TABLE + 5, 4);
+        assert_eq!(file.kept_regions(), None);
+        let too_many: Vec<KeptRegion> = (0..=MAX_REGIONS as u64).map(|i| region(1, i)).collect();
+        assert!(file.lay_out(&too_many).unwrap().is_none());
+        assert_eq!(file.kept_regions(), None);
     }
 }

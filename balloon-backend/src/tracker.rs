@@ -13,9 +13,17 @@
 //! across requests into few calls. A deflate clears the pending mark of every host
 //! page it breaks, so a page given back to the guest is never punched later.
 
+use std::fmt::Debug;
+use std::ops::DerefMut;
 use std::time::Duration;
 
 use crate::pfn::{ByteRun, PageRun, PAGE_SIZE_BYTES};
+
+/// Where a region's page bits live: the heap, or the state file's mapping
+/// (`state_file::KeptBits`), where every change is kept the moment it is
+/// made.
+pub trait PageBits: DerefMut<Target = [u64]> + Send + Debug {}
+impl<T: DerefMut<Target = [u64]> + Send + Debug> PageBits for T {}
 
 /// Pending punches are carried out once they cover this much guest RAM...
 pub const PUNCH_PENDING_CAP_BYTES: u64 = 256 << 20;
@@ -33,9 +41,14 @@ struct RegionPages {
     pages: u64,
     pages_per_host_page: u64,
     /// One bit per 4 KiB page: in the balloon.
-    bits: Vec<u64>,
+    bits: Box<dyn PageBits>,
     /// One bit per host page: wholly ballooned and not punched yet.
     pending: Vec<u64>,
+}
+
+/// Words of page bits a region of `size_bytes` needs.
+fn bit_words(size_bytes: u64) -> usize {
+    (size_bytes / PAGE_SIZE_BYTES).div_ceil(64) as usize
 }
 
 fn bit_is_set(words: &[u64], index: u64) -> bool {
@@ -130,22 +143,97 @@ pub struct BalloonTracker {
 impl BalloonTracker {
     /// One entry per region: its size in bytes and its host page size.
     pub fn new(regions: &[(u64, u64)]) -> Self {
-        let regions = regions
+        let storage = regions
+            .iter()
+            .map(|&(size_bytes, _)| {
+                Box::new(vec![0u64; bit_words(size_bytes)]) as Box<dyn PageBits>
+            })
+            .collect();
+        Self::kept_in(regions, storage, false)
+    }
+
+    /// A tracker whose page bits live in `storage`, one entry per region
+    /// (an entry of the wrong length is replaced by heap storage). With
+    /// `keep`, the pages the storage marks are in the balloon and their
+    /// host memory taken as freed already (a restarted backend on the same
+    /// guest RAM); without, the storage is cleared.
+    pub fn kept_in(regions: &[(u64, u64)], storage: Vec<Box<dyn PageBits>>, keep: bool) -> Self {
+        let mut storage = storage.into_iter();
+        let regions: Vec<RegionPages> = regions
             .iter()
             .map(|&(size_bytes, host_page_bytes)| {
                 let pages = size_bytes / PAGE_SIZE_BYTES;
                 let pages_per_host_page = (host_page_bytes / PAGE_SIZE_BYTES).max(1);
+                let words = bit_words(size_bytes);
+                let mut bits = storage
+                    .next()
+                    .filter(|bits| bits.len() == words)
+                    .unwrap_or_else(|| Box::new(vec![0u64; words]));
+                if !keep {
+                    bits.fill(0);
+                }
+                // Bits past the region's last page are never ballooned.
+                if let (Some(last), tail @ 1..) = (bits.last_mut(), pages % 64) {
+                    *last &= (1u64 << tail) - 1;
+                }
                 RegionPages {
                     pages,
                     pages_per_host_page,
-                    bits: vec![0; pages.div_ceil(64) as usize],
+                    bits,
                     pending: vec![0; pages.div_ceil(pages_per_host_page).div_ceil(64) as usize],
                 }
             })
             .collect();
-        BalloonTracker {
+        let mut tracker = BalloonTracker {
             regions,
             ..BalloonTracker::default()
+        };
+        for region in &tracker.regions {
+            let pages: u64 = region.bits.iter().map(|w| u64::from(w.count_ones())).sum();
+            let full = if region.pages_per_host_page == 1 {
+                pages
+            } else {
+                (0..region.host_pages())
+                    .filter(|&h| region.host_page_full(h))
+                    .count() as u64
+            };
+            tracker.ballooned_pages += pages;
+            tracker.full_host_pages_bytes += full * Self::host_page_bytes(region);
+        }
+        tracker
+    }
+
+    /// Marks every wholly ballooned host page as waiting to be punched, so
+    /// the next `take_punches` frees it again (what a backend that died
+    /// with punches pending had not freed yet). Call only once the guest is
+    /// known to still hold this balloon.
+    pub fn punch_all_again(&mut self) {
+        let mut pending_bytes = 0;
+        for region in &mut self.regions {
+            let host_bytes = Self::host_page_bytes(region);
+            for host_page in 0..region.host_pages() {
+                if region.host_page_full(host_page)
+                    && update_bit(&mut region.pending, host_page, true)
+                {
+                    pending_bytes += host_bytes;
+                }
+            }
+        }
+        self.pending_bytes += pending_bytes;
+    }
+
+    /// Puts the pages of `runs` (per region, as `ballooned_runs` gives
+    /// them) in the balloon, pending: a migration's destination, whose
+    /// guest RAM was refilled, frees them again at the next punch.
+    pub fn inflate_runs(&mut self, runs: &[Vec<(u64, u64)>]) {
+        for (region, region_runs) in runs.iter().enumerate() {
+            for &(first_page, pages) in region_runs {
+                self.inflate(&PageRun {
+                    region,
+                    first_page,
+                    pages,
+                });
+            }
         }
     }
 
@@ -175,7 +263,7 @@ impl BalloonTracker {
     pub fn heap_bytes(&self) -> u64 {
         self.regions
             .iter()
-            .map(|r| ((r.bits.capacity() + r.pending.capacity()) * 8) as u64)
+            .map(|r| ((r.bits.len() + r.pending.capacity()) * 8) as u64)
             .sum()
     }
 
@@ -211,31 +299,6 @@ impl BalloonTracker {
                 runs
             })
             .collect()
-    }
-
-    /// A tracker for `regions` holding the ballooned `runs` of a saved
-    /// state (runs beyond a region are cut off). With `punched`, their
-    /// host memory is taken as freed already (the same guest RAM, after a
-    /// backend restart); without, it is pending, so the next
-    /// `take_punches` frees it again (guest RAM that a migration refilled).
-    pub fn restore(regions: &[(u64, u64)], runs: &[Vec<(u64, u64)>], punched: bool) -> Self {
-        let mut tracker = BalloonTracker::new(regions);
-        for (region, region_runs) in runs.iter().enumerate() {
-            for &(first_page, pages) in region_runs {
-                tracker.inflate(&PageRun {
-                    region,
-                    first_page,
-                    pages,
-                });
-            }
-        }
-        if punched {
-            for region in &mut tracker.regions {
-                region.pending.fill(0);
-            }
-            tracker.pending_bytes = 0;
-        }
-        tracker
     }
 
     /// Forgets every ballooned page (the guest was reset: its balloon is
@@ -378,6 +441,16 @@ mod tests {
         }
     }
 
+    impl BalloonTracker {
+        /// A copy of the page bits, as a state file would keep them.
+        fn bits_copy(&self) -> Vec<Box<dyn PageBits>> {
+            self.regions
+                .iter()
+                .map(|r| Box::new(r.bits.to_vec()) as Box<dyn PageBits>)
+                .collect()
+        }
+    }
+
     fn bytes(offset_bytes: u64, len_bytes: u64) -> ByteRun {
         ByteRun {
             region: 0,
@@ -477,7 +550,7 @@ mod tests {
     }
 
     #[test]
-    fn restored_runs_are_pending_or_taken_as_punched() {
+    fn kept_bits_are_taken_as_punched_and_migrated_runs_as_pending() {
         let regions = [(1 << 20, 4096), (4 * HUGE, HUGE)];
         let mut tracker = BalloonTracker::new(&regions);
         tracker.inflate(&run(3, 5));
@@ -488,17 +561,46 @@ mod tests {
         });
         let runs = tracker.ballooned_runs();
         assert_eq!(runs, vec![vec![(3, 5)], vec![(512, 600)]]);
-        let refilled = BalloonTracker::restore(&regions, &runs, false);
+        let mut refilled = BalloonTracker::new(&regions);
+        refilled.inflate_runs(&runs);
         assert_eq!(refilled.pending_bytes(), 5 * 4096 + HUGE);
         assert_eq!(refilled.discarded_bytes(), 0);
-        let same_ram = BalloonTracker::restore(&regions, &runs, true);
+        let mut same_ram = BalloonTracker::kept_in(&regions, tracker.bits_copy(), true);
         assert_eq!(same_ram.pending_bytes(), 0);
         assert_eq!(same_ram.discarded_bytes(), 5 * 4096 + HUGE);
         assert_eq!(same_ram.ballooned_pages(), 605);
-        // A run beyond its region is cut off, an unknown region ignored.
-        let cut =
-            BalloonTracker::restore(&regions, &[vec![(250, 100)], vec![], vec![(0, 9)]], true);
-        assert_eq!(cut.ballooned_runs(), vec![vec![(250, 6)], vec![]]);
+        assert_eq!(same_ram.ballooned_runs(), runs);
+        same_ram.punch_all_again();
+        assert_eq!(same_ram.pending_bytes(), 5 * 4096 + HUGE);
+        assert_eq!(
+            same_ram.take_punches(),
+            vec![
+                bytes(3 * 4096, 5 * 4096),
+                ByteRun {
+                    region: 1,
+                    offset_bytes: HUGE,
+                    len_bytes: HUGE
+                }
+            ]
+        );
+        // Bits past a region's end are dropped; storage of the wrong
+        // length is replaced; without `keep` the storage is cleared.
+        let small = [(100 * 4096, 4096)];
+        let past_end: Vec<Box<dyn PageBits>> = vec![Box::new(vec![u64::MAX, u64::MAX])];
+        assert_eq!(
+            BalloonTracker::kept_in(&small, past_end, true).ballooned_pages(),
+            100
+        );
+        let wrong: Vec<Box<dyn PageBits>> = vec![Box::new(vec![u64::MAX])];
+        assert_eq!(
+            BalloonTracker::kept_in(&small, wrong, true).ballooned_pages(),
+            0
+        );
+        let cleared: Vec<Box<dyn PageBits>> = vec![Box::new(vec![u64::MAX, u64::MAX])];
+        assert_eq!(
+            BalloonTracker::kept_in(&small, cleared, false).ballooned_pages(),
+            0
+        );
         let mut cleared = same_ram;
         cleared.clear();
         assert_eq!(cleared.ballooned_pages() + cleared.discarded_bytes(), 0);
@@ -557,8 +659,8 @@ mod tests {
                 let full_count = (0..pages / per as u64).filter(|h| full(&model, *h)).count() as u64;
                 prop_assert_eq!(tracker.discarded_bytes() + tracker.pending_bytes(), full_count * host_page);
             }
-            // A saved state restores the same pages and the same freed memory.
-            let restored = BalloonTracker::restore(&[(pages * 4096, host_page)], &tracker.ballooned_runs(), true);
+            // Kept bits restore the same pages and the same freed memory.
+            let restored = BalloonTracker::kept_in(&[(pages * 4096, host_page)], tracker.bits_copy(), true);
             prop_assert_eq!(restored.ballooned_runs(), tracker.ballooned_runs());
             prop_assert_eq!(restored.ballooned_pages(), tracker.ballooned_pages());
             prop_assert_eq!(restored.discarded_bytes(), tracker.discarded_bytes() + tracker.pending_bytes());

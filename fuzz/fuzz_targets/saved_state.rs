@@ -1,4 +1,4 @@
-//! A device state as a migration stream or a state file delivers it: any
+//! A device state as a migration stream delivers it: any
 //! bytes decode to a state or an error without panicking, and a state that
 //! fits guest RAM restores a balloon that lies inside it.
 
@@ -18,7 +18,8 @@ fuzz_target!(|data: &[u8]| {
     if !state.fits(&LAYOUT) {
         return;
     }
-    let tracker = BalloonTracker::restore(&state.tracker_regions(), &state.ballooned_runs(), false);
+    let mut tracker = BalloonTracker::new(&state.tracker_regions());
+    tracker.inflate_runs(&state.ballooned_runs());
     let pages: u64 = LAYOUT.iter().map(|(_, size, _)| size / 4096).sum();
     assert!(tracker.ballooned_pages() <= pages);
     for (region, runs) in tracker.ballooned_runs().iter().enumerate() {

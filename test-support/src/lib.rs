@@ -210,7 +210,8 @@ impl TestQueue {
     fn avail_addr(&self) -> u64 {
         self.base + 16 * u64::from(QUEUE_SIZE)
     }
-    fn used_addr(&self) -> u64 {
+    /// Guest physical address of the used ring.
+    pub fn used_addr(&self) -> u64 {
         (self.avail_addr() + 6 + 2 * u64::from(QUEUE_SIZE) + 3) & !3
     }
 }

@@ -3,13 +3,15 @@
 //! for property tests over long random request sequences.
 
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use balloon_backend::device::{BalloonDevice, DeviceSettings, DeviceStatus, STATS_REQUEST_EVENT};
 use balloon_backend::device::{BalloonVring, GuestRamMap};
 use balloon_backend::features::{queue_roles, FeatureSwitches};
+use balloon_backend::state_file::StateFile;
 use vhost_user_backend::{VhostUserBackend, VringT};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::{fill_outside_ram, guest_memory, TestQueue, DRIVER_FEATURES, MEMFD_BYTES, QUEUE_SIZE};
@@ -21,6 +23,66 @@ pub struct Rig {
     pub queues: Vec<TestQueue>,
     vrings: Vec<BalloonVring>,
     atomic: GuestMemoryAtomic<GuestRamMap>,
+    version: u32,
+    state_file: Option<PathBuf>,
+}
+
+/// The features the rig's driver acks: all but event index.
+fn rig_features() -> u64 {
+    DRIVER_FEATURES & !(1 << 29)
+}
+
+/// A device as a backend process would start it, attached to `atomic`.
+fn start_device(
+    atomic: &GuestMemoryAtomic<GuestRamMap>,
+    version: u32,
+    state_file: Option<&Path>,
+) -> Arc<BalloonDevice> {
+    let device = Arc::new(
+        BalloonDevice::new(DeviceSettings {
+            switches: FeatureSwitches::default(),
+            max_reclaim_percent: 75,
+            // Test threads run the device in-process; they must stay free.
+            seccomp: balloon_backend::seccomp::SeccompMode::Off,
+            // Tests ask for statistics themselves.
+            stats_interval_s: 0,
+            state_version: version,
+        })
+        .unwrap(),
+    );
+    if let Some(path) = state_file {
+        device.keep_state_in(StateFile::open(path).unwrap());
+    }
+    device.acked_features(rig_features());
+    device.set_event_idx(false);
+    device.update_memory(atomic.clone()).unwrap();
+    device
+}
+
+/// Vrings over the rig's queues, started where the guest's used rings are
+/// (as vhost-user-backend does at SET_VRING_ADDR) with the avail index
+/// QEMU would send.
+fn start_vrings(
+    atomic: &GuestMemoryAtomic<GuestRamMap>,
+    queues: &[TestQueue],
+    next_avail: impl Fn(usize) -> u16,
+) -> Vec<BalloonVring> {
+    queues
+        .iter()
+        .enumerate()
+        .map(|(index, queue)| {
+            let vring = BalloonVring::new(atomic.clone(), QUEUE_SIZE).unwrap();
+            vring.set_queue_size(QUEUE_SIZE);
+            let (desc, avail, used) = queue.addresses();
+            vring.set_queue_info(desc, avail, used).unwrap();
+            let used_idx = vring.queue_used_idx().unwrap();
+            vring.set_queue_next_used(used_idx);
+            vring.set_queue_next_avail(next_avail(index));
+            vring.set_queue_ready(true);
+            vring.set_enabled(true);
+            vring
+        })
+        .collect()
 }
 
 impl Rig {
@@ -32,39 +94,27 @@ impl Rig {
 
     /// Like `new`, speaking saved-state `version`.
     pub fn with_state_version(version: u32) -> Rig {
+        Self::build(version, None)
+    }
+
+    /// Like `new`, keeping the balloon in a state file at `path`.
+    pub fn with_state_file(path: &Path) -> Rig {
+        Self::build(
+            balloon_backend::saved_state::STATE_VERSION,
+            Some(path.to_path_buf()),
+        )
+    }
+
+    fn build(version: u32, state_file: Option<PathBuf>) -> Rig {
         let memfd = crate::memory::memfd("rig-ram", MEMFD_BYTES).unwrap();
         fill_outside_ram(&memfd);
         let mem = guest_memory(&memfd);
         let atomic = GuestMemoryAtomic::new(mem.clone());
-        let device = Arc::new(
-            BalloonDevice::new(DeviceSettings {
-                switches: FeatureSwitches::default(),
-                max_reclaim_percent: 75,
-                // Test threads run the device in-process; they must stay free.
-                seccomp: balloon_backend::seccomp::SeccompMode::Off,
-                // Tests ask for statistics themselves.
-                stats_interval_s: 0,
-                state_version: version,
-            })
-            .unwrap(),
-        );
-        let acked = DRIVER_FEATURES & !(1 << 29);
-        device.acked_features(acked);
-        device.set_event_idx(false);
-        device.update_memory(atomic.clone()).unwrap();
-        let mut queues = Vec::new();
-        let mut vrings = Vec::new();
-        for index in 0..queue_roles(acked).len() {
-            let queue = TestQueue::new(index);
-            let vring = BalloonVring::new(atomic.clone(), QUEUE_SIZE).unwrap();
-            vring.set_queue_size(QUEUE_SIZE);
-            let (desc, avail, used) = queue.addresses();
-            vring.set_queue_info(desc, avail, used).unwrap();
-            vring.set_queue_ready(true);
-            vring.set_enabled(true);
-            queues.push(queue);
-            vrings.push(vring);
-        }
+        let device = start_device(&atomic, version, state_file.as_deref());
+        let queues: Vec<TestQueue> = (0..queue_roles(rig_features()).len())
+            .map(TestQueue::new)
+            .collect();
+        let vrings = start_vrings(&atomic, &queues, |_| 0);
         Rig {
             device,
             memfd,
@@ -72,7 +122,42 @@ impl Rig {
             queues,
             vrings,
             atomic,
+            version,
+            state_file,
         }
+    }
+
+    /// The backend killed (the device dropped with no shutdown, no
+    /// disconnect) and a new one started with the same flags, taking over
+    /// the same guest RAM, as QEMU's reconnect brings it: each ring
+    /// restarts at the guest's used index (QEMU syncs its avail index to
+    /// it when the old backend cannot answer). With `unanswered`, the last
+    /// request on that queue counts as handled by the old process but never
+    /// completed, so the new one gets it again. Then one event, which runs
+    /// the device's restart check.
+    pub fn kill_and_restart(&mut self, unanswered: Option<usize>) {
+        if let Some(queue) = unanswered {
+            let used = self.queues[queue].used_addr() + 2;
+            let idx: u16 = self.mem.read_obj(GuestAddress(used)).unwrap();
+            self.mem
+                .write_obj(idx.wrapping_sub(1), GuestAddress(used))
+                .unwrap();
+        }
+        self.vrings.clear();
+        let old = std::mem::replace(
+            &mut self.device,
+            start_device(&self.atomic, self.version, self.state_file.as_deref()),
+        );
+        drop(old);
+        let mem = self.mem.clone();
+        self.vrings = start_vrings(&self.atomic, &self.queues, |index| {
+            let used = self.queues[index].used_addr() + 2;
+            mem.read_obj(GuestAddress(used)).unwrap()
+        });
+        let event = unanswered.map_or(STATS_REQUEST_EVENT, |q| q as u16);
+        self.device
+            .handle_event(event, EventSet::IN, &self.vrings, 0)
+            .unwrap();
     }
 
     /// Puts a raw chain on a queue and lets the device handle the kick.

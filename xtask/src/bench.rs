@@ -264,6 +264,42 @@ fn policy_comparison() -> anyhow::Result<String> {
 /// f2dea55), kept so the document shows before and after.
 const HOST_POLICY_WAKEUPS_BEFORE: &str = "15.0";
 
+/// The heading of the state file's section.
+const STATE_FILE_HEADING: &str = "## State file";
+
+/// The state file's cost (heading, text, tables).
+fn state_file_section() -> anyhow::Result<String> {
+    let tables = cargo_bench("balloon-backend", "state_file")?;
+    Ok(format!(
+        "{STATE_FILE_HEADING}\n\n\
+         With `--state-file` the balloon's bits live in a file mapped into the\n\
+         backend, so every inflate and deflate is kept before its request\n\
+         completes (docs/balloon-backend.md, \"State across restarts\"). What that\n\
+         costs on the request path, in process, bookkeeping only (no punches),\n\
+         median of 5 runs; and what a restart adds.\n\n{tables}"
+    ))
+}
+
+/// `--only-state-file`: measures the state file's cost and replaces its
+/// section of docs/performance.md (appended when missing), noting the date.
+pub fn run_state_file_only() -> anyhow::Result<()> {
+    let section = format!(
+        "{}\n\nThis section was measured on its own by `cargo xtask bench\n\
+         --only-state-file` on {} ({}, {} cores).\n",
+        state_file_section()?,
+        command_output("date", &["-u", "+%Y-%m-%d"]),
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let path = workspace_root().join("docs/performance.md");
+    let document =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let document = replace_section(&document, STATE_FILE_HEADING, &section);
+    std::fs::write(&path, document).with_context(|| format!("writing {}", path.display()))?;
+    println!("{section}\nwritten to {}", path.display());
+    Ok(())
+}
+
 /// The heading of the migration comparison's section.
 const MIGRATION_HEADING: &str = "## Migration";
 
@@ -349,6 +385,7 @@ pub fn run() -> anyhow::Result<()> {
     let root = workspace_root();
     let table = cargo_bench("balloon-backend", "inflate")?;
     let large_guest_table = cargo_bench("balloon-backend", "large_guest")?;
+    let state_file = state_file_section()?;
     let policy_table = cargo_bench("host-policy", "decide")?;
     eprintln!("[xtask] comparing the policies in the simulator");
     let comparison_of_policies = policy_comparison()?;
@@ -381,6 +418,7 @@ pub fn run() -> anyhow::Result<()> {
          `fallocate` per page (aim 2x). Each figure is the median of 3 runs;\n\
          every run is checked to have freed the whole range.\n\n{table}\n\n\
          ## A 64 GiB guest, in process\n\n{large_guest_table}\n\n\
+         {state_file}\n\n\
          ## host-policy decision time\n\n\
          One tick of the pure policy (`policy::decide`) for synthetic VMs, all with\n\
          fresh statistics, the host in reclaim. The ratio compares the cost per VM\n\

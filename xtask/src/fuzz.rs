@@ -10,12 +10,13 @@ use anyhow::Context;
 
 use crate::provision::{cargo, workspace_root};
 
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "queues",
     "pfn_tracking",
     "stats_and_config",
     "operator_input",
     "saved_state",
+    "state_file",
 ];
 
 fn cargo_fuzz_installed() -> bool {

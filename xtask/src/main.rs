@@ -53,6 +53,10 @@ enum Task {
         /// of docs/performance.md.
         #[arg(long, conflicts_with = "only_policies_on_guests")]
         only_migration: bool,
+        /// Only the state file's cost (seconds): rewrite its section of
+        /// docs/performance.md.
+        #[arg(long, conflicts_with_all = ["only_policies_on_guests", "only_migration"])]
+        only_state_file: bool,
     },
     /// Build the Debian package: target/deb/balloon-stack_<version>_amd64.deb.
     Deb,
@@ -102,6 +106,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = provision::ensure_all()?;
             demo::run(&env)
         }
+        Task::Bench {
+            only_state_file: true,
+            ..
+        } => bench::run_state_file_only(),
         Task::Bench {
             only_migration: true,
             ..

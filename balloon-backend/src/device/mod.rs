@@ -34,15 +34,16 @@ use crate::features::{self, FeatureSwitches, QueueRole, MAX_QUEUES};
 use crate::host_memory::GuestRam;
 use crate::pfn::{self, RamRegion, RangeError, PAGE_SIZE_BYTES};
 use crate::seccomp::SeccompMode;
+use crate::state_file::{KeptRegion, KeptSettings, StateFile};
 use crate::stats::{self, GuestStats};
-use crate::tracker::{punch_due, BalloonTracker, PUNCH_DELAY};
+use crate::tracker::{punch_due, BalloonTracker, PageBits, PUNCH_DELAY};
 use crate::virtio_config::ConfigSpace;
 
 mod queues;
 mod transfer;
 mod vhost_backend;
 
-pub use transfer::{StateOrigin, TransferError};
+pub use transfer::TransferError;
 
 /// Guest RAM as the backend maps it: every write the device makes to it
 /// (used rings) is marked in QEMU's dirty log while a migration runs.
@@ -153,12 +154,93 @@ struct DeviceState {
     /// The device restarted with a balloon: the first event checks that
     /// the guest did not start over (`check_restart`).
     restart_check: bool,
-    /// Bumped whenever something a saved state holds changes, so the state
-    /// file's writer sleeps until there is something to write.
-    saved_generation: u64,
-    /// A state-file writer waits on `saved_changed` (without one, changes
-    /// on the request path need no wake-up call).
-    saved_watched: bool,
+    /// With `--state-file`: where the tracker's bits live and the settings
+    /// are kept (`state_file`).
+    state_file: Option<StateFile>,
+    /// The balloon was taken over from the state file: once the first
+    /// event shows the guest still holds it, it is punched again.
+    taken_over: bool,
+}
+
+impl DeviceState {
+    /// Keeps what the state file holds beside the bitmap (config space,
+    /// pin, counter): call after changing any of them.
+    fn keep_settings(&mut self) {
+        if let Some(file) = &mut self.state_file {
+            file.keep_settings(&KeptSettings {
+                config: self.config.to_bytes(),
+                pinned: self.pinned,
+                reported_bytes_total: self.reported_bytes_total,
+            });
+        }
+    }
+
+    /// Guest RAM as the state file records it.
+    fn kept_regions(&self) -> Vec<KeptRegion> {
+        self.ram
+            .shape()
+            .into_iter()
+            .zip(self.ram.file_identities())
+            .map(
+                |((start_gpa, size_bytes, host_page_bytes), file)| KeptRegion {
+                    start_gpa,
+                    size_bytes,
+                    host_page_bytes,
+                    file,
+                },
+            )
+            .collect()
+    }
+
+    /// An empty balloon for the current guest RAM, its bits in the state
+    /// file when there is one.
+    fn start_empty_balloon(&mut self) {
+        // Any bits the old tracker holds in the file must go first.
+        self.tracker = BalloonTracker::default();
+        let regions = self.ram.tracker_regions();
+        let kept = self.kept_regions();
+        let storage = match self.state_file.as_mut().map(|file| file.lay_out(&kept)) {
+            Some(Ok(Some(bits))) => bits
+                .into_iter()
+                .map(|b| Box::new(b) as Box<dyn PageBits>)
+                .collect(),
+            Some(Ok(None)) => {
+                warn!("the state file has no room for {} memory regions: this balloon is not kept across a restart", kept.len());
+                Vec::new()
+            }
+            Some(Err(error)) => {
+                warn!(
+                    "laying out the state file: {error}; this balloon is not kept across a restart"
+                );
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        self.tracker = BalloonTracker::kept_in(&regions, storage, false);
+    }
+
+    /// Takes over the balloon a backend before this one kept in the state
+    /// file for this very guest RAM; says whether there was one.
+    fn take_over_kept_balloon(&mut self) -> bool {
+        let kept = self.kept_regions();
+        let Some(file) = self.state_file.as_mut() else {
+            return false;
+        };
+        self.tracker = BalloonTracker::default();
+        let Some(bits) = file.take_over(&kept) else {
+            return false;
+        };
+        let settings = file.kept_settings();
+        let storage = bits
+            .into_iter()
+            .map(|b| Box::new(b) as Box<dyn PageBits>)
+            .collect();
+        self.tracker = BalloonTracker::kept_in(&self.ram.tracker_regions(), storage, true);
+        self.config = ConfigSpace::from_bytes(settings.config);
+        self.pinned = settings.pinned;
+        self.reported_bytes_total = settings.reported_bytes_total;
+        true
+    }
 }
 
 /// The balloon device, shared by the vhost-user worker and the control socket.
@@ -166,8 +248,6 @@ pub struct BalloonDevice {
     settings: DeviceSettings,
     state: Mutex<DeviceState>,
     stats_updated: Condvar,
-    /// Signalled with `saved_generation`.
-    saved_changed: Condvar,
     notifier: Mutex<Option<ConfigChangeNotifier>>,
     /// Where the backend request channel is looked for.
     open_fds: FdDirectory,
@@ -212,7 +292,6 @@ impl BalloonDevice {
             settings,
             state: Mutex::new(DeviceState::default()),
             stats_updated: Condvar::new(),
-            saved_changed: Condvar::new(),
             notifier: Mutex::new(None),
             open_fds: FdDirectory::open()?,
             stats_request: EventFd::new(EFD_NONBLOCK)?,
@@ -289,25 +368,10 @@ impl BalloonDevice {
         }
     }
 
-    /// Notes that something a saved state holds changed (call with the
-    /// state locked).
-    fn saved_state_changed(&self, state: &mut DeviceState) {
-        state.saved_generation = state.saved_generation.wrapping_add(1);
-        if state.saved_watched {
-            self.saved_changed.notify_all();
-        }
-    }
-
-    /// Waits until the saved state changed since generation `seen`; the
-    /// new generation. Sleeps as long as nothing changes.
-    pub fn wait_saved_change(&self, seen: u64) -> u64 {
-        let mut state = self.state();
-        state.saved_watched = true;
-        let state = self
-            .saved_changed
-            .wait_while(state, |s| s.saved_generation == seen)
-            .unwrap_or_else(|e| e.into_inner());
-        state.saved_generation
+    /// Keeps the balloon and the settings in `file` from now on; a balloon
+    /// it holds for the guest RAM that arrives next is taken over.
+    pub fn keep_state_in(&self, file: StateFile) {
+        self.state().state_file = Some(file);
     }
 
     /// Gives up deferring: inflate requests are punched as they complete.
@@ -436,7 +500,7 @@ impl BalloonDevice {
             let bytes = requested_bytes.min(limit);
             let pages = u32::try_from(bytes / PAGE_SIZE_BYTES).unwrap_or(u32::MAX);
             state.config.set_num_pages(pages);
-            self.saved_state_changed(&mut state);
+            state.keep_settings();
             (u64::from(pages) * PAGE_SIZE_BYTES, clamped)
         };
         if clamped {
@@ -457,7 +521,7 @@ impl BalloonDevice {
     pub fn unpin(&self) -> bool {
         let mut state = self.state();
         let was = std::mem::take(&mut state.pinned);
-        self.saved_state_changed(&mut state);
+        state.keep_settings();
         was
     }
 
@@ -532,30 +596,40 @@ impl BalloonDevice {
             return;
         };
         state.restart_check = false;
+        let taken_over = std::mem::take(&mut state.taken_over);
         if inflate.queue_next_avail() == 0 && state.tracker.ballooned_pages() > 0 {
             info!(
                 "the guest's queues started over (a reset): its balloon of {} MiB is gone",
                 (state.tracker.ballooned_pages() * PAGE_SIZE_BYTES) >> 20
             );
             state.tracker.clear();
-            self.saved_state_changed(state);
+            state.keep_settings();
+        } else if taken_over {
+            // The guest still holds the balloon a backend before us kept:
+            // free what that one had not punched yet when it died.
+            state.tracker.punch_all_again();
+            self.punch_locked(state);
         }
     }
 
     /// Marks the frontend gone (the vhost-user connection ended). Its guest
     /// is gone with it (QEMU exited or restarts): the next frontend starts
-    /// with an empty balloon unless a state file says otherwise.
+    /// with an empty balloon, and the state file holds none.
     pub fn disconnected(&self) {
         let mut state = self.state();
         self.punch_locked(&mut state);
         state.tracker.clear();
+        state.taken_over = false;
+        if let Some(file) = &mut state.state_file {
+            file.forget();
+        }
         // A migrated state belongs to the QEMU that loaded it: the next
         // frontend may bring another guest, whose pages must never be
         // punched after it.
         state.incoming = None;
         state.restart_check = false;
         state.connected = false;
-        self.saved_state_changed(&mut state);
+        state.keep_settings();
         state.held_stats = None;
         state.vrings.clear();
         drop(state);

@@ -186,7 +186,6 @@ impl BalloonDevice {
                     format!("{} pages inflated twice", outcome.already_ballooned)
                 });
         }
-        self.saved_state_changed(state);
     }
 
     fn poison_blocks_discard(&self, state: &DeviceState) -> bool {
@@ -238,9 +237,8 @@ impl BalloonDevice {
                 continue;
             };
             if self.discard(&mut state, &range) {
-                // Not worth a state-file write of its own: the total goes
-                // along with the next change of the balloon.
                 state.reported_bytes_total += range.len_bytes;
+                state.keep_settings();
             }
         }
     }

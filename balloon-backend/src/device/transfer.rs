@@ -1,6 +1,7 @@
 //! The device's state leaving and arriving: QEMU's device-state transfer
-//! for migration (SAVE on the source, LOAD on the destination) and the
-//! state file a restarted backend reads. Encoding is in `saved_state`.
+//! for migration (SAVE on the source, LOAD on the destination). Encoding
+//! is in `saved_state`. (A restarted backend takes its balloon over from
+//! the state file instead: `state_file`.)
 //!
 //! A state that arrives before guest RAM does (the destination loads it
 //! before QEMU sends the memory table) waits in `DeviceState::incoming`
@@ -17,22 +18,10 @@ use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferState
 use super::*;
 use crate::saved_state::{self, SavedRegion, SavedState, StateError, MAX_STATE_BYTES};
 
-/// Where a state came from, which decides how its bitmap is taken over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateOrigin {
-    /// A migration: guest RAM was refilled by QEMU loading it, so every
-    /// ballooned page is punched again before the guest runs.
-    Migration,
-    /// The state file of a backend that restarted: the holes are still
-    /// there, and the bitmap is taken only for the very same memory files.
-    StateFile,
-}
-
 /// A loaded state waiting for guest RAM.
 #[derive(Debug)]
 pub(super) struct Incoming {
     pub state: SavedState,
-    pub origin: StateOrigin,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,16 +74,6 @@ impl BalloonDevice {
         let mut state = self.state();
         self.punch_locked(&mut state);
         self.snapshot_locked(&state)
-    }
-
-    /// The state without punching (for the state file, written from a
-    /// thread that may not free memory); None while no guest is attached.
-    pub fn snapshot_if_attached(&self) -> Option<SavedState> {
-        let state = self.state();
-        if !state.connected || state.ram.total_bytes() == 0 {
-            return None;
-        }
-        Some(self.snapshot_locked(&state))
     }
 
     fn snapshot_locked(&self, state: &DeviceState) -> SavedState {
@@ -176,7 +155,7 @@ impl BalloonDevice {
         let result = handle.join().map_err(|_| TransferError::Panicked)?;
         match result {
             Ok(Some(state)) => {
-                self.adopt(state, StateOrigin::Migration);
+                self.adopt(state);
                 Ok(())
             }
             Ok(None) => Ok(()),
@@ -188,24 +167,17 @@ impl BalloonDevice {
         }
     }
 
-    /// Takes over a saved state. A migrated one is the guest's own: its
-    /// config space, pin and counters apply at once and its bitmap when
-    /// guest RAM arrives. A state file applies only once guest RAM turns
-    /// out to be the same, since a new guest must not inherit a target.
-    pub fn adopt(&self, saved: SavedState, origin: StateOrigin) {
+    /// Takes over a migrated state: the guest's own, so its config space,
+    /// pin and counters apply at once, its bitmap when guest RAM arrives.
+    pub fn adopt(&self, saved: SavedState) {
         let mut state = self.state();
         info!(
-            "device state received ({origin:?}): balloon of {} MiB",
+            "device state received: balloon of {} MiB",
             saved.ballooned_pages().saturating_mul(PAGE_SIZE_BYTES) >> 20
         );
-        if origin == StateOrigin::Migration {
-            self.apply_settings(&mut state, &saved);
-        }
-        state.incoming = Some(Incoming {
-            state: saved,
-            origin,
-        });
-        self.saved_state_changed(&mut state);
+        self.apply_settings(&mut state, &saved);
+        state.incoming = Some(Incoming { state: saved });
+        state.keep_settings();
         if state.connected && state.ram.total_bytes() > 0 {
             self.take_incoming_bitmap(&mut state);
         }
@@ -226,39 +198,25 @@ impl BalloonDevice {
         let Some(incoming) = state.incoming.take() else {
             return;
         };
-        let fits = incoming.state.fits(&state.ram.shape());
-        let same_files = incoming.state.files == state.ram.file_identities();
-        if !fits || (incoming.origin == StateOrigin::StateFile && !same_files) {
-            warn!(
-                "saved balloon state ({:?}) does not describe this guest RAM ({}); starting with an empty balloon",
-                incoming.origin,
-                if fits { "other memory files" } else { "other regions" }
-            );
+        if !incoming.state.fits(&state.ram.shape()) {
+            warn!("the migrated balloon state does not describe this guest RAM (other regions); starting with an empty balloon");
             return;
-        }
-        let punched = incoming.origin == StateOrigin::StateFile;
-        if punched {
-            self.apply_settings(state, &incoming.state);
         }
         info!(
             "balloon taken over: target {} MiB, {} pages ballooned",
             (u64::from(state.config.num_pages()) * PAGE_SIZE_BYTES) >> 20,
             incoming.state.ballooned_pages()
         );
-        state.tracker = BalloonTracker::restore(
-            &incoming.state.tracker_regions(),
-            &incoming.state.ballooned_runs(),
-            punched,
+        state.start_empty_balloon();
+        state.tracker.inflate_runs(&incoming.state.ballooned_runs());
+        state.keep_settings();
+        // The destination's RAM was loaded page by page, refilling the
+        // balloon: return it before the guest runs.
+        let pending_bytes = state.tracker.pending_bytes();
+        self.punch_locked(state);
+        info!(
+            "returned {} MiB of ballooned guest RAM after migration",
+            pending_bytes >> 20
         );
-        if !punched {
-            // The destination's RAM was loaded page by page, refilling the
-            // balloon: return it before the guest runs.
-            let pending_bytes = state.tracker.pending_bytes();
-            self.punch_locked(state);
-            info!(
-                "returned {} MiB of ballooned guest RAM after migration",
-                pending_bytes >> 20
-            );
-        }
     }
 }

@@ -49,7 +49,7 @@ impl VhostUserBackend for BalloonDevice {
         // The guest was reset: its balloon is gone and its pages are its
         // own again (they read as zeros where they were punched).
         state.tracker.clear();
-        self.saved_state_changed(&mut state);
+        state.keep_settings();
         state.acked_features = 0;
         state.roles.clear();
         state.held_stats = None;
@@ -75,7 +75,7 @@ impl VhostUserBackend for BalloonDevice {
         match state.config.write(offset, buf) {
             Ok(effect) => {
                 if effect.actual_changed || effect.poison_changed {
-                    self.saved_state_changed(&mut state);
+                    state.keep_settings();
                 }
                 if effect.poison_changed {
                     info!(
@@ -108,17 +108,28 @@ impl VhostUserBackend for BalloonDevice {
         );
         // QEMU sends its memory table again on every device start (a
         // resumed VM, a cancelled migration): the balloon of the same guest
-        // RAM stays; other RAM starts empty.
-        if !state.ram.same_ram_as(&ram) {
-            state.tracker = BalloonTracker::new(&ram.tracker_regions());
-        }
+        // RAM stays. Other RAM starts empty, unless the state file holds a
+        // balloon for it (this backend restarted under a running guest).
+        let new_ram = !state.ram.same_ram_as(&ram);
         state.layout = ram.layout();
         state.ram = ram;
         state.memory = Some(memory);
         state.connected = true;
+        if new_ram {
+            state.taken_over = state.take_over_kept_balloon();
+            if state.taken_over {
+                info!(
+                    "balloon taken over from the state file: target {} MiB, {} MiB ballooned",
+                    (u64::from(state.config.num_pages()) * PAGE_SIZE_BYTES) >> 20,
+                    (state.tracker.ballooned_pages() * PAGE_SIZE_BYTES) >> 20
+                );
+            } else {
+                state.start_empty_balloon();
+                state.keep_settings();
+            }
+        }
         self.take_incoming_bitmap(&mut state);
         state.restart_check = state.tracker.ballooned_pages() > 0;
-        self.saved_state_changed(&mut state);
         Ok(())
     }
 

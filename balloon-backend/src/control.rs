@@ -25,6 +25,9 @@ const MAX_CLIENTS: usize = 32;
 /// Default and largest wait of `refresh-stats`.
 const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 5_000;
 const MAX_REFRESH_TIMEOUT_MS: u64 = 60_000;
+/// A client that does not read its replies for this long is dropped, so
+/// it cannot hold one of the `MAX_CLIENTS` places (or a thread) forever.
+pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub use balloon_protocol::control::{parse_request, Request};
 use balloon_protocol::control::{
@@ -227,13 +230,15 @@ pub fn reply_to_line(device: &BalloonDevice, max_reclaim_percent: u8, line: &[u8
 
 /// Serves one client: exactly one reply line for every request line. A
 /// line over `MAX_REQUEST_BYTES` (newline not counted) gets one error reply
-/// and is dropped up to its newline; the connection stays open.
+/// and is dropped up to its newline; the connection stays open. A client
+/// that leaves a reply unread for `CLIENT_WRITE_TIMEOUT` is dropped.
 pub fn serve_client(
     mut stream: UnixStream,
     device: &BalloonDevice,
     max_reclaim_percent: u8,
 ) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
+    writer.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
     let mut splitter = LineSplitter::new(MAX_REQUEST_BYTES);
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -258,6 +263,42 @@ pub fn serve_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped() {
+        let device = BalloonDevice::new(crate::device::DeviceSettings {
+            switches: Default::default(),
+            max_reclaim_percent: 65,
+            seccomp: crate::seccomp::SeccompMode::Off,
+            stats_interval_s: 0,
+            state_version: crate::saved_state::STATE_VERSION,
+        })
+        .unwrap();
+        let (client, server) = UnixStream::pair().unwrap();
+        let (done, served) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(serve_client(server, &device, 65)));
+        // Requests without end, replies never read: the backend's writes
+        // fill the socket and must give up rather than block for ever.
+        let mut writer = client.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let request = b"{\"cmd\":\"status\"}\n".repeat(64);
+            while writer.write_all(&request).is_ok() {}
+        });
+        let waited = CLIENT_WRITE_TIMEOUT * 6;
+        let error = served
+            .recv_timeout(waited)
+            .unwrap_or_else(|_| panic!("still serving a client that never reads after {waited:?}"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{error}"
+        );
+        drop(client);
+        sender.join().unwrap();
+    }
 
     #[test]
     fn parses_the_documented_requests() {

@@ -190,7 +190,20 @@ impl BackendProcess {
 
     /// kill -9 the backend, then start it again with the same flags.
     pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        self.start_again()
+    }
+
+    /// kill -9 the backend (a crash) and reap it; `start_again` brings it
+    /// back, after whatever pause the test wants in between.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
+        Ok(())
+    }
+
+    /// Starts the backend again with the same flags (after `kill`) and
+    /// waits for its control socket.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.child = Self::spawn(&self.binary, &self.args, self.account, self.log.as_deref())?;
         self.wait_ready()
     }

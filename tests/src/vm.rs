@@ -272,8 +272,9 @@ impl Vm {
         self.wait_nth_line(matches, 1, timeout)
     }
 
-    /// Waits for the `n`th console line matching `matches`; returns it.
-    fn wait_nth_line(
+    /// Waits for the `n`th console line matching `matches`; returns it
+    /// (a background program's `n`th report line, say).
+    pub fn wait_nth_line(
         &self,
         matches: impl Fn(&str) -> bool,
         n: usize,
@@ -389,6 +390,16 @@ impl Vm {
 
     pub fn host_resident_bytes(&self) -> anyhow::Result<u64> {
         memfd_residency::allocated_bytes(&memfd_residency::guest_ram_memfd(self.pid())?)
+    }
+
+    /// The console lines so far that match `matches` (the report lines of
+    /// a program running in the background, say).
+    pub fn lines_matching(&self, matches: impl Fn(&str) -> bool) -> Vec<String> {
+        self.console
+            .lines
+            .lock()
+            .map(|lines| lines.iter().filter(|l| matches(l)).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every console line so far.

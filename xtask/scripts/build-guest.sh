@@ -2,9 +2,9 @@
 # Builds the test guest into the directory given as $1: `vmlinuz` (a Debian
 # cloud kernel) and `initramfs.gz` (busybox-static, the virtio modules the
 # kernel did not build in, /init from guest/init.sh and the static programs
-# named after $2, copied to /bin: guest-agent and guest-workload). Called by
-# `cargo xtask guest`, which keys the cache on a hash of this file,
-# guest/init.sh, the programs and $2.
+# named after $2, copied to /bin: guest-agent, guest-workload and
+# guest-verifier). Called by `cargo xtask guest`, which keys the cache on a
+# hash of this file, guest/init.sh, the programs and $2.
 #
 # $2 picks the kernel's suite: bullseye (5.10), bookworm (6.1),
 # bookworm-backports (6.12) or unstable (newest). Those are fetched with a

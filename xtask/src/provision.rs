@@ -115,10 +115,11 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
     Ok(qemu)
 }
 
-/// The programs the guest image carries in /bin (the agent and the
-/// benchmark's workload), built as static binaries.
+/// The programs the guest image carries in /bin (the agent, the
+/// benchmark's workload and the tests' memory verifier), built as static
+/// binaries.
 pub fn build_guest_programs() -> anyhow::Result<Vec<PathBuf>> {
-    const PROGRAMS: [&str; 2] = ["guest-agent", "guest-workload"];
+    const PROGRAMS: [&str; 3] = ["guest-agent", "guest-workload", "guest-verifier"];
     let root = workspace_root();
     // --target keeps +crt-static away from build scripts and proc macros.
     let target = "x86_64-unknown-linux-gnu";

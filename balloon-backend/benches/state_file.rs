@@ -51,7 +51,6 @@ fn region(size_bytes: u64) -> KeptRegion {
 fn storage(file: &mut StateFile, size_bytes: u64) -> Vec<Box<dyn PageBits>> {
     file.lay_out(&[region(size_bytes)])
         .unwrap()
-        .unwrap()
         .into_iter()
         .map(|bits| Box::new(bits) as Box<dyn PageBits>)
         .collect()

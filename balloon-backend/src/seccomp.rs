@@ -316,8 +316,6 @@ pub fn allow_list(role: ThreadRole) -> Vec<Allowed> {
                 allow!(SYS_fstat),
                 allow!(SYS_newfstatat),
                 allow!(SYS_statx),
-                // Sizes the state file for new guest RAM (`--state-file`).
-                allow!(SYS_ftruncate),
             ]);
             list.extend(queue_work());
             // Lets the vring worker add its narrower filter; a filter can

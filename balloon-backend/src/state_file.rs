@@ -46,6 +46,14 @@ const WORD_TABLE: usize = 8;
 const REGION_WORDS: usize = 7;
 /// Regions the header has room for (QEMU sends at most a few dozen).
 pub const MAX_REGIONS: usize = (HEADER_WORDS - WORD_TABLE) / REGION_WORDS;
+/// Guest RAM the file has room for: 16 TiB, one bit per 4 KiB page.
+pub const MAX_KEPT_RAM_BYTES: u64 = 16 << 40;
+/// The file's size, set once when it is opened (before the backend
+/// confines itself, so no thread needs `ftruncate` later, a call that
+/// could also shrink guest RAM's files). It is sparse: only the header and
+/// the bits of the guest RAM it describes take memory or disk.
+pub const FILE_BYTES: u64 =
+    (HEADER_WORDS as u64) * 8 + MAX_KEPT_RAM_BYTES / crate::pfn::PAGE_SIZE_BYTES / 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
@@ -89,7 +97,6 @@ pub struct KeptSettings {
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
-    file: File,
     map: Arc<MmapRegion<()>>,
 }
 
@@ -158,16 +165,14 @@ impl StateFile {
             .open(path)
             .map_err(open_error)?;
         let length = file.metadata().map_err(open_error)?.len();
-        let header_bytes = (HEADER_WORDS * 8) as u64;
-        if length < header_bytes {
-            file.set_len(header_bytes).map_err(open_error)?;
+        if length < FILE_BYTES {
+            file.set_len(FILE_BYTES).map_err(open_error)?;
         }
-        let bytes = usize::try_from(length.max(header_bytes))
+        let bytes = usize::try_from(length.max(FILE_BYTES))
             .map_err(|_| open_error(io::Error::from(io::ErrorKind::FileTooLarge)))?;
         let map = Arc::new(map_file(path, &file, bytes)?);
         Ok(StateFile {
             path: path.to_path_buf(),
-            file,
             map,
         })
     }
@@ -274,25 +279,13 @@ impl StateFile {
 
     /// Lays the file out for `regions` with no page ballooned and default
     /// settings, and returns their page bits; None (and a cleared file)
-    /// when the header has no room for them, the file cannot grow, or
-    /// KeptBits handed out before are still alive.
-    pub fn lay_out(&mut self, regions: &[KeptRegion]) -> Result<Option<Vec<KeptBits>>, io::Error> {
+    /// when the file has no room for them (more than `MAX_REGIONS`
+    /// regions, more than `MAX_KEPT_RAM_BYTES`) or KeptBits handed out
+    /// before are still alive.
+    pub fn lay_out(&mut self, regions: &[KeptRegion]) -> Option<Vec<KeptBits>> {
         self.forget();
         if regions.len() > MAX_REGIONS || Arc::strong_count(&self.map) != 1 {
-            return Ok(None);
-        }
-        let total_words = regions
-            .iter()
-            .try_fold(HEADER_WORDS as u64, |sum, r| sum.checked_add(r.bit_words()))
-            .and_then(|words| words.checked_mul(8))
-            .and_then(|bytes| usize::try_from(bytes).ok())
-            .ok_or_else(|| io::Error::from(io::ErrorKind::FileTooLarge))?;
-        if total_words != self.map.size() {
-            // Remap at the new size (shrinking frees a larger guest's bits).
-            self.file.set_len(total_words as u64)?;
-            self.map =
-                Arc::new(map_file(&self.path, &self.file, total_words).map_err(io::Error::other)?);
-            self.forget();
+            return None;
         }
         let mut next_word = HEADER_WORDS as u64;
         for (index, region) in regions.iter().enumerate() {
@@ -315,14 +308,14 @@ impl StateFile {
         }
         self.set_word(WORD_REGIONS, regions.len() as u64);
         self.keep_settings(&KeptSettings::default());
-        let mut bits = self.bits(regions).unwrap_or_default();
+        let mut bits = self.bits(regions)?;
         for region_bits in &mut bits {
             region_bits.fill(0);
         }
         self.set_word(WORD_MAGIC, MAGIC);
         self.set_word(WORD_VERSION, LAYOUT_VERSION);
         self.set_word(WORD_VALID, 1);
-        Ok(Some(bits))
+        Some(bits)
     }
 
     /// Marks the file as holding no state (the guest went away).
@@ -386,7 +379,7 @@ mod tests {
         {
             let mut file = StateFile::open(&path).unwrap();
             assert_eq!(file.kept_regions(), None, "a new file holds no state");
-            let mut bits = file.lay_out(&regions).unwrap().unwrap();
+            let mut bits = file.lay_out(&regions).unwrap();
             assert_eq!(bits.len(), 2);
             assert_eq!((bits[0].len(), bits[1].len()), (32, 8));
             bits[0][3] = 0xf0;
@@ -412,17 +405,33 @@ mod tests {
     }
 
     #[test]
-    fn a_new_layout_starts_empty_and_resizes_the_file() {
+    fn a_new_layout_starts_empty_in_a_sparse_file() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state");
         let mut file = StateFile::open(&path).unwrap();
-        let mut bits = file.lay_out(&[region(64, 1)]).unwrap().unwrap();
+        let mut bits = file.lay_out(&[region(64, 1)]).unwrap();
         bits[0].fill(u64::MAX);
         drop(bits);
-        let bits = file.lay_out(&[region(4, 2)]).unwrap().unwrap();
+        let bits = file.lay_out(&[region(4, 2)]).unwrap();
         assert!(bits[0].iter().all(|w| *w == 0));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096 + 16 * 8);
         assert_eq!(file.kept_settings(), KeptSettings::default());
+        drop(bits);
+        // The size is fixed; only the header and the bits used take blocks
+        // (a 64 MiB guest's bits are 2 KiB).
+        let metadata = std::fs::metadata(&path).unwrap();
+        assert_eq!(metadata.len(), FILE_BYTES);
+        assert!(
+            metadata.blocks() * 512 <= 64 << 10,
+            "{} blocks",
+            metadata.blocks()
+        );
+        let too_large = KeptRegion {
+            size_bytes: MAX_KEPT_RAM_BYTES + (1 << 20),
+            ..region(0, 3)
+        };
+        assert!(file.lay_out(&[too_large]).is_none());
+        assert_eq!(file.kept_regions(), None);
     }
 
     #[test]
@@ -432,12 +441,12 @@ mod tests {
         std::fs::write(&path, br#"{"format":"balloon-backend-state","version":1}"#).unwrap();
         let mut file = StateFile::open(&path).unwrap();
         assert_eq!(file.kept_regions(), None);
-        drop(file.lay_out(&[region(4, 1)]).unwrap().unwrap());
+        drop(file.lay_out(&[region(4, 1)]).unwrap());
         // A table whose bits do not follow one another.
         file.set_word(WORD_TABLE + 5, 4);
         assert_eq!(file.kept_regions(), None);
         let too_many: Vec<KeptRegion> = (0..=MAX_REGIONS as u64).map(|i| region(1, i)).collect();
-        assert!(file.lay_out(&too_many).unwrap().is_none());
+        assert!(file.lay_out(&too_many).is_none());
         assert_eq!(file.kept_regions(), None);
     }
 }

@@ -200,17 +200,17 @@ impl DeviceState {
         let regions = self.ram.tracker_regions();
         let kept = self.kept_regions();
         let storage = match self.state_file.as_mut().map(|file| file.lay_out(&kept)) {
-            Some(Ok(Some(bits))) => bits
+            Some(Some(bits)) => bits
                 .into_iter()
                 .map(|b| Box::new(b) as Box<dyn PageBits>)
                 .collect(),
-            Some(Ok(None)) => {
-                warn!("the state file has no room for {} memory regions: this balloon is not kept across a restart", kept.len());
-                Vec::new()
-            }
-            Some(Err(error)) => {
+            Some(None) => {
                 warn!(
-                    "laying out the state file: {error}; this balloon is not kept across a restart"
+                    "the state file has no room for this guest RAM ({} regions, {} MiB; it keeps at most {} regions and {} GiB): this balloon is not kept across a restart",
+                    kept.len(),
+                    self.ram.total_bytes() >> 20,
+                    crate::state_file::MAX_REGIONS,
+                    crate::state_file::MAX_KEPT_RAM_BYTES >> 30
                 );
                 Vec::new()
             }

@@ -30,11 +30,17 @@ pub enum Fault {
     ReportCrossesRegionEnd,
     ConfigOutOfRange,
     DiscardFailed,
+    /// The used ring or the guest notifier could not be written.
     QueueFailure,
+    /// The punch timer or the stats interval timer could not be armed or
+    /// read.
+    TimerFailed,
+    /// The stats-request eventfd could not be written.
+    StatsRequestFailed,
     ConfigNotifyFailed,
 }
 
-const ALL: [Fault; 21] = [
+const ALL: [Fault; 23] = [
     Fault::PfnOutsideRam,
     Fault::DuplicatePfn,
     Fault::AlreadyInflated,
@@ -55,6 +61,8 @@ const ALL: [Fault; 21] = [
     Fault::ConfigOutOfRange,
     Fault::DiscardFailed,
     Fault::QueueFailure,
+    Fault::TimerFailed,
+    Fault::StatsRequestFailed,
     Fault::ConfigNotifyFailed,
 ];
 
@@ -81,6 +89,8 @@ impl Fault {
             Fault::ConfigOutOfRange => "config_out_of_range",
             Fault::DiscardFailed => "discard_failed",
             Fault::QueueFailure => "queue_failure",
+            Fault::TimerFailed => "timer_failed",
+            Fault::StatsRequestFailed => "stats_request_failed",
             Fault::ConfigNotifyFailed => "config_notify_failed",
         }
     }

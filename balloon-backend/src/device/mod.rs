@@ -359,7 +359,7 @@ impl BalloonDevice {
         match timer.reset(left.max(Duration::from_micros(1)), None) {
             Ok(()) => state.punch_timer_armed = true,
             Err(error) => {
-                self.faults.record(Fault::QueueFailure, 1, || {
+                self.faults.record(Fault::TimerFailed, 1, || {
                     format!("arming the punch timer: {error}; punching now")
                 });
                 drop(timer);
@@ -384,7 +384,7 @@ impl BalloonDevice {
         {
             let mut timer = self.punch_timer.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(error) = timer.wait() {
-                self.faults.record(Fault::QueueFailure, 1, || {
+                self.faults.record(Fault::TimerFailed, 1, || {
                     format!("reading the punch timer: {error}")
                 });
             }
@@ -431,7 +431,7 @@ impl BalloonDevice {
         if let Some(timer) = &self.stats_interval {
             let mut timer = timer.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(error) = timer.wait() {
-                self.faults.record(Fault::QueueFailure, 1, || {
+                self.faults.record(Fault::TimerFailed, 1, || {
                     format!("reading the stats interval timer: {error}")
                 });
             }
@@ -441,7 +441,7 @@ impl BalloonDevice {
     /// Asks the worker to return the held stats buffer to the guest.
     pub fn request_stats(&self) {
         if let Err(error) = self.stats_request.write(1) {
-            self.faults.record(Fault::QueueFailure, 1, || {
+            self.faults.record(Fault::StatsRequestFailed, 1, || {
                 format!("asking for statistics: {error}")
             });
         }

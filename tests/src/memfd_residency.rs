@@ -6,7 +6,6 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use vmm_sys_util::seek_hole::SeekHole;
 
 /// The memfd backing guest RAM in process `pid`: its largest memfd.
 pub fn guest_ram_memfd(pid: u32) -> anyhow::Result<PathBuf> {
@@ -29,19 +28,11 @@ pub fn guest_ram_memfd(pid: u32) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no memfd among the descriptors of process {pid}"))
 }
 
-/// Bytes allocated in a file, by walking its data extents.
+/// Bytes allocated in a file (the walk over its data extents that the
+/// backend's own `status` uses, applied to QEMU's descriptor).
 pub fn allocated_bytes(path: &PathBuf) -> anyhow::Result<u64> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let end = file.metadata()?.len();
-    let mut total = 0;
-    let mut position = 0;
-    while position < end {
-        let Some(data) = file.seek_data(position)? else {
-            break;
-        };
-        let hole = file.seek_hole(data)?.unwrap_or(end).min(end);
-        total += hole.saturating_sub(data);
-        position = hole.max(data + 1);
-    }
-    Ok(total)
+    test_support::memory::allocated(&file, 0, end)
+        .with_context(|| format!("walking the extents of {}", path.display()))
 }

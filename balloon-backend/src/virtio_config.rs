@@ -82,6 +82,13 @@ impl ConfigSpace {
         self.set_field(NUM_PAGES, pages)
     }
 
+    /// A new driver (the guest was reset): the driver's fields start over,
+    /// the device's (the target) stay.
+    pub fn driver_reset(&mut self) {
+        self.set_field(ACTUAL, 0);
+        self.set_field(POISON_VAL, 0);
+    }
+
     /// A guest read.
     pub fn read(&self, offset: u32, size: usize) -> Result<Vec<u8>, OutOfRange> {
         let range = span(offset, size)?;
@@ -137,6 +144,19 @@ mod tests {
         // free_page_hint_cmd_id is device-owned.
         config.write(8, &[9, 9, 9, 9]).unwrap();
         assert_eq!(config.free_page_hint_cmd_id(), 0);
+    }
+
+    #[test]
+    fn a_driver_reset_clears_only_the_drivers_fields() {
+        let mut config = ConfigSpace::default();
+        config.set_num_pages(1000);
+        config.write(4, &500u32.to_le_bytes()).unwrap();
+        config.write(12, &0xaau32.to_le_bytes()).unwrap();
+        config.driver_reset();
+        assert_eq!(
+            (config.num_pages(), config.actual(), config.poison_val()),
+            (1000, 0, 0)
+        );
     }
 
     #[test]

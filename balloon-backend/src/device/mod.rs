@@ -603,6 +603,9 @@ impl BalloonDevice {
                 (state.tracker.ballooned_pages() * PAGE_SIZE_BYTES) >> 20
             );
             state.tracker.clear();
+            // The new driver starts with an empty balloon and writes
+            // `actual` only after its first request.
+            state.config.driver_reset();
             state.keep_settings();
         } else if taken_over {
             // The guest still holds the balloon a backend before us kept:

@@ -49,6 +49,7 @@ impl VhostUserBackend for BalloonDevice {
         // The guest was reset: its balloon is gone and its pages are its
         // own again (they read as zeros where they were punched).
         state.tracker.clear();
+        state.config.driver_reset();
         state.keep_settings();
         state.acked_features = 0;
         state.roles.clear();

@@ -9,6 +9,7 @@ pub mod host_policy_process;
 pub mod memfd_residency;
 pub mod migration;
 pub mod qmp;
+pub mod verifier;
 pub mod vm;
 
 use std::time::Duration;

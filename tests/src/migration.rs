@@ -53,8 +53,23 @@ impl Side {
     /// A backend with `backend_args` and a guest booted on it, its driver
     /// negotiated.
     pub fn boot(env: &TestEnv, dir: &Path, backend_args: &[&str]) -> anyhow::Result<Side> {
-        let backend = BackendProcess::start(env, dir, backend_args)?;
-        let vm = Vm::boot(env, &config(&backend, dir.join("qmp.sock"), None))?;
+        Self::boot_with(env, dir, backend_args, None, |_| {})
+    }
+
+    /// Like `boot`, with the backend's log in `log` and the VM's
+    /// configuration changed by `tweak` (its size, a disk; the destination
+    /// must get the same).
+    pub fn boot_with(
+        env: &TestEnv,
+        dir: &Path,
+        backend_args: &[&str],
+        log: Option<&Path>,
+        tweak: impl FnOnce(&mut VmConfig),
+    ) -> anyhow::Result<Side> {
+        let backend = BackendProcess::start_logged(env, dir, backend_args, log)?;
+        let mut config = config(&backend, dir.join("qmp.sock"), None);
+        tweak(&mut config);
+        let vm = Vm::boot(env, &config)?;
         let qmp = Qmp::connect(&dir.join("qmp.sock"))?;
         let mut control = backend.client()?;
         control.wait_negotiated(Duration::from_secs(60))?;
@@ -84,11 +99,23 @@ impl Side {
         incoming: &str,
         log: Option<&Path>,
     ) -> anyhow::Result<Side> {
+        Self::incoming_with(env, dir, backend_args, incoming, log, |_| {})
+    }
+
+    /// Like `incoming_logged`, with the VM's configuration changed by
+    /// `tweak` (as the source's was).
+    pub fn incoming_with(
+        env: &TestEnv,
+        dir: &Path,
+        backend_args: &[&str],
+        incoming: &str,
+        log: Option<&Path>,
+        tweak: impl FnOnce(&mut VmConfig),
+    ) -> anyhow::Result<Side> {
         let backend = BackendProcess::start_logged(env, dir, backend_args, log)?;
-        let vm = Vm::start_incoming(
-            env,
-            &config(&backend, dir.join("qmp.sock"), Some(incoming.into())),
-        )?;
+        let mut config = config(&backend, dir.join("qmp.sock"), Some(incoming.into()));
+        tweak(&mut config);
+        let vm = Vm::start_incoming(env, &config)?;
         let mut qmp = Qmp::connect(&dir.join("qmp.sock"))?;
         if has_return_path(incoming) {
             set_capabilities(&mut qmp, &[])?;

@@ -5,6 +5,8 @@
 //! in four; beside it, it allocates and frees memory and checks a
 //! page-cache file. Every bad word is one `@@VERIFY MISMATCH ...` line on
 //! stdout, every pass one `@@VERIFY pass=...` line (docs/guest-verifier.md).
+//! `--oom-push MIB` instead pushes the guest into deflate-on-OOM once
+//! (allocates what is available plus MIB, verifies it, exits).
 //! Exit status: 0 clean, 1 mismatches seen, 2 bad arguments, 3 an I/O
 //! error.
 
@@ -12,6 +14,7 @@ mod arena;
 mod cache;
 mod churn;
 mod pattern;
+mod push;
 mod report;
 mod run;
 mod words;
@@ -21,6 +24,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use push::PushSettings;
 use run::Settings;
 
 /// Largest --mib and --churn-mib accepted (the guest's RAM is the real limit).
@@ -34,8 +38,8 @@ const MAX_CACHE_MIB: u64 = 4096;
 #[command(name = "guest-verifier", version)]
 struct Args {
     /// MiB of memory to own, in 1 MiB chunks.
-    #[arg(long, value_name = "MIB")]
-    mib: u64,
+    #[arg(long, value_name = "MIB", required_unless_present = "oom_push")]
+    mib: Option<u64>,
     /// How long to run; 0 runs until killed.
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     seconds: u64,
@@ -58,14 +62,39 @@ struct Args {
     /// Do not drop the guest's caches between the two reads.
     #[arg(long)]
     no_drop_caches: bool,
+    /// Instead of verifying: push the guest into deflate-on-OOM once, by
+    /// allocating what it has available plus MIB (written and verified),
+    /// and exit.
+    #[arg(long, value_name = "MIB", conflicts_with = "mib")]
+    oom_push: Option<u64>,
 }
 
-impl TryFrom<Args> for Settings {
+/// What a run does.
+#[derive(Debug, PartialEq, Eq)]
+enum Mode {
+    Verify(Settings),
+    Push(PushSettings),
+}
+
+impl TryFrom<Args> for Mode {
     type Error = String;
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
-        if !(1..=MAX_MIB).contains(&args.mib) {
-            return Err(format!("--mib must be 1-{MAX_MIB}, got {}", args.mib));
+        if let Some(mib) = args.oom_push {
+            if mib > MAX_MIB {
+                return Err(format!("--oom-push must be 0-{MAX_MIB}, got {mib}"));
+            }
+            return Ok(Mode::Push(PushSettings {
+                mib,
+                seed: args.seed,
+                meminfo: PathBuf::from(push::MEMINFO),
+                vmstat: PathBuf::from(push::VMSTAT),
+                oom_score_adj: Some(PathBuf::from(push::OOM_SCORE_ADJ)),
+            }));
+        }
+        let mib = args.mib.ok_or("--mib is required")?;
+        if !(1..=MAX_MIB).contains(&mib) {
+            return Err(format!("--mib must be 1-{MAX_MIB}, got {mib}"));
         }
         if args.churn_mib > MAX_MIB {
             return Err(format!(
@@ -79,29 +108,37 @@ impl TryFrom<Args> for Settings {
                 args.cache_mib
             ));
         }
-        Ok(Settings {
-            mib: args.mib,
+        Ok(Mode::Verify(Settings {
+            mib,
             seconds: args.seconds,
             seed: args.seed,
             churn_mib: args.churn_mib,
             cache_file: args.cache_file,
             cache_mib: args.cache_mib,
             drop_caches: (!args.no_drop_caches).then(|| PathBuf::from(cache::DROP_CACHES)),
-        })
+            oom_score_adj: Some(PathBuf::from(push::OOM_SCORE_ADJ)),
+        }))
     }
 }
 
 fn main() -> ExitCode {
-    let settings = match Settings::try_from(Args::parse()) {
-        Ok(settings) => settings,
+    let mode = match Mode::try_from(Args::parse()) {
+        Ok(mode) => mode,
         Err(message) => {
             eprintln!("guest-verifier: {message}");
             return ExitCode::from(2);
         }
     };
-    match run::run(&settings, std::io::stdout()) {
-        Ok(totals) if totals.mismatches == 0 && totals.cache_mismatches == 0 => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(1),
+    let clean = match mode {
+        Mode::Verify(settings) => run::run(&settings, std::io::stdout())
+            .map(|totals| totals.mismatches == 0 && totals.cache_mismatches == 0),
+        Mode::Push(settings) => {
+            push::push(&settings, std::io::stdout()).map(|totals| totals.mismatches == 0)
+        }
+    };
+    match clean {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(error) => {
             eprintln!("guest-verifier: {error}");
             println!("@@VERIFY error {error}");
@@ -114,8 +151,15 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    fn mode(list: &[&str]) -> Result<Mode, String> {
+        Mode::try_from(Args::try_parse_from(list).map_err(|e| e.to_string())?)
+    }
+
     fn settings(list: &[&str]) -> Result<Settings, String> {
-        Settings::try_from(Args::try_parse_from(list).map_err(|e| e.to_string())?)
+        match mode(list)? {
+            Mode::Verify(settings) => Ok(settings),
+            Mode::Push(push) => Err(format!("a push: {push:?}")),
+        }
     }
 
     #[test]
@@ -160,5 +204,32 @@ mod tests {
         assert!(error.contains("--cache-mib"), "{error}");
         let error = settings(&["guest-verifier", "--mib", "x"]).err().unwrap();
         assert!(error.contains("--mib"), "{error}");
+        let error = mode(&["guest-verifier", "--mib", "4", "--oom-push", "32"])
+            .err()
+            .unwrap();
+        assert!(error.contains("--oom-push"), "{error}");
+        let error = mode(&["guest-verifier", "--oom-push", "9999999"])
+            .err()
+            .unwrap();
+        assert!(error.contains("--oom-push"), "{error}");
+    }
+
+    #[test]
+    fn oom_push_needs_no_mib_and_sets_the_knobs() {
+        assert_eq!(
+            mode(&["guest-verifier", "--oom-push", "32", "--seed", "7"]).unwrap(),
+            Mode::Push(PushSettings {
+                mib: 32,
+                seed: 7,
+                meminfo: PathBuf::from("/proc/meminfo"),
+                vmstat: PathBuf::from("/proc/vmstat"),
+                oom_score_adj: Some(PathBuf::from("/proc/self/oom_score_adj")),
+            })
+        );
+        let s = settings(&["guest-verifier", "--mib", "8"]).unwrap();
+        assert_eq!(
+            s.oom_score_adj,
+            Some(PathBuf::from("/proc/self/oom_score_adj"))
+        );
     }
 }

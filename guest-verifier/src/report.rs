@@ -22,6 +22,8 @@ pub enum Region {
     Chunk(u64),
     /// The short-lived churn allocation.
     Churn,
+    /// The memory of a deflate-on-OOM push (`--oom-push`).
+    Push,
 }
 
 /// A word of memory that did not hold what was written.
@@ -40,6 +42,7 @@ pub fn mismatch_line(mismatch: &MemoryMismatch, gpa: Option<u64>) -> String {
     let chunk = match mismatch.region {
         Region::Chunk(index) => index.to_string(),
         Region::Churn => "churn".to_string(),
+        Region::Push => "push".to_string(),
     };
     let gpa = gpa.map_or_else(|| "?".to_string(), |gpa| format!("0x{gpa:x}"));
     let word = mismatch.word;
@@ -196,6 +199,8 @@ mod tests {
         let churn = mismatch_line(&mismatch(Region::Churn), None);
         assert!(churn.contains(" chunk=churn "), "{churn}");
         assert!(churn.ends_with(" gpa=?"), "{churn}");
+        let push = mismatch_line(&mismatch(Region::Push), None);
+        assert!(push.contains(" chunk=push "), "{push}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct Settings {
     pub cache_mib: u64,
     /// The knob that drops the guest's caches.
     pub drop_caches: Option<PathBuf>,
+    /// The knob set to -1000 at the start, so that the OOM killer never
+    /// picks the verifier (a deflate-on-OOM push may run beside it).
+    pub oom_score_adj: Option<PathBuf>,
 }
 
 /// The totals so far, printed after every pass.
@@ -88,6 +91,10 @@ pub fn run<W: Write>(settings: &Settings, out: W) -> io::Result<Totals> {
     let churn_bytes = bytes_of(settings.churn_mib, "--churn-mib")?;
     bytes_of(settings.mib, "--mib")?;
     let mut reporter = Reporter::new(out);
+    let oom_protected = settings
+        .oom_score_adj
+        .as_ref()
+        .is_some_and(|knob| std::fs::write(knob, "-1000").is_ok());
     let mut arena = Arena::new(settings.seed, settings.mib)?;
     let mut cache = if settings.cache_mib > 0 {
         Some(CacheCheck::open(
@@ -100,7 +107,7 @@ pub fn run<W: Write>(settings: &Settings, out: W) -> io::Result<Totals> {
         None
     };
     reporter.line(&format!(
-        "@@VERIFY start mib={} words={} seed={} churn_mib={} cache_file={} cache_mib={} pid={} fill_seconds={:.2}",
+        "@@VERIFY start mib={} words={} seed={} churn_mib={} cache_file={} cache_mib={} pid={} fill_seconds={:.2} oom_protected={oom_protected}",
         settings.mib,
         arena.words(),
         settings.seed,
@@ -190,6 +197,7 @@ mod tests {
             cache_file: cache_file.clone(),
             cache_mib: 1,
             drop_caches: None,
+            oom_score_adj: None,
         };
         let mut out = Vec::new();
         let totals = run(&settings, &mut out).unwrap();

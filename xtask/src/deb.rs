@@ -15,7 +15,7 @@ use crate::provision::{build_guest_programs, cargo, succeed, workspace_root};
 pub const PACKAGE: &str = "balloon-stack";
 /// The host programs, each with a man page and completions.
 const PROGRAMS: [&str; 3] = ["balloon-backend", "host-policy", "balloonctl"];
-const MAINTAINER: &str = "balloon-stack developers <balloon-stack@lists.debian.net>";
+pub const MAINTAINER: &str = "balloon-stack developers <balloon-stack@lists.debian.net>";
 
 /// Where each file of packaging/ goes, and its mode.
 const PACKAGING_FILES: [(&str, &str, u32); 5] = [
@@ -63,7 +63,7 @@ const DOCS: [&str; 9] = [
     "qemu.md",
 ];
 
-fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
+pub fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
@@ -73,7 +73,7 @@ fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+pub fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -84,7 +84,7 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
 }
 
 /// Strips what Debian does not ship: symbols, comments, notes.
-fn strip(path: &Path) -> anyhow::Result<()> {
+pub fn strip(path: &Path) -> anyhow::Result<()> {
     succeed(
         Command::new("strip")
             .args([
@@ -98,7 +98,7 @@ fn strip(path: &Path) -> anyhow::Result<()> {
 }
 
 /// gzip -9n: no name or time stamp in the header, as Debian wants.
-fn gzip(path: &Path) -> anyhow::Result<()> {
+pub fn gzip(path: &Path) -> anyhow::Result<()> {
     succeed(Command::new("gzip").args(["-9nf"]).arg(path))?;
     Ok(())
 }
@@ -144,13 +144,13 @@ fn man_and_completions(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The package's dependencies on shared libraries, from dpkg-shlibdeps
+/// A package's dependencies on shared libraries, from dpkg-shlibdeps
 /// (which needs a debian/control to read, so it gets one of its own).
-fn shared_library_depends(binaries: &[PathBuf]) -> anyhow::Result<String> {
+pub fn shared_library_depends(package: &str, binaries: &[PathBuf]) -> anyhow::Result<String> {
     let scratch = tempfile::tempdir()?;
     write(
         &scratch.path().join("debian/control"),
-        format!("Source: {PACKAGE}\n\nPackage: {PACKAGE}\nArchitecture: amd64\n").as_bytes(),
+        format!("Source: {package}\n\nPackage: {package}\nArchitecture: amd64\n").as_bytes(),
         0o644,
     )?;
     let mut command = Command::new("dpkg-shlibdeps");
@@ -224,7 +224,7 @@ fn control(version: &str, depends: &str, installed_kib: u64) -> String {
 }
 
 /// Sizes of every file under `root`, in KiB rounded up per file.
-fn installed_kib(root: &Path) -> anyhow::Result<u64> {
+pub fn installed_kib(root: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
     for entry in walk(root)? {
         total += std::fs::symlink_metadata(&entry)?.len().div_ceil(1024);
@@ -233,7 +233,7 @@ fn installed_kib(root: &Path) -> anyhow::Result<u64> {
 }
 
 /// Every regular file under `root`, sorted.
-fn walk(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn walk(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -251,7 +251,7 @@ fn walk(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn md5sums(root: &Path) -> anyhow::Result<String> {
+pub fn md5sums(root: &Path) -> anyhow::Result<String> {
     let mut text = String::new();
     for file in walk(root)? {
         let relative = file.strip_prefix(root)?;
@@ -324,7 +324,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
         LINTIAN_OVERRIDES.as_bytes(),
         0o644,
     )?;
-    let depends = shared_library_depends(&binaries)?;
+    let depends = shared_library_depends(PACKAGE, &binaries)?;
     let size = installed_kib(&root)?;
     let sums = md5sums(&root)?;
     let debian = root.join("DEBIAN");

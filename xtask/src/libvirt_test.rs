@@ -1,8 +1,10 @@
 //! The package on this host under a real libvirt (part of `cargo xtask
 //! package-test`): installs Debian's libvirt (bookworm-backports) when
-//! missing and our package, starts virtlogd and libvirtd when they are not
-//! running, and checks with a domain of the documented XML, our QEMU as
-//! its emulator and libvirt's default unprivileged QEMU user, that the
+//! missing, our package and balloon-stack-qemu (`cargo xtask qemu-deb`),
+//! starts virtlogd and libvirtd when they are not running, and checks with
+//! a domain of the documented XML, the packaged QEMU as its emulator (no
+//! `-L`: the package finds Debian's firmware) and libvirt's default
+//! unprivileged QEMU user, that the
 //! hook starts the domain's backend, that a target set over the control
 //! socket is reached and the domain's host-resident RAM falls, that
 //! `virsh save` and `virsh restore` keep the balloon and the memory it
@@ -76,9 +78,21 @@ fn running(program: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether systemd is this host's init (the hook then starts backends as
+/// units), as the hook itself decides.
+fn with_systemd() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
 fn start_daemons() -> anyhow::Result<()> {
     for daemon in ["virtlogd", "libvirtd"] {
-        if !running(daemon) {
+        if running(daemon) {
+            continue;
+        }
+        // Under systemd its units own the sockets: start those.
+        if with_systemd() {
+            succeed(Command::new("systemctl").args(["start", &format!("{daemon}.service")]))?;
+        } else {
             succeed(Command::new(daemon).arg("-d"))?;
         }
     }
@@ -128,8 +142,7 @@ fn domain_xml(name: &str, emulator: &Path, with_balloon: bool) -> String {
          <devices><emulator>{}</emulator>\
          <serial type='file'><source path='{SHARED}/{name}.console'/></serial>\
          <memballoon model='none'/></devices>\
-         <qemu:commandline><qemu:arg value='-L'/><qemu:arg value='/usr/share/seabios'/>\
-         <qemu:arg value='-L'/><qemu:arg value='/usr/share/qemu'/>{balloon}</qemu:commandline>\
+         <qemu:commandline>{balloon}</qemu:commandline>\
          </domain>",
         emulator.display()
     )
@@ -172,37 +185,50 @@ fn resident_bytes(name: &str) -> anyhow::Result<u64> {
     memfd_residency::allocated_bytes(&memfd)
 }
 
-/// Copies the emulator (its whole install tree) and the guest image where
-/// libvirt's QEMU user can read them.
-fn share_artefacts(env: &guest_tests::env::TestEnv) -> anyhow::Result<PathBuf> {
-    let prefix = env
-        .qemu
-        .parent()
-        .and_then(Path::parent)
-        .context("QEMU's install prefix")?;
+/// Copies the guest image where libvirt's QEMU user can read it.
+fn share_guest(env: &guest_tests::env::TestEnv) -> anyhow::Result<()> {
     if Path::new(SHARED).exists() {
         std::fs::remove_dir_all(SHARED)?;
     }
     std::fs::create_dir_all(SHARED)?;
-    succeed(
-        Command::new("cp")
-            .arg("-a")
-            .arg(prefix)
-            .arg(format!("{SHARED}/qemu")),
-    )?;
     std::fs::copy(env.kernel(), format!("{SHARED}/vmlinuz"))?;
     std::fs::copy(env.initramfs(), format!("{SHARED}/initramfs.gz"))?;
     succeed(Command::new("chmod").args(["-R", "a+rX", SHARED]))?;
-    Ok(PathBuf::from(format!(
-        "{SHARED}/qemu/bin/qemu-system-x86_64"
-    )))
+    Ok(())
 }
 
-pub fn run(deb: &Path) -> anyhow::Result<()> {
+/// `apt-get install ./PACKAGE.deb` (its Depends from the archive).
+fn apt_install(deb: &Path) -> anyhow::Result<()> {
+    succeed(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .arg(deb)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(())
+}
+
+/// Installs both packages (balloon-stack-qemu for the domains' emulator),
+/// runs the checks, and purges them again whatever the outcome.
+pub fn run(deb: &Path, qemu_deb: &Path, env: &guest_tests::env::TestEnv) -> anyhow::Result<()> {
     ensure_libvirt()?;
-    succeed(Command::new("dpkg").arg("-i").arg(deb))?;
-    let env = crate::provision::ensure_all()?;
-    let emulator = share_artefacts(&env)?;
+    apt_install(qemu_deb)?;
+    let result = succeed(Command::new("dpkg").arg("-i").arg(deb)).and_then(|_| checks(env));
+    // The host as it was, but for libvirt.
+    let purged = succeed(
+        Command::new("dpkg")
+            .args(["-P", crate::deb::PACKAGE, crate::qemu_deb::PACKAGE])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    );
+    result?;
+    purged?;
+    Ok(())
+}
+
+fn checks(env: &guest_tests::env::TestEnv) -> anyhow::Result<()> {
+    // The packaged emulator, as docs/install.md has the domain use it.
+    let emulator = PathBuf::from(crate::qemu_deb::EMULATOR);
+    share_guest(env)?;
     start_daemons()?;
 
     define(DOMAIN, &domain_xml(DOMAIN, &emulator, true))?;
@@ -228,13 +254,12 @@ pub fn run(deb: &Path) -> anyhow::Result<()> {
     define(PLAIN_DOMAIN, &domain_xml(PLAIN_DOMAIN, &emulator, false))?;
     virsh(&["start", PLAIN_DOMAIN])?;
     let untouched = !Path::new(&format!("/run/balloon/{PLAIN_DOMAIN}")).exists()
-        && !Path::new(&format!("/run/balloon/{PLAIN_DOMAIN}.pid")).exists();
+        && !Path::new(&format!("/run/balloon/{PLAIN_DOMAIN}.pid")).exists()
+        && !Path::new(&format!("/run/balloon/{PLAIN_DOMAIN}.ctl")).exists();
     virsh(&["destroy", PLAIN_DOMAIN])?;
     virsh(&["undefine", PLAIN_DOMAIN])?;
     anyhow::ensure!(untouched, "the hook acted on a domain without the balloon");
     eprintln!("[libvirt] a domain without the device was left alone");
-    // The host as it was, but for libvirt.
-    succeed(Command::new("dpkg").args(["-P", crate::deb::PACKAGE]))?;
     Ok(())
 }
 
@@ -276,8 +301,19 @@ fn check_balloon_domain() -> anyhow::Result<(u32, String)> {
     Ok((backend_pid, qemu_user))
 }
 
-/// The hook's backend of the running domain.
+/// The hook's backend of the running domain: the main process of
+/// `balloon-backend@DOMAIN` under systemd, else the hook's pid file.
 fn hook_backend_pid() -> anyhow::Result<u32> {
+    if with_systemd() {
+        let unit = format!("balloon-backend@{DOMAIN}.service");
+        let pid: u32 =
+            succeed(Command::new("systemctl").args(["show", "-p", "MainPID", "--value", &unit]))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{unit}'s MainPID"))?;
+        anyhow::ensure!(pid != 0, "{unit} does not run (the hook did not start it)");
+        return Ok(pid);
+    }
     Ok(
         std::fs::read_to_string(format!("/run/balloon/{DOMAIN}.pid"))
             .context("the hook's pid file (the backend did not start through the hook)")?
@@ -388,7 +424,7 @@ fn check_packaged_policy(control: &mut ControlClient) -> anyhow::Result<()> {
             "--config",
         ])
         .arg(&config)
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("host-policy.log"))?)
         .spawn()
         .context("starting host-policy")?;
     let _policy = test_support::ChildGuard::new("host-policy", child);
@@ -400,7 +436,16 @@ fn check_packaged_policy(control: &mut ControlClient) -> anyhow::Result<()> {
             let actual = control.status()?["actual_bytes"].as_u64().unwrap_or(0);
             Ok((actual >= 64 * MIB).then_some(actual))
         },
-    )?;
+    )
+    .with_context(|| {
+        let log = std::fs::read_to_string(dir.path().join("host-policy.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let status = control.status().map(|s| s.to_string()).unwrap_or_default();
+        format!(
+            "the backend's status: {status}\nhost-policy's log (last lines, newest first):\n{}",
+            tail.join("\n")
+        )
+    })?;
     eprintln!(
         "[libvirt] host-policy (balloon user, installed configuration) found {DOMAIN} and reclaimed {} MiB",
         reclaimed / MIB

@@ -2,16 +2,24 @@
 //! every test, run the benchmarks. `cargo xtask --help` lists them.
 
 mod bench;
+#[cfg(test)]
+mod ci_workflow;
 mod deb;
 mod demo;
+mod fresh_check;
 mod fuzz;
 mod libvirt_test;
 mod matrix;
 mod migration_comparison;
+mod nspawn;
 mod package_test;
 mod policy_on_guests;
 mod provision;
 mod qemu_comparison;
+mod qemu_deb;
+mod soak;
+mod syscall_filter;
+mod systemd_test;
 
 use std::process::{Command, ExitCode};
 
@@ -60,18 +68,41 @@ enum Task {
     },
     /// Build the Debian package: target/deb/balloon-stack_<version>_amd64.deb.
     Deb,
+    /// Package the QEMU of `cargo xtask qemu` (built first if needed) as
+    /// target/deb/balloon-stack-qemu_<version>_amd64.deb.
+    QemuDeb,
     /// Check the package (root): contents, lintian, systemd-analyze, an
-    /// install, the libvirt hook and a removal in a clean Debian 12 root,
-    /// then on this host under a real libvirt with a booted guest.
-    PackageTest,
+    /// install, the libvirt hook and a removal in a clean Debian 12 root;
+    /// the root booted under systemd 252 and 254+ as PID 1 with the units
+    /// running a guest's balloon; then on this host under a real libvirt.
+    PackageTest {
+        /// Only this part (after the package's contents and lintian).
+        #[arg(long, value_enum)]
+        only: Option<package_test::Part>,
+    },
+    /// Run the README's two commands on a new machine (root): a new
+    /// debootstrap Debian 12 root with only gcc and rustup's toolchain,
+    /// booted with systemd; prints pass/fail and the time of each.
+    FreshCheck,
     /// Run every fuzz target for a while (cargo-fuzz, nightly toolchain).
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Provision everything, run every test in the workspace, then the
-    /// package test (with extra arguments: only `cargo test` with them).
+    /// A randomized soak on real guests (docs/reliability.md): operations
+    /// and faults from a seeded schedule, invariants checked throughout.
+    Soak {
+        /// How long the schedule runs, in seconds.
+        #[arg(long)]
+        seconds: u64,
+        /// The schedule's seed (default: taken from the clock, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Provision everything, run every test in the workspace, a 2-minute
+    /// soak, then the package test (with extra arguments: only `cargo
+    /// test` with them).
     Test {
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -132,13 +163,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::FreshCheck => fresh_check::run(),
         Task::Deb => {
             println!("{}", deb::build()?.display());
             Ok(())
         }
-        Task::PackageTest => package_test::run(),
+        Task::QemuDeb => {
+            let qemu = provision::ensure_qemu()?;
+            println!("{}", qemu_deb::build(&qemu)?.display());
+            Ok(())
+        }
+        Task::PackageTest { only } => package_test::run(only),
+        Task::Soak { seconds, seed } => soak::command(seconds, seed),
         Task::Test { cargo_args } => {
-            provision::ensure_all()?;
+            let env = provision::ensure_all()?;
             let status = Command::new(provision::cargo())
                 .current_dir(provision::workspace_root())
                 .args(["test", "--workspace", "--release"])
@@ -150,7 +188,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // (`virsh save`/`restore` among its checks); a filtered run
             // is just `cargo test`.
             if cargo_args.is_empty() {
-                package_test::run()?;
+                soak::in_test(&env)?;
+                package_test::run(None)?;
             }
             Ok(())
         }

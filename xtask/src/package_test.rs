@@ -1,13 +1,17 @@
 //! `cargo xtask package-test` (root; CI runs it): the Debian package and
 //! what it installs, checked with Debian's own tools. Builds the package;
 //! its contents must list every file it promises; lintian must report no
-//! error; `systemd-analyze verify` and `security` run on its units; in a
-//! clean Debian 12 root (debootstrap, cached) `dpkg -i` installs it with
-//! only its declared dependencies, the programs run, the user and
+//! error; in a clean Debian 12 root (debootstrap, cached) `dpkg -i`
+//! installs it with only its declared dependencies, `systemd-analyze
+//! verify` and `security` and the root's own `systemd-analyze
+//! syscall-filter` judge its units, the programs run, the user and
 //! directories exist, the libvirt hook starts and stops a domain's backend
 //! (without systemd: its pid-file path) and leaves other domains alone,
-//! and `dpkg -r` / `dpkg -P` remove it cleanly. Then the package is
-//! installed on this host and run under a real libvirt (`libvirt_test`).
+//! and `dpkg -r` / `dpkg -P` remove it cleanly. Then the same root is
+//! booted with systemd as PID 1, once with Debian 12's systemd 252 and
+//! once with bookworm-backports' 254+, and the units run for real with a
+//! guest attached (`systemd_test`). Last, the package is installed on this
+//! host and run under a real libvirt (`libvirt_test`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -46,7 +50,7 @@ const PROMISED: &[&str] = &[
 
 /// The most systemd-analyze's exposure score (0 safest, 10 most exposed)
 /// a unit may have.
-const MAX_EXPOSURE: f64 = 2.5;
+pub const MAX_EXPOSURE: f64 = 2.5;
 
 /// The real user id of process `pid`.
 pub fn process_uid(pid: u32) -> anyhow::Result<u32> {
@@ -75,13 +79,13 @@ pub fn ensure_gone(paths: &[PathBuf]) -> anyhow::Result<()> {
     }
 }
 
-fn check_contents(deb: &Path) -> anyhow::Result<()> {
+fn check_contents(deb: &Path, promised: &[&str]) -> anyhow::Result<()> {
     let listing = succeed(Command::new("dpkg-deb").arg("--contents").arg(deb))?;
     let paths: Vec<&str> = listing
         .lines()
         .filter_map(|line| line.split_whitespace().nth(5))
         .collect();
-    let missing: Vec<&&str> = PROMISED.iter().filter(|p| !paths.contains(p)).collect();
+    let missing: Vec<&&str> = promised.iter().filter(|p| !paths.contains(p)).collect();
     anyhow::ensure!(
         missing.is_empty(),
         "the package lacks {missing:?}; it holds:\n{listing}"
@@ -118,100 +122,42 @@ fn lintian(deb: &Path) -> anyhow::Result<Vec<String>> {
         eprintln!("[package] lintian {line}");
     }
     eprintln!(
-        "[package] lintian: no errors, {} warnings, {} notes",
+        "[package] lintian {}: no errors, {} warnings, {} notes",
+        deb.file_name().unwrap_or_default().to_string_lossy(),
         report.lines().filter(|l| l.starts_with("W: ")).count(),
         report.lines().filter(|l| l.starts_with("I: ")).count()
     );
     Ok(report.lines().map(str::to_string).collect())
 }
 
-/// Every system call of the sets a `systemd-analyze syscall-filter` filter
-/// line names (`@system-service`, `~@privileged @resources`), nested sets
-/// expanded.
-fn syscall_set(names: &[&str]) -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let listing = succeed(Command::new("systemd-analyze").arg("syscall-filter"))?;
-    let mut sets: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    let mut current = None;
-    for line in listing.lines() {
-        if line.starts_with('@') {
-            let name = line
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            sets.insert(name.clone(), Vec::new());
-            current = Some(name);
-        } else if let (Some(name), Some(item)) = (&current, line.split_whitespace().next()) {
-            if !item.starts_with('#') {
-                sets.entry(name.clone()).or_default().push(item.to_string());
-            }
-        }
-    }
-    let mut calls = std::collections::BTreeSet::new();
-    // A name without `@` is a call of its own.
-    calls.extend(
-        names
-            .iter()
-            .filter(|n| !n.starts_with('@'))
-            .map(|n| n.to_string()),
-    );
-    let mut pending: Vec<String> = names
-        .iter()
-        .filter(|n| n.starts_with('@'))
-        .map(|n| n.to_string())
-        .collect();
-    let mut seen = std::collections::BTreeSet::new();
-    while let Some(set) = pending.pop() {
-        if !seen.insert(set.clone()) {
-            continue;
-        }
-        for item in sets.get(&set).into_iter().flatten() {
-            if item.starts_with('@') {
-                pending.push(item.clone());
-            } else {
-                calls.insert(item.clone());
-            }
-        }
-    }
-    Ok(calls)
-}
-
-/// The backend unit's system-call filter (its `SystemCallFilter=` lines:
-/// sets allowed, `~` sets taken away) must allow every call of the
-/// backend's own seccomp allow-lists, or the backend would fail under
-/// systemd only.
-fn check_backend_syscalls(unit: &Path) -> anyhow::Result<()> {
-    use balloon_backend::seccomp::{allow_list, ThreadRole};
-    let text = std::fs::read_to_string(unit)?;
-    let (mut allow, mut deny) = (Vec::new(), Vec::new());
-    for value in text
-        .lines()
-        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
-    {
-        match value.strip_prefix('~') {
-            Some(taken) => deny.extend(taken.split_whitespace()),
-            None => allow.extend(value.split_whitespace()),
-        }
-    }
-    let allowed = syscall_set(&allow)?;
-    let denied = syscall_set(&deny)?;
-    let mut refused = std::collections::BTreeSet::new();
-    for role in ThreadRole::ALL {
-        for call in allow_list(role) {
-            if !allowed.contains(call.name) || denied.contains(call.name) {
-                refused.insert(call.name);
-            }
-        }
-    }
-    anyhow::ensure!(
-        refused.is_empty(),
-        "balloon-backend@.service's SystemCallFilter refuses calls the backend makes: {refused:?}"
-    );
+/// The backend unit's system-call filter, read with the sets of the
+/// root's own systemd (never the host's: the sets differ between
+/// versions), must allow every call of the backend's seccomp lists, or the
+/// backend would fail under systemd only.
+fn check_backend_syscalls(chroot: &Chroot) -> anyhow::Result<()> {
+    let sets =
+        crate::syscall_filter::Sets::parse(&chroot.run("systemd-analyze", &["syscall-filter"])?);
+    let version = chroot.run("systemctl", &["--version"])?;
+    let version = version.lines().next().unwrap_or_default();
+    let unit =
+        std::fs::read_to_string(chroot.path("/lib/systemd/system/balloon-backend@.service"))?;
+    let calls =
+        crate::syscall_filter::check_backend_unit(&unit, &sets, &format!("the root's {version}"))?;
     eprintln!(
-        "[package] the backend unit's system-call filter allows all {} calls of the backend's seccomp lists",
-        ThreadRole::ALL.iter().flat_map(|r| allow_list(*r)).map(|c| c.name).collect::<std::collections::BTreeSet<_>>().len()
+        "[package] the backend unit's system-call filter allows all {calls} calls of the backend's seccomp lists (sets of the root's {version})"
     );
     Ok(())
+}
+
+/// The exposure score `systemd-analyze security` gives `unit`.
+pub fn exposure_score(security: &str, unit: &str) -> anyhow::Result<f64> {
+    security
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|rest| rest.split(": ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .with_context(|| format!("no exposure level for {unit} in:\n{security}"))
 }
 
 /// `systemd-analyze verify` on the units as installed in the root `root`
@@ -242,13 +188,7 @@ fn systemd_checks(root: &Path) -> anyhow::Result<Vec<(String, f64)>> {
                 .arg(format!("--root={}", root.display()))
                 .arg(&path),
         )?;
-        let score = security
-            .lines()
-            .find_map(|l| l.split("Overall exposure level for ").nth(1))
-            .and_then(|rest| rest.split(": ").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<f64>().ok())
-            .with_context(|| format!("no exposure level for {unit} in:\n{security}"))?;
+        let score = exposure_score(&security, unit)?;
         eprintln!("[package] systemd-analyze security {unit}: {score}");
         anyhow::ensure!(
             score <= MAX_EXPOSURE,
@@ -362,11 +302,24 @@ const DOMAIN_XML: &str =
 <qemu:arg value='vhost-user-test-device-pci,chardev=bal0,virtio-id=5,num_vqs=5,config_size=16'/>\
 </qemu:commandline>METADATA</domain>";
 
+/// The libvirt hook as installed.
+pub const HOOK: &str = "/etc/libvirt/hooks/qemu.d/balloon-stack";
+
 /// Runs the installed hook as libvirt would, with `xml` on stdin.
 fn hook(chroot: &Chroot, domain: &str, operation: &str, xml: &str) -> anyhow::Result<Output> {
+    run_hook(chroot.command(HOOK), domain, operation, xml)
+}
+
+/// Runs `command` (the hook, in a root) as libvirt runs a hook:
+/// `DOMAIN OPERATION begin -` with the domain's XML on stdin.
+pub fn run_hook(
+    mut command: Command,
+    domain: &str,
+    operation: &str,
+    xml: &str,
+) -> anyhow::Result<Output> {
     use std::io::Write;
-    let mut child = chroot
-        .command("/etc/libvirt/hooks/qemu.d/balloon-stack")
+    let mut child = command
         .args([domain, operation, "begin", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -386,7 +339,7 @@ fn hook(chroot: &Chroot, domain: &str, operation: &str, xml: &str) -> anyhow::Re
     Ok(child.wait_with_output()?)
 }
 
-fn domain_xml(name: &str, metadata: &str) -> String {
+pub fn domain_xml(name: &str, metadata: &str) -> String {
     DOMAIN_XML
         .replace("NAME", name)
         .replace("METADATA", metadata)
@@ -514,7 +467,7 @@ fn check_install(deb: &Path) -> anyhow::Result<()> {
         &["check", "--config", "/etc/balloon-stack/host-policy.toml"],
     )?;
     systemd_checks(&chroot.root)?;
-    check_backend_syscalls(&chroot.path("/lib/systemd/system/balloon-backend@.service"))?;
+    check_backend_syscalls(&chroot)?;
     check_hook(&chroot)?;
     // Remove keeps the configuration; purge takes it and the user.
     chroot.run("dpkg", &["-r", PACKAGE])?;
@@ -542,40 +495,205 @@ fn check_install(deb: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// The Debian 12 root with bookworm-backports' systemd (254 or newer, as a
+/// host gets when libvirt 11 comes from there), made once from the
+/// bookworm root and kept in the cache.
+fn debian_root_backports_systemd() -> anyhow::Result<PathBuf> {
+    let cached = cache_root()?.join("debootstrap-bookworm-systemd-backports");
+    if cached.join("usr/bin/dpkg").is_file() {
+        return Ok(cached);
+    }
+    let template = debian_root()?;
+    let work = cached.with_extension("work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    eprintln!("[package] a root with bookworm-backports' systemd (once)");
+    succeed(Command::new("cp").arg("-a").arg(&template).arg(&work))?;
+    std::fs::copy("/etc/resolv.conf", work.join("etc/resolv.conf"))?;
+    // The suite on the archive this machine's apt already uses.
+    succeed(
+        Command::new("bash")
+            .arg(workspace_root().join("xtask/scripts/apt-source.sh"))
+            .arg(work.join("etc/apt/sources.list.d/bookworm-backports.sources"))
+            .args(["deb", "bookworm-backports"]),
+    )?;
+    let in_root = |args: &[&str]| {
+        succeed(
+            Command::new("chroot")
+                .arg(&work)
+                .args(args)
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    in_root(&["apt-get", "update", "-qq"])?;
+    in_root(&[
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "-t",
+        "bookworm-backports",
+        "systemd",
+    ])?;
+    in_root(&["apt-get", "clean"])?;
+    std::fs::rename(&work, &cached)?;
+    Ok(cached)
+}
+
+/// The parts of the package test after the package's own checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Installed, run and removed in a Debian 12 root (chroot, no systemd).
+    Root,
+    /// Booted under systemd 252 and 254+ as PID 1, with a guest attached.
+    Systemd,
+    /// On this host under a real libvirt.
+    Libvirt,
+}
+
+/// Every part, or only `only`'s.
+pub fn run(only: Option<Part>) -> anyhow::Result<()> {
     anyhow::ensure!(
         is_root(),
-        "cargo xtask package-test needs root (debootstrap, chroot, dpkg -i)"
+        "cargo xtask package-test needs root (debootstrap, chroot, dpkg -i, systemd-nspawn)"
     );
+    let wanted = |part| only.is_none_or(|only| only == part);
     let deb = crate::deb::build()?;
     eprintln!("[package] built {}", deb.display());
-    check_contents(&deb)?;
+    check_contents(&deb, PROMISED)?;
     lintian(&deb)?;
-    check_install(&deb)?;
-    crate::libvirt_test::run(&deb)?;
+    // QEMU (packaged next) and the guest image for the guests below.
+    let env = crate::provision::ensure_all()?;
+    let qemu_deb = crate::qemu_deb::build(&env.qemu)?;
+    eprintln!("[package] built {}", qemu_deb.display());
+    check_contents(&qemu_deb, crate::qemu_deb::PROMISED)?;
+    let warnings: Vec<String> = lintian(&qemu_deb)?
+        .into_iter()
+        .filter(|l| l.starts_with("W: "))
+        .collect();
+    anyhow::ensure!(
+        warnings.is_empty(),
+        "lintian warns about {}: {warnings:?}",
+        crate::qemu_deb::PACKAGE
+    );
+    if wanted(Part::Root) {
+        check_install(&deb)?;
+        check_qemu_install(&qemu_deb, &env)?;
+    }
+    if wanted(Part::Systemd) {
+        under_systemd(&deb, &env)?;
+    }
+    if wanted(Part::Libvirt) {
+        crate::libvirt_test::run(&deb, &qemu_deb, &env)?;
+    }
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// balloon-stack-qemu in a clean Debian 12 root, installed the way an
+/// operator does (`apt-get install ./PACKAGE.deb`: its Depends from the
+/// archive): the emulator has our device, boots the test guest with no
+/// `-L` (its data files found through the package's links), and a purge
+/// takes its prefix.
+fn check_qemu_install(qemu_deb: &Path, env: &guest_tests::env::TestEnv) -> anyhow::Result<()> {
+    use crate::qemu_deb::{EMULATOR, PACKAGE as QEMU_PACKAGE, PREFIX};
+    let chroot = Chroot::new(&debian_root()?)?;
+    std::fs::copy("/etc/resolv.conf", chroot.path("/etc/resolv.conf"))?;
+    let inside = format!(
+        "/var/tmp/{}",
+        qemu_deb
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("the QEMU package's name")?
+    );
+    std::fs::copy(qemu_deb, chroot.path(&inside))?;
+    chroot.run("apt-get", &["update", "-qq"])?;
+    succeed(
+        chroot
+            .command("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", &inside])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let version = chroot.run(EMULATOR, &["--version"])?;
+    let devices = chroot.run(EMULATOR, &["-device", "help"])?;
+    anyhow::ensure!(
+        devices.contains("\"vhost-user-balloon-pci\""),
+        "{EMULATOR} has no vhost-user-balloon-pci"
+    );
+    // The test guest, booted by the packaged emulator inside the root
+    // (TCG: the root has no /dev/kvm) with no firmware directory given.
+    let guest = chroot.path("/var/tmp/guest");
+    std::fs::create_dir_all(&guest)?;
+    std::fs::copy(env.kernel(), guest.join("vmlinuz"))?;
+    std::fs::copy(env.initramfs(), guest.join("initramfs.gz"))?;
+    let scratch = tempfile::tempdir()?;
+    let wrapper = scratch.path().join("qemu-in-root");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec chroot {} {EMULATOR} \"$@\"\n",
+            chroot.root.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let in_root = guest_tests::env::TestEnv {
+        qemu: wrapper,
+        guest_dir: PathBuf::from("/var/tmp/guest"),
+        accel: "tcg".into(),
+        firmware_dirs: Vec::new(),
+        ..env.clone()
+    };
+    let config = guest_tests::vm::VmConfig {
+        mem_mib: 256,
+        ..Default::default()
+    };
+    let mut vm = guest_tests::vm::Vm::boot(&in_root, &config)?;
+    anyhow::ensure!(vm.sh("echo alive")? == "alive", "the guest did not answer");
+    drop(vm);
+    succeed(
+        chroot
+            .command("apt-get")
+            .args(["purge", "-y", "-qq", QEMU_PACKAGE])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    anyhow::ensure!(
+        !chroot.path(PREFIX).exists(),
+        "purging {QEMU_PACKAGE} left {PREFIX}"
+    );
+    eprintln!(
+        "[package] {QEMU_PACKAGE} in a clean Debian 12 root: apt installed it with its Depends; {} has vhost-user-balloon-pci and booted the test guest without -L; purged",
+        version.lines().next().unwrap_or_default()
+    );
+    Ok(())
+}
 
-    #[test]
-    fn the_backend_units_filter_allows_every_call_of_its_seccomp_lists() {
-        let unit = workspace_root().join("packaging/systemd/balloon-backend@.service");
-        check_backend_syscalls(&unit).unwrap();
+/// The package booted under Debian 12's systemd and under
+/// bookworm-backports'.
+fn under_systemd(deb: &Path, env: &guest_tests::env::TestEnv) -> anyhow::Result<()> {
+    let mut versions = Vec::new();
+    for (template, label, wanted) in [
+        (debian_root()?, "Debian 12, its own systemd", 252..=252),
+        (
+            debian_root_backports_systemd()?,
+            "Debian 12, bookworm-backports' systemd",
+            254..=u32::MAX,
+        ),
+    ] {
+        let (major, version) = crate::systemd_test::run(&template, label, &[deb], env)?;
+        anyhow::ensure!(
+            wanted.contains(&major),
+            "{label}: booted {version}, not the systemd this run is for ({wanted:?})"
+        );
+        versions.push(version);
     }
-
-    #[test]
-    fn a_filter_that_takes_a_call_the_backend_makes_is_caught() {
-        let dir = tempfile::tempdir().unwrap();
-        let unit = dir.path().join("balloon-backend@.service");
-        std::fs::write(
-            &unit,
-            "[Service]\nSystemCallFilter=@system-service\nSystemCallFilter=~fallocate\n",
-        )
-        .unwrap();
-        let error = check_backend_syscalls(&unit).unwrap_err().to_string();
-        assert!(error.contains("fallocate"), "{error}");
-    }
+    eprintln!(
+        "[package] both units ran under systemd as PID 1: {}",
+        versions.join("; ")
+    );
+    Ok(())
 }

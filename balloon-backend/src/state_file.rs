@@ -231,8 +231,15 @@ impl StateFile {
                 host_page_bytes: self.word(at + 2),
                 file: (self.word(at + 3), self.word(at + 4)),
             };
-            // Bits are laid out back to back; anything else is not ours.
-            if self.word(at + 5) != next_word || self.word(at + 6) != region.bit_words() {
+            // Bits are laid out back to back, and host pages are whole
+            // powers of two inside the region; anything else is not ours.
+            let page = region.host_page_bytes;
+            if self.word(at + 5) != next_word
+                || self.word(at + 6) != region.bit_words()
+                || !page.is_power_of_two()
+                || page < crate::pfn::PAGE_SIZE_BYTES
+                || region.size_bytes % page != 0
+            {
                 return None;
             }
             next_word = next_word.checked_add(region.bit_words())?;

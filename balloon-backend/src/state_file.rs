@@ -238,7 +238,7 @@ impl StateFile {
                 || self.word(at + 6) != region.bit_words()
                 || !page.is_power_of_two()
                 || page < crate::pfn::PAGE_SIZE_BYTES
-                || region.size_bytes % page != 0
+                || !region.size_bytes.is_multiple_of(page)
             {
                 return None;
             }

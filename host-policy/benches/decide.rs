@@ -32,6 +32,9 @@ fn vms(count: usize) -> Vec<VmInput> {
             }),
             policy: VmPolicy::default(),
             pinned: false,
+            free_page_reporting: None,
+            resident_bytes: None,
+            agent_page_cache_bytes: None,
         })
         .collect()
 }

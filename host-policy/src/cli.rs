@@ -37,16 +37,30 @@ pub enum Command {
     },
     /// Run the policy on a synthetic host; write OUT.csv and OUT.svg. With
     /// --compare, run several policies and write into the directory OUT a
-    /// CSV per policy, compare.svg and table.md.
+    /// CSV per policy, compare.svg and table.md. With --family N, generate
+    /// N scenarios (seed --seed), run every policy (or --compare's) on
+    /// each and write OUT/table.md and OUT/scenarios/.
     Simulate {
-        #[arg(long, value_name = "FILE")]
-        scenario: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "family",
+            conflicts_with = "family"
+        )]
+        scenario: Option<PathBuf>,
         #[arg(long, value_name = "OUT", default_value = "simulation")]
         out: PathBuf,
         /// `all`, or policies separated by commas: balloon-stack, mom,
         /// proxmox, esx-idle-tax.
         #[arg(long, value_name = "POLICIES", value_parser = parse_policies)]
         compare: Option<PolicyList>,
+        /// Generate this many scenarios from the documented distribution
+        /// (1-100000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        family: Option<u64>,
+        /// The family's seed.
+        #[arg(long, value_name = "S", default_value_t = 1, requires = "family")]
+        seed: u64,
     },
 }
 

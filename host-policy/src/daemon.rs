@@ -15,13 +15,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use balloon_protocol::agent::Report as AgentReport;
 use balloon_protocol::control::StatusReply;
 
-use crate::baselines::PolicyKind;
 use crate::config::{Config, VmPolicy};
 use crate::links::{tick_reply_timeout, Gate, VmLink};
 use crate::meminfo_reader::read_host;
-use crate::policy::{
-    Cause, Decision, GuestCounters, GuestSample, HostMode, HostThresholds, PolicyMemory, VmInput,
-};
+use crate::policy::{Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput};
 
 /// A VM the daemon manages: from `[[vm]]` or found in `[discover]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -151,6 +148,10 @@ pub fn vm_input(vm: &ManagedVm, status: &StatusReply, now_unix_s: u64) -> VmInpu
         sample,
         policy: vm.policy.clone(),
         pinned: status.pinned,
+        free_page_reporting: (!status.features.is_empty())
+            .then(|| status.features.iter().any(|f| f == "REPORTING")),
+        resident_bytes: status.guest_ram_resident_bytes,
+        agent_page_cache_bytes: None,
     }
 }
 
@@ -265,6 +266,9 @@ impl Daemon {
                     if let (Some(report), Some(sample)) = (&report, input.sample.as_mut()) {
                         sample.psi_some_avg10 = report.psi.map(|p| p.some.avg10);
                     }
+                    if let Some(report) = &report {
+                        input.agent_page_cache_bytes = Some(report.meminfo.page_cache_bytes);
+                    }
                     inputs.push(input);
                     statuses.insert(vm.name.clone(), status);
                 }
@@ -291,13 +295,6 @@ impl Daemon {
                 self.memory.mode, decision.mode, decision.host_available_percent
             );
         }
-        // Our policy's one move besides targets: while the host reclaims, a
-        // guest the balloon may not take more from drops cache instead
-        // (`VmLink::trim_cache`).
-        let trim_bytes = (decision.mode != HostMode::Normal
-            && self.config.host.policy == PolicyKind::BalloonStack
-            && !self.dry_run)
-            .then(|| thresholds.shortfall_bytes(&host));
         let mut sent = Vec::new();
         for vm in decision.vms.iter_mut() {
             let Some(link) = self.links.get_mut(&vm.name) else {
@@ -315,17 +312,13 @@ impl Daemon {
                     continue;
                 }
             }
+            // The policy's one move besides targets: on a guest that
+            // reports free pages, page cache the guest agent drops goes
+            // back to the host without a balloon (`VmLink::trim_cache`).
+            if vm.reclaim_cache_bytes > 0 && !self.dry_run {
+                link.trim_cache(vm.reclaim_cache_bytes);
+            }
             if vm.target_bytes == vm.previous_bytes {
-                let cooling = decision
-                    .memory
-                    .vms
-                    .get(&vm.name)
-                    .is_some_and(|m| now_s < m.cooldown_until_s);
-                if let Some(bytes) =
-                    trim_bytes.filter(|_| vm.cause == Cause::Hold && !vm.pressure && !cooling)
-                {
-                    link.trim_cache(bytes);
-                }
                 debug!(
                     "vm {}: holding {} MiB: {}",
                     vm.name,
@@ -452,8 +445,20 @@ fn write_state(path: &Path, state: &StateFile) {
     }
 }
 
+/// Removes a socket file this process bound when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_file(&self.0) {
+            warn!("removing {}: {error}", self.0.display());
+        }
+    }
+}
+
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads the configuration, keeping
-/// the old one when the new file is invalid.
+/// the old one when the new file is invalid. A Unix `[metrics]` socket is
+/// removed when it stops.
 pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     // Signals arrive on a channel, so the loop sleeps until the next tick or
@@ -487,6 +492,14 @@ pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // A Unix metrics socket goes when the daemon stops, however it stops.
+    let _metrics_socket = config
+        .metrics
+        .as_ref()
+        .and_then(|section| match &section.listen {
+            crate::config::MetricsListen::Unix(path) => Some(RemoveOnDrop(path.clone())),
+            crate::config::MetricsListen::Tcp(_) => None,
+        });
     let mut daemon = Daemon::new(config, dry_run);
     if let Some(metrics) = &metrics {
         daemon.set_metrics(crate::metrics::Recorder::new(metrics.clone()));

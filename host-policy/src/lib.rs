@@ -7,6 +7,7 @@ pub mod baselines;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod family;
 pub mod guest_model;
 pub mod links;
 pub mod meminfo_reader;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use host_policy::baselines::PolicyKind;
 use host_policy::cli::{Cli, Command, PolicyList};
 use host_policy::config::Config;
 use host_policy::daemon::managed_vms;
@@ -64,17 +65,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Simulate {
-            scenario,
+            family: Some(count),
+            seed,
+            out,
+            compare,
+            ..
+        } => {
+            let policies = compare.map_or_else(|| PolicyKind::ALL.to_vec(), |list| list.0);
+            if policies.first() != Some(&PolicyKind::BalloonStack) {
+                anyhow::bail!(
+                    "--family compares ours with baselines: --compare must start with balloon-stack"
+                );
+            }
+            print!(
+                "{}",
+                host_policy::family::simulate_family(count, seed, &policies, &out)?
+            );
+            println!("wrote {}", out.join("table.md").display());
+            Ok(())
+        }
+        Command::Simulate {
+            scenario: Some(scenario),
             out,
             compare: None,
+            ..
         } => {
             println!("{}", host_policy::simulate::simulate(&scenario, &out)?);
             Ok(())
         }
         Command::Simulate {
-            scenario,
+            scenario: Some(scenario),
             out,
             compare: Some(PolicyList(policies)),
+            ..
         } => {
             print!(
                 "{}",
@@ -82,6 +105,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("wrote {}", out.display());
             Ok(())
+        }
+        Command::Simulate { scenario: None, .. } => {
+            anyhow::bail!("simulate needs --scenario FILE or --family N")
         }
     }
 }

@@ -566,6 +566,7 @@ mod tests {
             pressure: cause == Cause::Pressure,
             reason: String::new(),
             cause,
+            reclaim_cache_bytes: 0,
         }
     }
 

@@ -3,19 +3,23 @@
 //! and a reason for each VM. No I/O here, so it is property-tested and the
 //! simulator runs exactly the code the daemon runs.
 //!
-//! - Host modes with hysteresis: `Reclaim` below `reclaim_start_percent`,
-//!   `Hard` below `reclaim_hard_percent`, back to `Normal` only at or above
-//!   `give_back_percent`.
-//! - Reclaim takes at most the shortfall to the middle of the dead band, from
-//!   VMs in proportion to idle memory (guest available above its floor)
-//!   divided by shares (shares are a claim to keep memory, as in ESX), one
-//!   step per tick, never past a VM's limit or below its floor. Give-back
-//!   goes first to VMs with larger balloons times shares.
-//! - Give-back (Normal, at or above `give_back_percent`) returns at most the
-//!   excess above that threshold, so it cannot push the host back into
-//!   reclaim: no oscillation.
-//! - Guest pressure deflates that VM at once by its deflate step and blocks
-//!   inflation for a cool-down; stale or missing statistics never inflate.
+//! `decide` runs in named phases (docs/host-policy.md, "The algorithm"):
+//!
+//! 1. `observe`: each VM's limit, floor, statistics after landing, demand
+//!    and its growth, and pressure, with what the guest needs back.
+//! 2. `host_view`: the host's mode with hysteresis, its margin (the demand
+//!    growth the VMs have shown over one tick) and what it can spare.
+//! 3. `protect`: a pressured guest gets what it needs at once, and as much
+//!    more as the host can spare (Senpai's asymmetry: back off in
+//!    proportion to the stall, take slowly); below its floor, the deficit.
+//! 4. `reclaim`: only what the host needs to reach its goal plus margin,
+//!    from memory guests can give (above floor, learned comfort and their
+//!    own growth), by shares, never past a limit.
+//! 5. `release`: above the give-back threshold the excess goes back; a
+//!    balloon over memory a reporting guest does not use buys the host
+//!    nothing and goes back at once.
+//! 6. `assemble`: limits, pins, the dead band on changes, and what the next
+//!    tick remembers.
 
 use std::collections::HashMap;
 
@@ -127,6 +131,18 @@ pub struct VmInput {
     pub policy: VmPolicy,
     /// An operator pinned the target (`balloonctl set`): the policy holds it.
     pub pinned: bool,
+    /// The guest reports free pages to the host (it acked the device's
+    /// `REPORTING` feature); None when the backend does not say. With
+    /// reporting, the guest's free memory is not on the host: a balloon
+    /// over it returns nothing.
+    pub free_page_reporting: Option<bool>,
+    /// Guest RAM resident on the host now (the backend measures it); None
+    /// when the backend does not say. Free memory beyond it was never
+    /// touched or was reported: a balloon over it returns nothing.
+    pub resident_bytes: Option<u64>,
+    /// The guest agent's last report of the guest's page cache; None for a
+    /// VM without an agent (it cannot be asked to drop cache).
+    pub agent_page_cache_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -136,6 +152,34 @@ pub struct VmMemory {
     /// When this VM's target last changed (policy seconds).
     #[serde(default)]
     pub last_change_s: Option<u64>,
+    /// The target before that change: the balloon statistics taken before
+    /// the change measured.
+    #[serde(default)]
+    pub target_before_change: Option<u64>,
+    /// The balloon's size the guest reported last tick.
+    #[serde(default)]
+    pub last_actual_bytes: Option<u64>,
+    /// The guest's demand last tick: memory it used and could not give
+    /// (RAM less balloon less available).
+    #[serde(default)]
+    pub demand_bytes: Option<u64>,
+    /// The fastest growth of that demand seen lately, bytes per second;
+    /// halves every `LEARNING_HALF_LIFE_S`.
+    #[serde(default)]
+    pub growth_bytes_per_s: f64,
+    /// Available memory the guest showed it needs: raised when it shows
+    /// pressure, decaying back towards its floor with the same half-life
+    /// (so the policy probes again, slowly). 0: none learned.
+    #[serde(default)]
+    pub comfort_bytes: u64,
+    /// When the policy first saw this VM's statistics.
+    #[serde(default)]
+    pub seen_since_s: Option<u64>,
+    /// The most guest memory (working set and page cache) the guest used
+    /// since its balloon last grew: without free page reporting, what it
+    /// freed since is still on the host.
+    #[serde(default)]
+    pub most_used_bytes: Option<u64>,
 }
 
 /// What one tick hands to the next.
@@ -149,6 +193,20 @@ pub struct PolicyMemory {
     /// memory under "", each guest's free memory under its name).
     #[serde(default)]
     pub samples: HashMap<String, Vec<u64>>,
+    /// When the last tick ran (policy seconds): rates are per second.
+    #[serde(default)]
+    pub last_tick_s: Option<u64>,
+    /// The fastest growth of all guests' demand together seen lately,
+    /// bytes per second (decaying as each VM's does).
+    #[serde(default)]
+    pub growth_bytes_per_s: f64,
+    /// The host's margin: the room kept for demand growth over one tick,
+    /// added to every host threshold but the hard one.
+    #[serde(default)]
+    pub margin_bytes: u64,
+    /// The host's available memory last tick.
+    #[serde(default)]
+    pub last_available_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -162,6 +220,11 @@ pub struct VmDecision {
     /// What decided the target, in one word (metrics count changes by it).
     #[serde(default)]
     pub cause: Cause,
+    /// Page cache to ask the guest agent to drop this tick (0: none): on a
+    /// guest that reports free pages, dropped cache goes back to the host
+    /// without a balloon taking the guest's free memory first.
+    #[serde(default)]
+    pub reclaim_cache_bytes: u64,
 }
 
 /// What decided a VM's target this tick.
@@ -313,13 +376,6 @@ pub fn reclaim_step(
     page_floor(normal + ((hard - normal) as f64 * depth) as u64).max(normal.min(hard))
 }
 
-/// Memory the guest can give without going below floor and margin.
-fn idle_bytes(vm: &VmInput, sample: &GuestSample) -> u64 {
-    sample
-        .available_after_landing(vm.target_bytes)
-        .saturating_sub(floor_bytes(vm).saturating_add(floor_margin_bytes(vm)))
-}
-
 /// Splits `total` in proportion to `weights`, each share at most its cap,
 /// handing what a capped VM cannot take to the others (water-filling).
 ///
@@ -385,10 +441,6 @@ fn pressure(vm: &VmInput, sample: &GuestSample, before: Option<&GuestCounters>) 
     }
     let before = before?;
     let now = &sample.counters;
-    let rise = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => 0,
-    };
     for (name, delta) in [
         ("OOM kills", rise(before.oom_kills, now.oom_kills)),
         (
@@ -414,6 +466,822 @@ fn pressure(vm: &VmInput, sample: &GuestSample, before: Option<&GuestCounters>) 
     })
 }
 
+/// How much a counter rose since the last tick (0 when either is missing
+/// or it went backwards: a rebooted guest).
+fn rise(before: Option<u64>, now: Option<u64>) -> u64 {
+    match (before, now) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    }
+}
+
+/// What the policy learns from a guest (its fastest demand growth, the
+/// available memory it showed it needs) halves every this many seconds.
+pub const LEARNING_HALF_LIFE_S: f64 = 600.0;
+
+/// A VM's first this many seconds (it boots, its workload starts) teach
+/// nothing of how fast it grows.
+pub const SETTLING_S: u64 = 60;
+
+/// The factor by which learned values shrink over `dt_s` seconds.
+fn decay(dt_s: u64) -> f64 {
+    0.5f64.powf(dt_s as f64 / LEARNING_HALF_LIFE_S)
+}
+
+/// Bytes from a float, saturating (NaN and negatives are 0).
+fn bytes_of(value: f64) -> u64 {
+    if value.is_finite() && value > 0.0 {
+        value.min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
+/// `part` percent of `whole`, without overflow.
+fn percent_of(whole: u64, part: f64) -> u64 {
+    bytes_of(whole as f64 * part / 100.0)
+}
+
+/// Senpai's back-off for a guest whose PSI is above its threshold: the
+/// share of its memory to give back, `min((psi / (2 threshold))^2, 1)`:
+/// a quarter at the threshold, all of it (the balloon permitting) at twice
+/// the threshold.
+pub fn psi_backoff_share(psi: f64, threshold: f64) -> f64 {
+    if !(psi.is_finite() && threshold > 0.0) || psi <= threshold {
+        return 0.0;
+    }
+    (psi / (2.0 * threshold)).powi(2).min(1.0)
+}
+
+/// Senpai's probe, the other half of the asymmetry: the share of its
+/// reclaim step a guest reporting PSI may give this tick,
+/// `(1 - psi / threshold)^2` (all of it when quiet, none at the threshold).
+pub fn psi_probe_share(psi: Option<f64>, threshold: f64) -> f64 {
+    match psi {
+        Some(psi) if psi.is_finite() && threshold > 0.0 => {
+            (1.0 - psi / threshold).clamp(0.0, 1.0).powi(2)
+        }
+        _ => 1.0,
+    }
+}
+
+/// One VM as the policy sees it this tick (phase 1).
+struct View {
+    limit: u64,
+    floor: u64,
+    margin: u64,
+    /// The balloon the tick plans from: the target, within the limit (or
+    /// what the guest kept after deflating on OOM).
+    current: u64,
+    /// Fresh statistics, when there are.
+    sample: Option<GuestSample>,
+    /// Available and free memory once the current target has landed.
+    available: u64,
+    free: u64,
+    /// How much the guest's demand rose since the last tick.
+    demand_rise: u64,
+    /// The guest's own demand growth over one tick, kept free for it.
+    growth_reserve: u64,
+    /// Available memory the guest keeps: floor and margin, or what it
+    /// showed it needs, and a tick of its own growth...
+    keep: u64,
+    /// ...and only its floor and margin while the host is below its hard
+    /// threshold: the host comes first.
+    keep_hard: u64,
+    /// Free memory that is not on the host (never touched, or reported):
+    /// a balloon passes it before it returns anything.
+    clean_free: u64,
+    /// The guest's own signals say its working set does not fit (it
+    /// deflated on OOM, killed, or swaps in): it gets what it needs even
+    /// from a host below its hard threshold.
+    critical: bool,
+    /// Cooling down after pressure: not inflated while the host has its
+    /// hard threshold (plus margin) in hand.
+    cooling: bool,
+    /// Still in its first `SETTLING_S`: its free memory is what its
+    /// workload is starting into.
+    settling: bool,
+    /// Why the guest is under pressure, and what it needs back now.
+    pressure: Option<(String, u64)>,
+    /// Below its floor without pressure: the deficit and margin.
+    floor_deficit: u64,
+    /// Growing into its balloon: what another tick of the same growth
+    /// needs beyond its free memory (given back ahead of an OOM).
+    growing_short: u64,
+    may_inflate: bool,
+    hold_reason: Option<String>,
+    cause: Cause,
+    memory: VmMemory,
+}
+
+/// Phase 1: one VM's view, and what its memory becomes.
+fn observe(now_s: u64, dt_s: Option<u64>, vm: &VmInput, remembered: Option<&VmMemory>) -> View {
+    let limit = limit_bytes(vm);
+    let floor = floor_bytes(vm);
+    let margin = floor_margin_bytes(vm);
+    let mut memory = remembered.cloned().unwrap_or_default();
+    let current = vm.target_bytes.min(limit);
+    let mut view = View {
+        limit,
+        floor,
+        margin,
+        current,
+        sample: None,
+        available: 0,
+        free: 0,
+        demand_rise: 0,
+        growth_reserve: 0,
+        keep: floor.saturating_add(margin),
+        keep_hard: floor.saturating_add(margin),
+        clean_free: 0,
+        critical: false,
+        cooling: false,
+        settling: true,
+        pressure: None,
+        floor_deficit: 0,
+        growing_short: 0,
+        may_inflate: false,
+        hold_reason: (current < vm.target_bytes)
+            .then(|| format!("above the VM's limit of {} MiB", limit / MIB)),
+        cause: if current < vm.target_bytes {
+            Cause::Limit
+        } else {
+            Cause::Hold
+        },
+        memory: VmMemory::default(),
+    };
+    let decayed = dt_s.map_or(1.0, decay);
+    memory.growth_bytes_per_s *= decayed;
+    if memory.comfort_bytes > floor {
+        memory.comfort_bytes =
+            floor.saturating_add(bytes_of((memory.comfort_bytes - floor) as f64 * decayed));
+    }
+    let last_actual = memory.last_actual_bytes;
+    memory.last_actual_bytes = Some(vm.actual_bytes);
+    let Some(sample) = vm.sample.filter(|s| s.age_s <= vm.policy.stats_max_age_s) else {
+        view.hold_reason
+            .get_or_insert_with(|| "statistics missing or stale: not inflating".to_string());
+        view.memory = memory;
+        return view;
+    };
+    // The balloon when the statistics were taken: the backend says, or
+    // statistics older than our last change saw the target before it,
+    // else the guest's `actual` now.
+    let sampled_s = now_s.saturating_sub(sample.age_s);
+    let balloon_at_sample =
+        sample
+            .balloon_bytes
+            .unwrap_or(match (memory.last_change_s, memory.target_before_change) {
+                (Some(changed), Some(before)) if sampled_s <= changed => before,
+                _ => vm.actual_bytes,
+            });
+    let still_to_take = vm.target_bytes.saturating_sub(balloon_at_sample);
+    view.available = sample.available_bytes.saturating_sub(still_to_take);
+    view.free = sample
+        .free_bytes
+        .unwrap_or(0)
+        .min(sample.available_bytes)
+        .saturating_sub(still_to_take);
+    // What the guest uses (working set and page cache), and the most it
+    // has used since we last took memory from it: without reporting, what
+    // it freed since is still on the host; the rest of its free memory it
+    // never touched.
+    let used = vm
+        .guest_ram_bytes
+        .saturating_sub(balloon_at_sample)
+        .saturating_sub(sample.free_bytes.unwrap_or(sample.available_bytes));
+    let most_used = memory.most_used_bytes.unwrap_or(used).max(used);
+    memory.most_used_bytes = Some(most_used);
+    view.clean_free = match (vm.resident_bytes, vm.free_page_reporting) {
+        (Some(resident), _) => vm
+            .guest_ram_bytes
+            .saturating_sub(vm.actual_bytes.max(balloon_at_sample))
+            .saturating_sub(resident)
+            .min(view.free),
+        (None, Some(true)) => view.free,
+        (None, _) => 0,
+    };
+    let demand = vm
+        .guest_ram_bytes
+        .saturating_sub(balloon_at_sample)
+        .saturating_sub(sample.available_bytes);
+    // A VM seen for the first time is watched a tick before it gives, and
+    // what it does while it starts (its first `SETTLING_S`) says nothing of
+    // how it grows later.
+    let first_sight = memory.demand_bytes.is_none();
+    let seen_since = *memory.seen_since_s.get_or_insert(now_s);
+    view.settling = now_s.saturating_sub(seen_since) < SETTLING_S;
+    if let (Some(dt), Some(before)) = (dt_s.filter(|dt| *dt > 0), memory.demand_bytes) {
+        view.demand_rise = demand.saturating_sub(before);
+        if now_s.saturating_sub(seen_since) >= SETTLING_S {
+            let rate = view.demand_rise as f64 / dt as f64;
+            memory.growth_bytes_per_s = memory.growth_bytes_per_s.max(rate);
+        }
+    }
+    memory.demand_bytes = Some(demand);
+    view.growth_reserve = dt_s.map_or(0, |dt| bytes_of(memory.growth_bytes_per_s * dt as f64));
+    view.sample = Some(sample);
+    if vm.pinned {
+        memory.counters = Some(sample.counters);
+        view.memory = memory;
+        return view;
+    }
+    // A balloon that shrank below both its target and last tick's size
+    // without us: the guest deflated it on OOM.
+    let oom_deflated = last_actual.map_or(0, |last| {
+        last.min(vm.target_bytes).saturating_sub(vm.actual_bytes)
+    });
+    let before = remembered.and_then(|m| m.counters.as_ref());
+    let signal = if oom_deflated >= MIB {
+        Some(format!(
+            "the guest deflated {} MiB of its balloon on OOM",
+            oom_deflated / MIB
+        ))
+    } else {
+        pressure(vm, &sample, before)
+    };
+    if let Some(why) = signal {
+        // What the guest needs back: what it re-reads and swaps in per
+        // second, its deficit under what it keeps, Senpai's share for its
+        // PSI, what it took itself on OOM, and a tick of its own growth.
+        let per_s = |bytes: u64| dt_s.filter(|dt| *dt > 0).map_or(bytes, |dt| bytes / dt);
+        let refaults = before.map_or(0, |b| {
+            per_s(rise(b.major_faults, sample.counters.major_faults).saturating_mul(PAGE_BYTES))
+                .saturating_add(per_s(rise(b.swap_in, sample.counters.swap_in)))
+        });
+        let deficit = floor
+            .saturating_add(margin)
+            .max(memory.comfort_bytes)
+            .saturating_sub(view.available);
+        let memory_now = vm.guest_ram_bytes.saturating_sub(current);
+        let psi_share = sample
+            .psi_some_avg10
+            .map_or(0.0, |psi| psi_backoff_share(psi, vm.policy.psi_some_avg10));
+        let measured = refaults
+            .max(deficit)
+            .max(bytes_of(memory_now as f64 * psi_share))
+            .max(oom_deflated);
+        view.critical = oom_deflated >= MIB
+            || rise(before.and_then(|b| b.oom_kills), sample.counters.oom_kills) > 0
+            || rise(before.and_then(|b| b.swap_in), sample.counters.swap_in) > 0;
+        // Signals that say nothing of the size (stalls, direct reclaim, a
+        // kill) get at least the deflate step.
+        let need = measured
+            .max(vm.policy.deflate_step_bytes)
+            .saturating_add(view.growth_reserve);
+        if oom_deflated >= MIB {
+            // Plan from what the guest kept.
+            view.current = vm.actual_bytes.min(limit);
+        }
+        // What it showed it needs is kept from now on (decaying).
+        memory.comfort_bytes = memory
+            .comfort_bytes
+            .max(
+                view.available
+                    .saturating_add(measured)
+                    .saturating_add(margin),
+            )
+            .min(vm.guest_ram_bytes);
+        memory.cooldown_until_s = now_s.saturating_add(vm.policy.pressure_cooldown_s);
+        view.pressure = Some((why, need));
+        view.cause = Cause::Pressure;
+    } else if view.demand_rise > 0
+        && view.current > 0
+        && view.free < view.demand_rise.saturating_add(margin)
+    {
+        // Its demand rose last tick and its free memory will not hold
+        // another tick of that: it would run into its balloon (an OOM, or
+        // a deflate on OOM, which stalls it). Give it room ahead of that;
+        // with deflate-on-OOM it would take it anyway.
+        view.growing_short = view
+            .demand_rise
+            .saturating_add(margin)
+            .saturating_sub(view.free);
+        view.cause = Cause::Pressure;
+    } else if view.available < floor && view.current > 0 {
+        // Below the floor, most likely because our last step landed
+        // heavier than measured: the deficit and the margin, without a
+        // cool-down.
+        view.floor_deficit = floor.saturating_sub(view.available).saturating_add(margin);
+        view.cause = Cause::Floor;
+    } else if now_s < memory.cooldown_until_s {
+        view.cooling = true;
+        view.hold_reason.get_or_insert_with(|| {
+            format!(
+                "cooling down after guest pressure ({} s left)",
+                memory.cooldown_until_s - now_s
+            )
+        });
+    } else if first_sight {
+        view.hold_reason.get_or_insert_with(|| {
+            "first statistics: watching a tick before inflating".to_string()
+        });
+    } else {
+        view.may_inflate = true;
+    }
+    view.keep = floor
+        .saturating_add(margin)
+        .max(memory.comfort_bytes)
+        .saturating_add(view.growth_reserve);
+    view.keep_hard = floor.saturating_add(margin);
+    memory.counters = Some(sample.counters);
+    view.memory = memory;
+    view
+}
+
+/// The host this tick (phase 2).
+struct HostView {
+    mode: HostMode,
+    /// Below its hard threshold, or in the lower half of the band from
+    /// there to the reclaim threshold counting the margin: the host is
+    /// about to come first, and reclaim goes down to floors.
+    near_hard: bool,
+    available_bytes: u64,
+    available_percent: f64,
+    /// Room for one tick of the guests' demand growth, added to every
+    /// threshold but the hard one.
+    margin: u64,
+    growth_bytes_per_s: f64,
+    /// Memory to take to reach the reclaim goal plus margin.
+    shortfall: u64,
+    /// Memory above the give-back threshold plus margin.
+    excess: u64,
+    /// Memory above the reclaim threshold plus margin: what the host can
+    /// spare for guests under pressure.
+    spare: u64,
+}
+
+fn host_view(
+    host: &HostState,
+    thresholds: &HostThresholds,
+    views: &[View],
+    memory: &PolicyMemory,
+    dt_s: Option<u64>,
+) -> HostView {
+    let decayed = dt_s.map_or(1.0, decay);
+    // What the guests' demand rose by since the last tick, or what the
+    // host lost, if more (a host process growing, page cache refilling).
+    // Guests still starting (their first `SETTLING_S`) teach nothing of
+    // how the fleet grows.
+    let growth_now = dt_s.filter(|dt| *dt > 0).map_or(0.0, |dt| {
+        let guests: f64 = views
+            .iter()
+            .filter(|v| !v.settling)
+            .map(|v| v.demand_rise as f64)
+            .sum();
+        let host_drop = if views.iter().any(|v| v.settling) {
+            0
+        } else {
+            memory
+                .last_available_bytes
+                .map_or(0, |last| last.saturating_sub(host.available_bytes))
+        };
+        guests.max(host_drop as f64) / dt as f64
+    });
+    let growth = (memory.growth_bytes_per_s * decayed).max(growth_now);
+    // One tick of that growth, at most half the dead band (and half of
+    // what lies above the give-back threshold, so every threshold plus
+    // margin stays below the whole host).
+    let tick = dt_s.unwrap_or(0).max(1);
+    let band = thresholds
+        .give_back_percent
+        .saturating_sub(thresholds.reclaim_start_percent)
+        .min(100u64.saturating_sub(thresholds.give_back_percent));
+    let margin =
+        bytes_of(growth * tick as f64).min(percent_of(host.total_bytes, band as f64 / 2.0));
+    let effective = HostState {
+        total_bytes: host.total_bytes,
+        available_bytes: host.available_bytes.saturating_sub(margin),
+    };
+    // The margin raises the reclaim and give-back thresholds, not the hard
+    // one: below that, the host comes first.
+    let real_hard = host.available_percent() < thresholds.reclaim_hard_percent as f64;
+    let mode = match next_mode(memory.mode, effective.available_percent(), thresholds) {
+        _ if real_hard => HostMode::Hard,
+        HostMode::Hard => HostMode::Reclaim,
+        mode => mode,
+    };
+    let start = percent_of(host.total_bytes, thresholds.reclaim_start_percent as f64);
+    let band_middle =
+        (thresholds.reclaim_hard_percent as f64 + thresholds.reclaim_start_percent as f64) / 2.0;
+    HostView {
+        near_hard: mode == HostMode::Hard || effective.available_percent() < band_middle,
+        mode,
+        available_bytes: host.available_bytes,
+        available_percent: host.available_percent(),
+        margin,
+        growth_bytes_per_s: growth,
+        shortfall: thresholds.shortfall_bytes(&effective),
+        excess: thresholds.excess_bytes(&effective),
+        spare: host
+            .available_bytes
+            .saturating_sub(start.saturating_add(margin)),
+    }
+}
+
+/// A VM's planned move this tick.
+struct Plan {
+    target: u64,
+    reason: Option<String>,
+    cause: Cause,
+    /// Returning memory to bring the guest back above its floor.
+    floor_correction: bool,
+    /// The plan already moved this VM this tick.
+    moved: bool,
+    /// Page cache the guest agent is asked to drop.
+    drop_cache: u64,
+}
+
+/// Phase 3: guests under pressure get what they need at once, and a share
+/// of what the host can spare on top, up to their whole balloon; a guest
+/// below its floor gets the deficit. Returns what the host gave.
+fn protect(vms: &[VmInput], views: &[View], host: &HostView, plans: &mut [Plan]) -> u64 {
+    let mut given: u64 = 0;
+    // What they need, first.
+    for ((vm, view), plan) in vms.iter().zip(views).zip(plans.iter_mut()) {
+        if let Some((why, need)) = &view.pressure {
+            plan.moved = true;
+            if host.near_hard && !view.critical {
+                // Below its hard threshold the host comes first: a guest
+                // whose working set still fits waits (and is not inflated
+                // while it cools down).
+                plan.reason = Some(format!(
+                    "{why}: the host is below its hard threshold ({:.1}% available): holding the balloon, no inflation for {} s",
+                    host.available_percent, vm.policy.pressure_cooldown_s
+                ));
+                continue;
+            }
+            let back = (*need).min(view.current);
+            plan.target = view.current - back;
+            plan.moved = true;
+            let cooldown = match vm.policy.pressure_cooldown_s {
+                0 => String::new(),
+                s => format!(", no inflation for {s} s"),
+            };
+            plan.reason = Some(format!(
+                "{why}: deflating {} MiB at once{cooldown}",
+                back.div_ceil(MIB)
+            ));
+            given = given.saturating_add(back);
+        } else if view.growing_short > 0 {
+            let back = view.growing_short.min(view.current);
+            plan.target = view.current - back;
+            plan.moved = true;
+            plan.reason = Some(format!(
+                "the guest's demand rose {} MiB in a tick with {} MiB free: returning {} MiB ahead of its growth",
+                view.demand_rise / MIB,
+                view.free / MIB,
+                back.div_ceil(MIB)
+            ));
+            given = given.saturating_add(back);
+        } else if view.floor_deficit > 0 {
+            let back = view.floor_deficit.min(view.current);
+            plan.target = view.current - back;
+            plan.floor_correction = true;
+            plan.moved = true;
+            plan.reason = Some(format!(
+                "guest available {} MiB is below its floor of {} MiB: returning {} MiB",
+                view.available / MIB,
+                view.floor / MIB,
+                back.div_ceil(MIB)
+            ));
+            given = given.saturating_add(back);
+        }
+    }
+    // Then what the host can spare, by need, up to each whole balloon.
+    let spare = host.spare.saturating_sub(given);
+    let weights: Vec<(u128, u64)> = views
+        .iter()
+        .zip(plans.iter())
+        .map(|(view, plan)| match &view.pressure {
+            Some((_, need)) => (u128::from((*need).max(1)), plan.target),
+            None => (0, 0),
+        })
+        .collect();
+    for (((plan, extra), view), vm) in plans
+        .iter_mut()
+        .zip(share_out(spare, &weights))
+        .zip(views)
+        .zip(vms)
+    {
+        if let (Some((why, _)), true) = (&view.pressure, extra > 0) {
+            plan.target = plan.target.saturating_sub(extra).min(view.current);
+            plan.reason = Some(format!(
+                "{why}: deflating {} MiB at once, {} MiB of it what the host can spare, no inflation for {} s",
+                view.current.saturating_sub(plan.target).div_ceil(MIB),
+                extra.div_ceil(MIB),
+                vm.policy.pressure_cooldown_s
+            ));
+            given = given.saturating_add(extra);
+        }
+    }
+    given
+}
+
+/// Phase 4: take what the host needs to reach its goal plus margin, from
+/// guests that may give: what each can spare above what it keeps, by
+/// shares, at most a step of used memory per tick, never past a limit.
+///
+/// Three ways, in this order: a balloon on a guest whose free memory is on
+/// the host (or that has none) returns memory from its first page; a guest
+/// agent on a guest that reports free pages drops page cache, which goes
+/// back to the host without a balloon; only then a balloon that must first
+/// pass free memory the host does not hold (never touched, or reported),
+/// which takes that guest's headroom for its own growth: not while it
+/// grows, and above the hard threshold only from a guest that has not
+/// grown lately.
+fn reclaim(
+    vms: &[VmInput],
+    views: &[View],
+    host: &HostView,
+    thresholds: &HostThresholds,
+    plans: &mut [Plan],
+) {
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Way {
+        None,
+        Balloon,
+        DropCache,
+        Passing,
+    }
+    struct Offer {
+        way: Way,
+        /// Free memory the balloon passes first (returns nothing).
+        passing: u64,
+        /// What it can give at all, and its step this tick.
+        gainable: u64,
+        step: u64,
+        weight: u128,
+    }
+    let hard = host.mode == HostMode::Hard;
+    let near_hard = host.near_hard;
+    let offers: Vec<Offer> = vms
+        .iter()
+        .zip(views)
+        .zip(plans.iter())
+        .map(|((vm, view), plan)| {
+            let none = Offer {
+                way: Way::None,
+                passing: 0,
+                gainable: 0,
+                step: 0,
+                weight: 0,
+            };
+            if !(view.may_inflate || (near_hard && view.cooling)) || plan.moved {
+                return none;
+            }
+            let Some(sample) = view.sample else {
+                return none;
+            };
+            let keep = if near_hard { view.keep_hard } else { view.keep };
+            let takeable = view.available.saturating_sub(keep);
+            let step = bytes_of(
+                reclaim_step(vm, host.mode, host.available_percent, thresholds) as f64
+                    * psi_probe_share(sample.psi_some_avg10, vm.policy.psi_some_avg10),
+            );
+            let weight = |gainable: u64| {
+                u128::from(gainable) * 1_000_000 / u128::from(vm.policy.shares.max(1))
+            };
+            let clean = view.clean_free.saturating_sub(view.margin);
+            if clean == 0 {
+                let gainable = takeable.min(view.limit.saturating_sub(view.current));
+                return Offer {
+                    way: Way::Balloon,
+                    passing: 0,
+                    gainable,
+                    step,
+                    weight: weight(gainable),
+                };
+            }
+            if let (Some(cache), Some(true)) = (vm.agent_page_cache_bytes, vm.free_page_reporting) {
+                let droppable = cache.min(takeable);
+                return Offer {
+                    way: Way::DropCache,
+                    passing: 0,
+                    gainable: droppable,
+                    step,
+                    weight: weight(droppable),
+                };
+            }
+            let passing = clean.min(takeable);
+            if view.demand_rise > 0
+                || (!near_hard && (view.settling || view.growth_reserve > view.margin))
+            {
+                return none;
+            }
+            let gainable = takeable - passing;
+            let room = view
+                .limit
+                .saturating_sub(view.current)
+                .saturating_sub(passing);
+            let gainable = gainable.min(room);
+            Offer {
+                way: Way::Passing,
+                passing,
+                gainable,
+                step,
+                weight: weight(gainable),
+            }
+        })
+        .collect();
+    // Each gives at most its step, and its share of the margin on top: a
+    // host whose guests grow fast is kept up with, whatever the steps.
+    let extras = share_out(
+        host.margin,
+        &offers
+            .iter()
+            .map(|o| (o.weight, o.gainable))
+            .collect::<Vec<_>>(),
+    );
+    let caps: Vec<u64> = offers
+        .iter()
+        .zip(&extras)
+        .map(|(o, extra)| page_floor(o.gainable.min(o.step.saturating_add(*extra))))
+        .collect();
+    let round = |ways: &[Way]| -> Vec<(u128, u64)> {
+        offers
+            .iter()
+            .zip(&caps)
+            .map(|(o, cap)| {
+                if ways.contains(&o.way) {
+                    (o.weight, *cap)
+                } else {
+                    (0, 0)
+                }
+            })
+            .collect()
+    };
+    let first = share_out(host.shortfall, &round(&[Way::Balloon, Way::DropCache]));
+    let mut left = host.shortfall.saturating_sub(first.iter().sum());
+    // Passing costs a guest its headroom whatever it gains: as few guests
+    // as will do, those that give the most per byte of balloon first,
+    // each its whole cap.
+    let mut order: Vec<usize> = (0..offers.len())
+        .filter(|&i| offers.get(i).is_some_and(|o| o.way == Way::Passing))
+        .collect();
+    let efficiency = |i: usize| {
+        offers.get(i).zip(caps.get(i)).map_or(0.0, |(o, cap)| {
+            *cap as f64 / (o.passing as f64 + *cap as f64).max(1.0)
+        })
+    };
+    order.sort_by(|&a, &b| efficiency(b).total_cmp(&efficiency(a)));
+    let mut second = vec![0u64; offers.len()];
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        let take = page_floor(caps.get(i).copied().unwrap_or(0).min(left));
+        if let Some(slot) = second.get_mut(i) {
+            *slot = take;
+        }
+        left = left.saturating_sub(take);
+    }
+    let (limit_word, mode_word) = if hard {
+        (thresholds.reclaim_hard_percent, "hard")
+    } else {
+        (thresholds.reclaim_start_percent, "reclaim")
+    };
+    let why = format!(
+        "host {:.1}% available, below {limit_word}% ({mode_word}) plus a margin of {} MiB",
+        host.available_percent,
+        host.margin / MIB
+    );
+    for (((((plan, a), b), offer), view), vm) in plans
+        .iter_mut()
+        .zip(first)
+        .zip(second)
+        .zip(&offers)
+        .zip(views)
+        .zip(vms)
+    {
+        let gain = a.saturating_add(b);
+        if gain > 0 && offer.way == Way::DropCache {
+            plan.drop_cache = gain;
+            plan.reason = Some(format!(
+                "{why}: asking the guest agent to drop {} MiB of page cache (the guest reports free pages: no balloon needed)",
+                gain / MIB
+            ));
+        } else if gain > 0 {
+            plan.target = view
+                .current
+                .saturating_add(gain.saturating_add(offer.passing))
+                .min(view.limit);
+            plan.moved = true;
+            plan.cause = if hard {
+                Cause::HardReclaim
+            } else {
+                Cause::Reclaim
+            };
+            let passing = if offer.passing > 0 {
+                format!(" (past {} MiB of free memory)", offer.passing / MIB)
+            } else {
+                String::new()
+            };
+            plan.reason = Some(format!(
+                "{why}: taking {} MiB of idle guest memory{passing}",
+                gain / MIB
+            ));
+        } else if view.may_inflate && !plan.moved {
+            plan.reason.get_or_insert_with(|| {
+                if host.shortfall == 0 {
+                    format!(
+                        "host {:.1}% available: reclaim goal of {:.1}% plus {} MiB met",
+                        host.available_percent,
+                        thresholds.reclaim_goal_percent(),
+                        host.margin / MIB
+                    )
+                } else {
+                    format!(
+                        "no idle memory above what it keeps ({} MiB) or at the limit of {} MiB",
+                        view.keep / MIB,
+                        limit_bytes(vm) / MIB
+                    )
+                }
+            });
+        }
+    }
+}
+
+/// Phase 5: above the give-back threshold (plus margin), the excess goes
+/// back by balloon times shares; and a balloon over free memory of a guest
+/// that reports free pages holds memory that is not on the host anyway:
+/// it buys the host nothing and goes back whenever the host is not short.
+fn release(
+    vms: &[VmInput],
+    views: &[View],
+    host: &HostView,
+    thresholds: &HostThresholds,
+    plans: &mut [Plan],
+) {
+    if host.mode == HostMode::Normal {
+        let weights: Vec<(u128, u64)> = vms
+            .iter()
+            .zip(views)
+            .zip(plans.iter())
+            .map(|((vm, view), plan)| {
+                if plan.moved || view.current == 0 || vm.pinned {
+                    return (0, 0);
+                }
+                (
+                    u128::from(view.current) * u128::from(vm.policy.shares),
+                    view.current,
+                )
+            })
+            .collect();
+        for ((plan, back), view) in plans
+            .iter_mut()
+            .zip(share_out(host.excess, &weights))
+            .zip(views)
+        {
+            if back > 0 {
+                plan.target = view.current - back;
+                plan.moved = true;
+                plan.cause = Cause::GiveBack;
+                plan.reason = Some(format!(
+                    "host {:.1}% available, at or above the give-back threshold of {}% plus {} MiB: returning {} MiB",
+                    host.available_percent,
+                    thresholds.give_back_percent,
+                    host.margin / MIB,
+                    back / MIB
+                ));
+            }
+        }
+    }
+    if host.mode != HostMode::Normal && host.shortfall > 0 {
+        return;
+    }
+    for ((vm, view), plan) in vms.iter().zip(views).zip(plans.iter_mut()) {
+        let knows = vm.free_page_reporting == Some(true) || vm.resident_bytes.is_some();
+        if plan.moved || vm.pinned || !knows || view.sample.is_none() {
+            continue;
+        }
+        let unused = view
+            .clean_free
+            .saturating_sub(view.margin.saturating_add(view.growth_reserve));
+        let back = page_floor(unused.min(view.current));
+        if back > 0 {
+            plan.target = view.current - back;
+            plan.moved = true;
+            plan.cause = Cause::GiveBack;
+            plan.reason = Some(format!(
+                "the guest has {} MiB free that the host does not hold: {} MiB of its balloon buy the host nothing, returning them",
+                view.clean_free / MIB,
+                back / MIB
+            ));
+        }
+    }
+    for (plan, view) in plans.iter_mut().zip(views) {
+        if !plan.moved && view.current > 0 {
+            plan.reason.get_or_insert_with(|| {
+                format!(
+                    "host {:.1}% available, inside the dead band: holding",
+                    host.available_percent
+                )
+            });
+        }
+    }
+}
+
 /// One policy tick.
 pub fn decide(
     now_s: u64,
@@ -422,272 +1290,121 @@ pub fn decide(
     vms: &[VmInput],
     memory: &PolicyMemory,
 ) -> Decision {
-    let available_percent = host.available_percent();
-    let mode = next_mode(memory.mode, available_percent, thresholds);
-    let mut vm_memories: Vec<VmMemory> = Vec::with_capacity(vms.len());
-
-    // First pass: limits, pressure, and who may take part in reclaim or give-back.
-    struct Plan {
-        current: u64,
-        target: u64,
-        reason: Option<String>,
-        may_inflate: bool,
-        pressure: bool,
-        /// Returning memory to bring the guest back above its floor.
-        floor_correction: bool,
-        cause: Cause,
-    }
-    let mut plans: Vec<Plan> = Vec::with_capacity(vms.len());
-    for vm in vms {
-        let limit = limit_bytes(vm);
-        let current = vm.target_bytes.min(limit);
-        let remembered = memory.vms.get(&vm.name);
-        let mut vm_memory = remembered.cloned().unwrap_or_default();
-        let fresh = vm.sample.filter(|s| s.age_s <= vm.policy.stats_max_age_s);
-        let mut plan = Plan {
-            current,
-            target: current,
-            reason: (current < vm.target_bytes)
-                .then(|| format!("above the VM's limit of {} MiB", limit / MIB)),
-            may_inflate: false,
-            pressure: false,
+    let dt_s = memory.last_tick_s.map(|last| now_s.saturating_sub(last));
+    let views: Vec<View> = vms
+        .iter()
+        .map(|vm| observe(now_s, dt_s, vm, memory.vms.get(&vm.name)))
+        .collect();
+    let host_view = host_view(host, thresholds, &views, memory, dt_s);
+    let mut plans: Vec<Plan> = views
+        .iter()
+        .map(|view| Plan {
+            target: view.current,
+            reason: view.hold_reason.clone(),
+            cause: view.cause,
             floor_correction: false,
-            cause: if current < vm.target_bytes {
-                Cause::Limit
-            } else {
-                Cause::Hold
-            },
-        };
-        if vm.pinned {
-            // The operator's target holds whatever the host or guest do
-            // (the guest can still deflate on OOM by itself).
-            plan.current = vm.target_bytes;
-            plan.target = vm.target_bytes;
-            plan.cause = Cause::Pinned;
-            plan.reason = Some(format!(
-                "pinned at {} MiB by an operator; `balloonctl unpin {}` hands it back",
-                vm.target_bytes / MIB,
-                vm.name
-            ));
-            if let Some(sample) = fresh {
-                vm_memory.counters = Some(sample.counters);
-            }
-            vm_memories.push(vm_memory);
-            plans.push(plan);
-            continue;
-        }
-        match fresh {
-            None => {
-                plan.reason.get_or_insert_with(|| {
-                    "statistics missing or stale: not inflating".to_string()
-                });
-            }
-            Some(sample) => {
-                if let Some(why) =
-                    pressure(vm, &sample, remembered.and_then(|m| m.counters.as_ref()))
-                {
-                    plan.target = current.saturating_sub(vm.policy.deflate_step_bytes);
-                    plan.pressure = true;
-                    plan.cause = Cause::Pressure;
-                    vm_memory.cooldown_until_s = now_s + vm.policy.pressure_cooldown_s;
-                    plan.reason = Some(match vm.policy.pressure_cooldown_s {
-                        0 => format!("{why}: deflating at once"),
-                        cooldown => {
-                            format!("{why}: deflating at once, no inflation for {cooldown} s")
-                        }
-                    });
-                } else if sample.available_after_landing(vm.target_bytes) < floor_bytes(vm)
-                    && current > 0
-                {
-                    // Below the floor, most likely because our last step
-                    // landed heavier than measured: give back the deficit
-                    // and the margin, without a cool-down.
-                    let floor = floor_bytes(vm);
-                    let available = sample.available_after_landing(vm.target_bytes);
-                    let back = floor
-                        .saturating_sub(available)
-                        .saturating_add(floor_margin_bytes(vm))
-                        .min(vm.policy.deflate_step_bytes);
-                    plan.target = current.saturating_sub(back);
-                    plan.floor_correction = true;
-                    plan.cause = Cause::Floor;
-                    plan.reason = Some(format!(
-                        "guest available {} MiB is below its floor of {} MiB: returning {} MiB",
-                        available / MIB,
-                        floor / MIB,
-                        back.div_ceil(MIB)
-                    ));
-                } else if now_s < vm_memory.cooldown_until_s {
-                    plan.reason.get_or_insert_with(|| {
-                        format!(
-                            "cooling down after guest pressure ({} s left)",
-                            vm_memory.cooldown_until_s - now_s
-                        )
-                    });
-                } else if sample.balloon_bytes.is_none()
-                    && (vm.actual_bytes != vm.target_bytes
-                        || remembered
-                            .and_then(|m| m.last_change_s)
-                            .is_some_and(|changed| now_s.saturating_sub(sample.age_s) <= changed))
-                {
-                    // Without the balloon's size at measurement time,
-                    // statistics from before the last step landed would
-                    // count that step's memory as still available: wait.
-                    plan.reason.get_or_insert_with(|| {
-                        "waiting for the last step to land and for statistics after it".to_string()
-                    });
-                } else {
-                    plan.may_inflate = true;
-                }
-                vm_memory.counters = Some(sample.counters);
-            }
-        }
-        vm_memories.push(vm_memory);
-        plans.push(plan);
+            moved: false,
+            drop_cache: 0,
+        })
+        .collect();
+    protect(vms, &views, &host_view, &mut plans);
+    if matches!(host_view.mode, HostMode::Reclaim | HostMode::Hard) {
+        reclaim(vms, &views, &host_view, thresholds, &mut plans);
     }
+    release(vms, &views, &host_view, thresholds, &mut plans);
+    assemble(now_s, vms, views, plans, &host_view)
+}
 
-    match mode {
-        HostMode::Reclaim | HostMode::Hard => {
-            let goal_percent = thresholds.reclaim_goal_percent();
-            let shortfall = thresholds.shortfall_bytes(host);
-            let weights: Vec<(u128, u64)> = vms
-                .iter()
-                .zip(&plans)
-                .map(|(vm, plan)| {
-                    let Some(sample) = vm.sample.filter(|_| plan.may_inflate) else {
-                        return (0, 0);
-                    };
-                    let idle = idle_bytes(vm, &sample);
-                    let step = reclaim_step(vm, mode, available_percent, thresholds);
-                    let cap = idle
-                        .min(step)
-                        .min(limit_bytes(vm).saturating_sub(plan.current));
-                    // Shares are a claim to keep memory: more shares, less taken.
-                    (
-                        u128::from(idle) * 1_000_000 / u128::from(vm.policy.shares.max(1)),
-                        cap,
-                    )
-                })
-                .collect();
-            let shares = share_out(shortfall, &weights);
-            for ((plan, add), vm) in plans.iter_mut().zip(shares).zip(vms) {
-                if plan.may_inflate && add > 0 {
-                    plan.target = plan.current + add;
-                    plan.cause = if mode == HostMode::Hard {
-                        Cause::HardReclaim
-                    } else {
-                        Cause::Reclaim
-                    };
-                    plan.reason = Some(format!(
-                        "host {available_percent:.1}% available, below {}% ({}): taking {} MiB of idle guest memory",
-                        if mode == HostMode::Hard { thresholds.reclaim_hard_percent } else { thresholds.reclaim_start_percent },
-                        if mode == HostMode::Hard { "hard" } else { "reclaim" },
-                        add / MIB
-                    ));
-                } else if plan.may_inflate {
-                    plan.reason.get_or_insert_with(|| {
-                        if shortfall == 0 {
-                            format!("host {available_percent:.1}% available: reclaim goal of {goal_percent:.1}% met")
-                        } else {
-                            format!("no idle memory above the floor or at the limit of {} MiB", limit_bytes(vm) / MIB)
-                        }
-                    });
-                }
-            }
-        }
-        HostMode::Normal => {
-            let excess = thresholds.excess_bytes(host);
-            let weights: Vec<(u128, u64)> = vms
-                .iter()
-                .zip(&plans)
-                .map(|(vm, plan)| {
-                    let deflating = plan.target < plan.current;
-                    if deflating || plan.current == 0 || plan.cause == Cause::Pinned {
-                        return (0, 0);
-                    }
-                    let cap = plan.current.min(vm.policy.deflate_step_bytes);
-                    (u128::from(plan.current) * u128::from(vm.policy.shares), cap)
-                })
-                .collect();
-            let returns = share_out(excess, &weights);
-            for (plan, back) in plans.iter_mut().zip(returns) {
-                if back > 0 {
-                    plan.target = plan.current - back;
-                    plan.cause = Cause::GiveBack;
-                    plan.reason = Some(format!(
-                        "host {available_percent:.1}% available, at or above the give-back threshold of {}%: returning {} MiB",
-                        thresholds.give_back_percent,
-                        back / MIB
-                    ));
-                } else if plan.target == plan.current && plan.current > 0 {
-                    plan.reason.get_or_insert_with(|| {
-                        format!(
-                            "host {available_percent:.1}% available, inside the dead band: holding"
-                        )
-                    });
-                }
-            }
-        }
-    }
-
+/// Phase 6: pins, limits, page alignment and the dead band on changes;
+/// what the next tick remembers.
+fn assemble(
+    now_s: u64,
+    vms: &[VmInput],
+    views: Vec<View>,
+    plans: Vec<Plan>,
+    host: &HostView,
+) -> Decision {
+    let mut next_vms = HashMap::with_capacity(vms.len());
     let decisions: Vec<VmDecision> = vms
         .iter()
+        .zip(views)
         .zip(plans)
-        .map(|(vm, plan)| {
-            if plan.cause == Cause::Pinned {
-                return VmDecision {
+        .map(|((vm, view), plan)| {
+            let mut vm_memory = view.memory;
+            let decision = if vm.pinned {
+                // The operator's target holds whatever the host or guest
+                // do (the guest can still deflate on OOM by itself).
+                VmDecision {
                     name: vm.name.clone(),
                     previous_bytes: vm.target_bytes,
                     target_bytes: vm.target_bytes,
                     pressure: false,
-                    reason: plan.reason.unwrap_or_default(),
+                    reason: format!(
+                        "pinned at {} MiB by an operator; `balloonctl unpin {}` hands it back",
+                        vm.target_bytes / MIB,
+                        vm.name
+                    ),
                     cause: Cause::Pinned,
-                };
+                    reclaim_cache_bytes: 0,
+                }
+            } else {
+                let mut target = page_floor(plan.target.min(view.limit));
+                let change = target.abs_diff(view.current);
+                let mut reason = plan.reason.unwrap_or_else(|| "nothing to do".to_string());
+                if change > 0
+                    && change < vm.policy.min_change_bytes
+                    && target != 0
+                    && view.current == vm.target_bytes
+                    && !plan.floor_correction
+                    && view.pressure.is_none()
+                {
+                    reason = format!(
+                        "change of {change} bytes is inside the dead band of {} MiB: holding",
+                        vm.policy.min_change_bytes / MIB
+                    );
+                    target = view.current;
+                }
+                VmDecision {
+                    name: vm.name.clone(),
+                    previous_bytes: vm.target_bytes,
+                    target_bytes: target,
+                    pressure: view.pressure.is_some(),
+                    reason,
+                    cause: if target == vm.target_bytes {
+                        Cause::Hold
+                    } else {
+                        plan.cause
+                    },
+                    reclaim_cache_bytes: plan.drop_cache,
+                }
+            };
+            if decision.target_bytes != decision.previous_bytes {
+                vm_memory.last_change_s = Some(now_s);
+                vm_memory.target_before_change = Some(decision.previous_bytes);
             }
-            let mut target = page_floor(plan.target.min(limit_bytes(vm)));
-            let change = target.abs_diff(plan.current);
-            let mut reason = plan.reason.unwrap_or_else(|| "nothing to do".to_string());
-            if change > 0
-                && change < vm.policy.min_change_bytes
-                && target != 0
-                && plan.current == vm.target_bytes
-                && !plan.floor_correction
-            {
-                reason = format!(
-                    "change of {change} bytes is inside the dead band of {} MiB: holding",
-                    vm.policy.min_change_bytes / MIB
-                );
-                target = plan.current;
+            if decision.target_bytes > decision.previous_bytes {
+                // A growing balloon takes freed (dirty) pages first.
+                let taken = decision.target_bytes - decision.previous_bytes;
+                vm_memory.most_used_bytes = vm_memory
+                    .most_used_bytes
+                    .map(|most| most.saturating_sub(taken));
             }
-            VmDecision {
-                name: vm.name.clone(),
-                previous_bytes: vm.target_bytes,
-                target_bytes: target,
-                pressure: plan.pressure,
-                reason,
-                cause: if target == vm.target_bytes {
-                    Cause::Hold
-                } else {
-                    plan.cause
-                },
-            }
+            next_vms.insert(vm.name.clone(), vm_memory);
+            decision
         })
         .collect();
-    let mut next_vms = HashMap::with_capacity(vms.len());
-    for ((decision, mut vm_memory), vm) in decisions.iter().zip(vm_memories).zip(vms) {
-        if decision.target_bytes != decision.previous_bytes {
-            vm_memory.last_change_s = Some(now_s);
-        }
-        next_vms.insert(vm.name.clone(), vm_memory);
-    }
     Decision {
-        mode,
-        host_available_percent: available_percent,
+        mode: host.mode,
+        host_available_percent: host.available_percent,
         vms: decisions,
         memory: PolicyMemory {
-            mode,
+            mode: host.mode,
             vms: next_vms,
             samples: HashMap::new(),
+            last_tick_s: Some(now_s),
+            growth_bytes_per_s: host.growth_bytes_per_s,
+            margin_bytes: host.margin,
+            last_available_bytes: Some(host.available_bytes),
         },
     }
 }
@@ -740,6 +1457,41 @@ pub(crate) mod tests {
             }),
             policy: VmPolicy::default(),
             pinned: false,
+            free_page_reporting: None,
+            // Every page of the guest's memory is on the host: a balloon
+            // returns from its first page.
+            resident_bytes: Some(ram.saturating_sub(target)),
+            agent_page_cache_bytes: None,
+        }
+    }
+
+    /// What a tick at `now_s` remembers of `vms` watched since time 0 with
+    /// their demand as it is now: not seen for the first time, not
+    /// starting, no growth.
+    pub(crate) fn watched(vms: &[VmInput], mode: HostMode, now_s: u64) -> PolicyMemory {
+        PolicyMemory {
+            mode,
+            last_tick_s: Some(now_s.saturating_sub(5)),
+            vms: vms
+                .iter()
+                .map(|vm| {
+                    let demand = vm.sample.map(|s| {
+                        vm.guest_ram_bytes
+                            .saturating_sub(vm.actual_bytes)
+                            .saturating_sub(s.available_bytes)
+                    });
+                    (
+                        vm.name.clone(),
+                        VmMemory {
+                            demand_bytes: demand,
+                            seen_since_s: Some(0),
+                            last_actual_bytes: Some(vm.actual_bytes),
+                            ..VmMemory::default()
+                        },
+                    )
+                })
+                .collect(),
+            ..PolicyMemory::default()
         }
     }
 
@@ -763,12 +1515,9 @@ pub(crate) mod tests {
             total_bytes: 64 * GIB,
             available_bytes: goal - 64 * MIB,
         };
-        let memory = PolicyMemory {
-            mode: HostMode::Reclaim,
-            ..Default::default()
-        };
         let busy = vm("busy", 8 * GIB, 0, Some(GIB));
         let idle = vm("idle", 8 * GIB, 0, Some(6 * GIB));
+        let memory = watched(&[busy.clone(), idle.clone()], HostMode::Reclaim, 100);
         let decision = decide(100, &host, &thresholds(), &[busy, idle], &memory);
         assert_eq!(decision.mode, HostMode::Reclaim);
         let (busy, idle) = (&decision.vms[0], &decision.vms[1]);
@@ -802,10 +1551,9 @@ pub(crate) mod tests {
 
     #[test]
     fn pressure_deflates_at_once_and_blocks_inflation() {
-        let host = HostState {
-            total_bytes: 64 * GIB,
-            available_bytes: 5 * GIB,
-        };
+        // 19 % available: short, with nothing to spare, but above the
+        // lower half of the band down to the hard threshold.
+        let host = host_with(64, 19);
         let mut input = vm("web", 8 * GIB, 2 * GIB, Some(4 * GIB));
         let mut memory = PolicyMemory::default();
         memory.vms.insert(
@@ -816,7 +1564,7 @@ pub(crate) mod tests {
                     ..Default::default()
                 }),
                 cooldown_until_s: 0,
-                last_change_s: None,
+                ..VmMemory::default()
             },
         );
         if let Some(sample) = input.sample.as_mut() {
@@ -839,6 +1587,7 @@ pub(crate) mod tests {
         );
         // Next tick: no new pressure, the host still short, but cooling down.
         input.target_bytes = decision.vms[0].target_bytes;
+        input.actual_bytes = input.target_bytes;
         let next = decide(110, &host, &thresholds(), &[input], &decision.memory);
         assert_eq!(next.vms[0].target_bytes, 2 * GIB - 256 * MIB);
         assert!(
@@ -865,22 +1614,69 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn agent_psi_counts_as_pressure() {
-        let host = HostState {
-            total_bytes: 64 * GIB,
-            available_bytes: 5 * GIB,
-        };
-        let mut input = vm("web", 8 * GIB, GIB, Some(4 * GIB));
+    fn agent_psi_counts_as_pressure_and_backs_off_in_proportion() {
+        // Senpai's asymmetry: PSI at 1.5 times its threshold gives back
+        // (1.5 / 2)^2 of the guest's memory at once, and more when the
+        // host has it to spare; a host below its hard threshold holds.
+        let mut input = vm("web", 8 * GIB, 4 * GIB, Some(3 * GIB));
         if let Some(sample) = input.sample.as_mut() {
-            sample.psi_some_avg10 = Some(42.0);
+            sample.psi_some_avg10 = Some(15.0);
         }
-        let decision = decide(0, &host, &thresholds(), &[input], &PolicyMemory::default());
-        assert!(decision.vms[0].target_bytes < GIB);
-        assert!(
-            decision.vms[0].reason.contains("guest agent"),
-            "{}",
-            decision.vms[0].reason
+        let short = decide(
+            100,
+            &host_with(64, 17),
+            &thresholds(),
+            std::slice::from_ref(&input),
+            &PolicyMemory::default(),
         );
+        let back = 4 * GIB - short.vms[0].target_bytes;
+        let share = psi_backoff_share(15.0, 10.0);
+        assert!((share - 0.5625).abs() < 1e-9);
+        let expected = (4 * GIB) as f64 * share;
+        assert!(
+            (back as f64 - expected).abs() <= PAGE_BYTES as f64,
+            "{back} vs {expected}: {:?}",
+            short.vms[0]
+        );
+        assert!(
+            short.vms[0].reason.contains("guest agent"),
+            "{}",
+            short.vms[0].reason
+        );
+        let spare = decide(
+            100,
+            &host_with(64, 30),
+            &thresholds(),
+            std::slice::from_ref(&input),
+            &PolicyMemory::default(),
+        );
+        assert_eq!(spare.vms[0].target_bytes, 0, "{:?}", spare.vms[0]);
+        let hard = decide(
+            100,
+            &host_with(64, 8),
+            &thresholds(),
+            std::slice::from_ref(&input),
+            &PolicyMemory::default(),
+        );
+        assert_eq!(hard.vms[0].target_bytes, 4 * GIB, "{:?}", hard.vms[0]);
+        assert!(hard.vms[0].pressure && hard.vms[0].reason.contains("hard threshold"));
+        // A quiet guest gives its whole step, one at its threshold none.
+        assert_eq!(psi_probe_share(Some(0.0), 10.0), 1.0);
+        assert_eq!(psi_probe_share(Some(10.0), 10.0), 0.0);
+        assert_eq!(psi_probe_share(None, 10.0), 1.0);
+    }
+
+    #[test]
+    fn a_guest_that_deflated_on_oom_is_planned_from_what_it_kept_and_given_room() {
+        // The guest took 300 MiB of its 1 GiB balloon back on OOM.
+        let mut input = vm("db", 8 * GIB, GIB, Some(200 * MIB));
+        let memory = watched(std::slice::from_ref(&input), HostMode::Reclaim, 100);
+        input.actual_bytes = GIB - 300 * MIB;
+        let d = decide(100, &host_with(64, 8), &thresholds(), &[input], &memory);
+        let d = &d.vms[0];
+        assert!(d.pressure && d.reason.contains("on OOM"), "{d:?}");
+        // From what it kept, at least what it took and the deflate step.
+        assert!(d.target_bytes + 300 * MIB <= GIB - 300 * MIB, "{d:?}");
     }
 
     fn arbitrary_vm() -> impl Strategy<Value = VmInput> {
@@ -925,15 +1721,12 @@ pub(crate) mod tests {
             total_gib in 1u64..512,
             avail_pct in 0u64..100,
             mode in 0u8..3,
-            now_s in 0u64..1000,
+            now_s in 100u64..1000,
         ) {
             let vms = numbered(vms);
             let host = host_with(total_gib, avail_pct);
-            let memory = PolicyMemory {
-                mode: [HostMode::Normal, HostMode::Reclaim, HostMode::Hard][mode as usize],
-                vms: HashMap::new(),
-                samples: HashMap::new(),
-            };
+            // Every VM watched before (a first sight never inflates).
+            let memory = watched(&vms, [HostMode::Normal, HostMode::Reclaim, HostMode::Hard][mode as usize], now_s);
             let decision = decide(now_s, &host, &thresholds(), &vms, &memory);
             prop_assert_eq!(decision.vms.len(), vms.len());
             for (vm, d) in vms.iter().zip(&decision.vms) {
@@ -1094,43 +1887,55 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn inflation_waits_for_the_last_step_to_land_and_for_later_statistics() {
-        let host = HostState {
-            total_bytes: 64 * GIB,
-            available_bytes: 5 * GIB,
-        };
-        let memory = PolicyMemory {
-            mode: HostMode::Reclaim,
-            ..Default::default()
-        };
-        // Not landed yet: actual below target.
-        let mut input = vm("web", 8 * GIB, GIB, Some(4 * GIB));
-        input.actual_bytes = GIB / 2;
-        let d = decide(100, &host, &thresholds(), &[input.clone()], &memory);
-        assert_eq!(d.vms[0].target_bytes, GIB, "{:?}", d.vms[0]);
-        assert!(d.vms[0].reason.contains("land"), "{}", d.vms[0].reason);
-        // Landed, but the statistics predate the last change (at 98 s).
-        input.actual_bytes = GIB;
-        let mut changed = memory.clone();
-        changed.vms.insert(
-            "web".into(),
-            VmMemory {
-                last_change_s: Some(98),
-                ..Default::default()
-            },
+    fn a_step_still_landing_is_never_counted_as_available() {
+        // Without the balloon's size in the statistics, the policy counts
+        // what is still to land against them, whether the guest has not
+        // reached the target yet or the statistics predate the change:
+        // 512 MiB of the 1 GiB target still to take, 64 MiB above what the
+        // guest keeps once it has.
+        let host = host_with(64, 8);
+        let base = vm("web", 8 * GIB, GIB, Some(GIB));
+        let keep = floor_bytes(&base) + floor_margin_bytes(&base);
+        let measured = keep + 512 * MIB + 64 * MIB;
+        let mut landing = vm("web", 8 * GIB, GIB, Some(measured));
+        landing.actual_bytes = GIB / 2;
+        let memory = watched(std::slice::from_ref(&landing), HostMode::Hard, 100);
+        let d = decide(
+            100,
+            &host,
+            &thresholds(),
+            std::slice::from_ref(&landing),
+            &memory,
         );
-        if let Some(sample) = input.sample.as_mut() {
+        assert!(d.vms[0].target_bytes <= GIB + 64 * MIB, "{:?}", d.vms[0]);
+        // Landed, but the statistics were taken (at 95 s) before the
+        // change from 512 MiB (at 98 s).
+        let mut old_stats = vm("web", 8 * GIB, GIB, Some(measured));
+        if let Some(sample) = old_stats.sample.as_mut() {
             sample.age_s = 5;
         }
-        let d = decide(100, &host, &thresholds(), &[input.clone()], &changed);
-        assert_eq!(d.vms[0].target_bytes, GIB, "{:?}", d.vms[0]);
-        // Statistics taken after the change: inflate.
-        if let Some(sample) = input.sample.as_mut() {
+        let mut changed = watched(std::slice::from_ref(&old_stats), HostMode::Hard, 100);
+        if let Some(m) = changed.vms.get_mut("web") {
+            m.last_change_s = Some(98);
+            m.target_before_change = Some(GIB / 2);
+        }
+        let d = decide(
+            100,
+            &host,
+            &thresholds(),
+            std::slice::from_ref(&old_stats),
+            &changed,
+        );
+        assert!(d.vms[0].target_bytes <= GIB + 64 * MIB, "{:?}", d.vms[0]);
+        // Statistics taken after the change saw the whole target: the
+        // guest may give more.
+        if let Some(sample) = old_stats.sample.as_mut() {
             sample.age_s = 1;
         }
-        let d = decide(100, &host, &thresholds(), &[input], &changed);
-        assert!(d.vms[0].target_bytes > GIB, "{:?}", d.vms[0]);
+        let d = decide(100, &host, &thresholds(), &[old_stats], &changed);
+        assert!(d.vms[0].target_bytes > GIB + 64 * MIB, "{:?}", d.vms[0]);
         assert_eq!(d.memory.vms["web"].last_change_s, Some(100));
+        assert_eq!(d.memory.vms["web"].target_before_change, Some(GIB));
     }
 
     #[test]
@@ -1247,6 +2052,135 @@ pub(crate) mod tests {
                     true_available(i, targets[i]) >= floor_bytes(vm),
                     "vm{} ends below its floor: target {} MiB", i, targets[i] / MIB
                 );
+            }
+        }
+    }
+
+    /// The closed loop of guests that report free pages: a guest's free
+    /// memory is not on the host, its page cache is; a balloon takes free
+    /// memory first, then cache. Returns every tick's targets and the
+    /// inputs of the last tick.
+    fn run_reporting_loop(
+        guests: &[(u64, u64, u64, u64)],
+        total_gib: u64,
+        other_pct: u64,
+        ticks: u64,
+    ) -> (Vec<VmInput>, Vec<Vec<u64>>) {
+        let total = total_gib * GIB;
+        let other = total / 100 * other_pct;
+        let mut targets = vec![0u64; guests.len()];
+        let mut history = Vec::new();
+        let mut memory = PolicyMemory::default();
+        let inputs = |targets: &[u64]| -> (Vec<VmInput>, u64) {
+            let mut resident_total = 0u64;
+            let vms = guests
+                .iter()
+                .zip(targets)
+                .enumerate()
+                .map(|(i, (&(ram_gib, ws_pct, cache_pct, shares), &target))| {
+                    let ram = ram_gib * GIB;
+                    let memory = ram - target;
+                    let ws = (ram / 100 * ws_pct).min(memory);
+                    let cache = (ram / 100 * cache_pct).min(memory - ws);
+                    let free = memory - ws - cache;
+                    resident_total += ws + cache;
+                    let mut input = vm(&format!("vm{i}"), ram, target, Some(free + cache));
+                    input.policy.shares = shares;
+                    input.free_page_reporting = Some(true);
+                    input.resident_bytes = Some(ws + cache);
+                    if let Some(sample) = input.sample.as_mut() {
+                        sample.free_bytes = Some(free);
+                        sample.balloon_bytes = Some(target);
+                    }
+                    input
+                })
+                .collect();
+            (vms, resident_total)
+        };
+        for tick in 0..ticks {
+            let (vms, resident) = inputs(&targets);
+            let host = HostState {
+                total_bytes: total,
+                available_bytes: total.saturating_sub(other + resident),
+            };
+            let decision = decide(tick * 5, &host, &thresholds(), &vms, &memory);
+            memory = decision.memory;
+            targets = decision.vms.iter().map(|d| d.target_bytes).collect();
+            history.push(targets.clone());
+        }
+        (inputs(&targets).0, history)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: ProptestConfig::default().cases.max(1_000),
+            ..ProptestConfig::default()
+        })]
+
+        /// With guests that report free pages, a steady host settles too:
+        /// every target moves one way only and stops within the bound
+        /// (plus the tick a VM is first watched), never past a limit, and
+        /// no guest ends below its floor.
+        #[test]
+        fn a_steady_reporting_host_never_oscillates(
+            guests in proptest::collection::vec((1u64..32, 5u64..60, 0u64..60, 1u64..4000), 1..6),
+            total_gib in 16u64..256,
+            other_pct in 0u64..90,
+        ) {
+            let (probe, _) = run_reporting_loop(&guests, total_gib, other_pct, 1);
+            let bound = settling_ticks(&probe) + 1;
+            let (last, history) = run_reporting_loop(&guests, total_gib, other_pct, bound + 20);
+            let settled_from = usize::try_from(bound).unwrap_or(usize::MAX).saturating_sub(1);
+            for (i, vm) in last.iter().enumerate() {
+                let series: Vec<u64> = history.iter().map(|t| t[i]).collect();
+                let ups = series.windows(2).filter(|w| w[1] > w[0]).count();
+                let downs = series.windows(2).filter(|w| w[1] < w[0]).count();
+                prop_assert!(ups == 0 || downs == 0, "vm{} oscillates: {:?}", i, series);
+                let tail = series.get(settled_from..).unwrap_or_default();
+                prop_assert!(tail.windows(2).all(|w| w[0] == w[1]), "vm{} still changes after {} ticks: {:?}", i, bound, tail);
+                prop_assert!(series.iter().all(|t| *t <= limit_bytes(vm)));
+                let available = vm.sample.map_or(0, |s| s.available_bytes);
+                prop_assert!(vm.target_bytes == 0 || available >= floor_bytes(vm), "vm{} below its floor: {:?}", i, vm);
+            }
+        }
+
+        /// Senpai's asymmetry, for any guest reporting PSI: above its
+        /// threshold it is never inflated and, unless the host is below
+        /// its hard threshold, gets back at least its share
+        /// `min((psi / 2 threshold)^2, 1)` of its memory (the balloon
+        /// permitting); below the threshold it gives at most its step times
+        /// `(1 - psi / threshold)^2`.
+        #[test]
+        fn psi_backs_off_in_proportion_and_takes_slowly(
+            ram_gib in 1u64..64,
+            balloon_pct in 0u64..60,
+            avail_pct in 10u64..90,
+            psi in 0.0f64..100.0,
+            threshold in 1.0f64..50.0,
+            host_pct in 0u64..60,
+        ) {
+            let ram = ram_gib * GIB;
+            let target = ram / 100 * balloon_pct / PAGE_BYTES * PAGE_BYTES;
+            let mut input = vm("web", ram, target, Some(ram / 100 * avail_pct));
+            input.policy.psi_some_avg10 = threshold;
+            if let Some(sample) = input.sample.as_mut() {
+                sample.psi_some_avg10 = Some(psi);
+            }
+            let memory = watched(std::slice::from_ref(&input), HostMode::Reclaim, 100);
+            let host = host_with(64, host_pct);
+            let d = decide(100, &host, &thresholds(), std::slice::from_ref(&input), &memory);
+            let d = &d.vms[0];
+            if psi > threshold {
+                prop_assert!(d.target_bytes <= target, "{:?}", d);
+                prop_assert!(d.pressure);
+                if host_pct >= 16 {
+                    let share = psi_backoff_share(psi, threshold);
+                    let owed = (((ram - target) as f64 * share) as u64).min(target);
+                    prop_assert!(target - d.target_bytes + PAGE_BYTES >= owed, "gave back {} of {}: {:?}", target - d.target_bytes, owed, d);
+                }
+            } else if d.target_bytes > target {
+                let step = input.policy.hard_inflate_step_bytes as f64 * psi_probe_share(Some(psi), threshold);
+                prop_assert!((d.target_bytes - target) as f64 <= step + PAGE_BYTES as f64, "{:?}", d);
             }
         }
     }

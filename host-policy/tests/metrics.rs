@@ -233,7 +233,7 @@ fn metrics_are_served_valid_and_documented() {
 fn metrics_over_a_unix_socket() {
     let socket_dir = tempfile::tempdir().unwrap();
     let socket = socket_dir.path().join("metrics.sock");
-    let (_dir, vms, _policy) = start(socket.to_str().unwrap());
+    let (_dir, vms, mut policy) = start(socket.to_str().unwrap());
     let _answers: Vec<_> = vms.iter().map(|vm| vm.answer_config_changes()).collect();
     let text = wait_for("metrics over the socket", Duration::from_secs(30), || {
         let output = Command::new("curl")
@@ -253,6 +253,10 @@ fn metrics_over_a_unix_socket() {
         sample(&text, "balloon_vm_guest_ram_bytes{vm=\"vm1\"}"),
         Some(GUEST_RAM_BYTES as f64)
     );
+    // Stopped (as systemctl stop does, SIGTERM), it leaves no socket.
+    let status = policy.stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "host-policy exited with {status}");
+    assert!(!socket.exists(), "{} is left", socket.display());
 }
 
 #[test]

@@ -388,7 +388,7 @@ fn svg(runs: &[RealRun], path: &Path) -> anyhow::Result<()> {
     grid_svg(path, RUN_S as f64, &["MiB", "%"], &columns)
 }
 
-/// Runs ours, MOM's and Proxmox's policy on the real guests; writes the
+/// Runs ours, MOM's, Proxmox's and ESX's idle-tax policy on the real guests; writes the
 /// side-by-side SVG to `svg_path` and returns the table.
 pub fn run(svg_path: &Path) -> anyhow::Result<String> {
     let mut runs = Vec::new();
@@ -396,6 +396,7 @@ pub fn run(svg_path: &Path) -> anyhow::Result<String> {
         PolicyKind::BalloonStack,
         PolicyKind::Mom,
         PolicyKind::Proxmox,
+        PolicyKind::EsxIdleTax,
     ] {
         runs.push(run_policy(policy)?);
     }

@@ -627,7 +627,7 @@ impl<'e> Soak<'e> {
             for guest in &self.guests {
                 resident = resident.saturating_add(guest.vm.host_resident_bytes().unwrap_or(0));
             }
-            let other = HOST_TOTAL_MIB * self.other_percent / 100;
+            let other = HOST_TOTAL_MIB.saturating_mul(self.other_percent) / 100;
             HOST_TOTAL_MIB
                 .saturating_sub(resident / MIB)
                 .saturating_sub(other)
@@ -843,7 +843,11 @@ impl<'e> Soak<'e> {
                 Ok(())
             }
             Action::Quiet => self.quiet(),
-            Action::KillBackend { guest, down_ms } => self.kill_backend(guest, down_ms),
+            Action::KillBackend {
+                guest,
+                down_ms,
+                reset,
+            } => self.kill_backend(guest, down_ms, reset),
             Action::StopBackend { guest, hold_ms } => {
                 let pid = self.guests[guest].backend.pid();
                 signal(pid, libc::SIGSTOP)?;
@@ -935,9 +939,14 @@ impl<'e> Soak<'e> {
         }
     }
 
-    fn kill_backend(&mut self, g: usize, down_ms: u64) -> anyhow::Result<()> {
+    fn kill_backend(&mut self, g: usize, down_ms: u64, reset: bool) -> anyhow::Result<()> {
         self.guests[g].backend_down = true;
         self.guests[g].backend.kill()?;
+        let ready = if reset {
+            Some(self.reset_now(g)?)
+        } else {
+            None
+        };
         self.idle(Duration::from_millis(down_ms))?;
         self.guests[g].backend.start_again()?;
         self.guests[g].backend_down = false;
@@ -958,7 +967,10 @@ impl<'e> Soak<'e> {
                 back.err().unwrap_or_else(|| anyhow::anyhow!("?"))
             )
         });
-        Ok(())
+        match ready {
+            Some(ready) => self.rebooted(g, ready),
+            None => Ok(()),
+        }
     }
 
     fn kill_policy(&mut self, down_ms: u64) -> anyhow::Result<()> {
@@ -1049,10 +1061,21 @@ impl<'e> Soak<'e> {
     }
 
     fn reset(&mut self, g: usize) -> anyhow::Result<()> {
+        let ready = self.reset_now(g)?;
+        self.rebooted(g, ready)
+    }
+
+    /// QMP `system_reset`; the boots the console had before.
+    fn reset_now(&mut self, g: usize) -> anyhow::Result<usize> {
         let ready = self.guests[g].vm.lines_matching(|l| l == "@@READY").len();
         self.guests[g].expected_boots = ready.saturating_add(1);
         self.guests[g].qmp.execute("system_reset", json!({}))?;
         self.guests[g].grace_until = Instant::now() + BOOT_DEADLINE + PASS_DEADLINE;
+        Ok(ready)
+    }
+
+    /// Waits for the reset guest's boot and starts its verifier again.
+    fn rebooted(&mut self, g: usize, ready: usize) -> anyhow::Result<()> {
         let booted = self.wait_while(
             &format!("g{g} to boot again after its reset"),
             BOOT_DEADLINE,
@@ -1071,7 +1094,7 @@ impl<'e> Soak<'e> {
 
     fn migrate(&mut self, g: usize) -> anyhow::Result<()> {
         self.migrations = self.migrations.checked_add(1).context("migrations")?;
-        let to = 1 - self.guests[g].active;
+        let to = usize::from(self.guests[g].active == 0);
         let dir = self.guests[g].dirs[to].clone();
         let backend = self.start_backend(&dir)?;
         let uri = format!(

@@ -117,6 +117,7 @@ fn assemble(
                     pressure: false,
                     reason: format!("pinned at {} MiB by an operator", vm.target_bytes / MIB),
                     cause: Cause::Pinned,
+                    reclaim_cache_bytes: 0,
                 };
             }
             let target = target.min(limit_bytes(vm));
@@ -132,6 +133,7 @@ fn assemble(
                 } else {
                     cause_of(vm.target_bytes, target)
                 },
+                reclaim_cache_bytes: 0,
             }
         })
         .collect();
@@ -146,6 +148,7 @@ fn assemble(
                 .map(|vm| (vm.name.clone(), VmMemory::default()))
                 .collect(),
             samples,
+            ..PolicyMemory::default()
         },
     }
 }
@@ -176,6 +179,9 @@ pub(crate) mod tests {
             }),
             policy: VmPolicy::default(),
             pinned: false,
+            free_page_reporting: None,
+            resident_bytes: None,
+            agent_page_cache_bytes: None,
         }
     }
 

@@ -85,8 +85,14 @@ pub enum Action {
     /// settles, then check every invariant.
     Quiet,
     // Faults.
-    /// SIGKILL the backend, start it again `down_ms` later.
-    KillBackend { guest: usize, down_ms: u64 },
+    /// SIGKILL the backend, start it again `down_ms` later; with
+    /// `reset`, the guest is reset (QMP `system_reset`) while its backend
+    /// is down, so the restarted backend sees the reset only in the rings.
+    KillBackend {
+        guest: usize,
+        down_ms: u64,
+        reset: bool,
+    },
     /// SIGSTOP the backend, SIGCONT `hold_ms` later.
     StopBackend { guest: usize, hold_ms: u64 },
     /// QMP `stop`, `cont` `hold_ms` later.
@@ -171,9 +177,18 @@ impl Action {
                 format!("{}: guest-verifier --oom-push {mib}", g(guest))
             }
             Action::Quiet => "quiet period: host in the dead band, every invariant".to_string(),
-            Action::KillBackend { guest, down_ms } => format!(
-                "{}: SIGKILL the backend, restart {down_ms} ms later",
-                g(guest)
+            Action::KillBackend {
+                guest,
+                down_ms,
+                reset,
+            } => format!(
+                "{}: SIGKILL the backend, {}restart {down_ms} ms later",
+                g(guest),
+                if *reset {
+                    "QMP system_reset while it is down, "
+                } else {
+                    ""
+                }
             ),
             Action::StopBackend { guest, hold_ms } => format!(
                 "{}: SIGSTOP the backend, SIGCONT {hold_ms} ms later",
@@ -302,6 +317,7 @@ impl Schedule {
             "kill-backend" => Action::KillBackend {
                 guest,
                 down_ms: self.rng.between(0, 1500),
+                reset: self.rng.percent(25),
             },
             "stop-backend" => Action::StopBackend {
                 guest,

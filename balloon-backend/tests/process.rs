@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use balloon_protocol::control::ControlClient;
 use test_support as support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -72,24 +73,13 @@ fn a_socket_in_use_is_refused() {
     );
 }
 
-fn connect(path: &std::path::Path) -> (UnixStream, BufReader<UnixStream>) {
-    let stream = UnixStream::connect(path).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    (stream.try_clone().unwrap(), BufReader::new(stream))
+fn connect(path: &std::path::Path) -> ControlClient {
+    ControlClient::connect(path, Duration::from_secs(10)).unwrap()
 }
 
-fn ask(
-    writer: &mut UnixStream,
-    reader: &mut BufReader<UnixStream>,
-    line: &[u8],
-) -> serde_json::Value {
-    writer.write_all(line).unwrap();
-    writer.write_all(b"\n").unwrap();
-    let mut reply = String::new();
-    reader.read_line(&mut reply).unwrap();
-    serde_json::from_str(&reply).unwrap()
+/// Sends `line` as it is (malformed ones too) and returns the reply.
+fn ask(control: &mut ControlClient, line: &[u8]) -> serde_json::Value {
+    control.request_raw(line).unwrap()
 }
 
 #[test]
@@ -99,7 +89,7 @@ fn the_control_socket_survives_bad_input_and_serves_many_clients() {
     let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
-    let (mut w, mut r) = connect(&control);
+    let mut control_client = connect(&control);
     for (bad, expected) in [
         (&b"{\"cmd\":\"explode\"}"[..], "explode"),
         (b"{\"cmd\":\"set-target\"}", "bytes"),
@@ -110,7 +100,7 @@ fn the_control_socket_survives_bad_input_and_serves_many_clients() {
         (b"\xff\xfe\x00", "bad request"),
         (b"{\"cmd\":\"set-target\",\"bytes\":", "bad request"),
     ] {
-        let reply = ask(&mut w, &mut r, bad);
+        let reply = ask(&mut control_client, bad);
         assert_eq!(reply["ok"], false, "{reply}");
         let error = reply["error"].as_str().unwrap();
         assert!(
@@ -119,7 +109,7 @@ fn the_control_socket_survives_bad_input_and_serves_many_clients() {
         );
     }
     // Nothing changed, and the same connection still works.
-    let status = ask(&mut w, &mut r, br#"{"cmd":"status"}"#);
+    let status = ask(&mut control_client, br#"{"cmd":"status"}"#);
     assert_eq!(status["ok"], true);
     assert_eq!(status["target_bytes"], 0);
 
@@ -128,8 +118,8 @@ fn the_control_socket_survives_bad_input_and_serves_many_clients() {
         .map(|_| {
             let control = control.clone();
             std::thread::spawn(move || {
-                let (mut w, mut r) = connect(&control);
-                (0..20).all(|_| ask(&mut w, &mut r, br#"{"cmd":"status"}"#)["ok"] == true)
+                let mut control_client = connect(&control);
+                (0..20).all(|_| ask(&mut control_client, br#"{"cmd":"status"}"#)["ok"] == true)
             })
         })
         .collect();
@@ -141,27 +131,27 @@ fn the_control_socket_survives_bad_input_and_serves_many_clients() {
     // newline not counted): a status request padded with spaces.
     let mut exact = br#"{"cmd":"status"}"#.to_vec();
     exact.resize(65_536, b' ');
-    assert_eq!(ask(&mut w, &mut r, &exact)["ok"], true);
+    assert_eq!(ask(&mut control_client, &exact)["ok"], true);
     // One byte more gets one error reply; the rest of that line, although
     // it looks like a request, is dropped, not run; the connection stays.
     let mut over = vec![b' '; 65_537];
     over.extend_from_slice(br#"{"cmd":"set-target","bytes":4096}"#);
-    let reply = ask(&mut w, &mut r, &over);
+    let reply = ask(&mut control_client, &over);
     assert_eq!(reply["ok"], false);
     assert!(
         reply["error"].as_str().unwrap().contains("longer than"),
         "{reply}"
     );
-    let status = ask(&mut w, &mut r, br#"{"cmd":"status"}"#);
+    let status = ask(&mut control_client, br#"{"cmd":"status"}"#);
     assert_eq!(status["target_bytes"], 0, "the tail of a long line was run");
     // An empty line gets its one reply too.
-    let reply = ask(&mut w, &mut r, b"");
+    let reply = ask(&mut control_client, b"");
     assert_eq!(reply["ok"], false);
     assert!(
         reply["error"].as_str().unwrap().contains("empty request"),
         "{reply}"
     );
-    assert_eq!(ask(&mut w, &mut r, br#"{"cmd":"status"}"#)["ok"], true);
+    assert_eq!(ask(&mut control_client, br#"{"cmd":"status"}"#)["ok"], true);
 }
 
 /// The backend with both sockets and no frontend, once its control socket
@@ -202,12 +192,11 @@ fn without_a_guest_refresh_stats_is_refused_at_once() {
     let socket = dir.path().join("b.sock");
     let control = dir.path().join("c.sock");
     let mut child = start_without_a_frontend(&socket, &control);
-    let (mut w, mut r) = connect(&control);
+    let mut control_client = connect(&control);
     // Refused with the no-guest error (not after its timeout, blaming the
     // guest: the reader's own 10 s timeout would fail first).
     let reply = ask(
-        &mut w,
-        &mut r,
+        &mut control_client,
         br#"{"cmd":"refresh-stats","timeout_ms":60000}"#,
     );
     assert_eq!(reply["ok"], false);
@@ -431,7 +420,13 @@ fn refused_client() {
     let Some(path) = std::env::var_os(REFUSED_CLIENT_ENV) else {
         return;
     };
-    let (mut writer, mut reader) = connect(std::path::Path::new(&path));
+    // The raw socket: the refusal is read after the server may have
+    // closed it, which a request-and-reply client does not get to.
+    let mut writer = UnixStream::connect(&path).unwrap();
+    writer
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(writer.try_clone().unwrap());
     // The request may meet a closed socket; the reply is already queued.
     if let Err(error) = writer.write_all(b"{\"cmd\":\"status\"}\n") {
         eprintln!("write: {error}");

@@ -250,18 +250,15 @@ fn statistics_are_held_and_refreshed_on_request() {
 
     // refresh-stats: the device returns the buffer, the "driver" refills it.
     let mut control = h.control_clone();
-    let refresh = std::thread::spawn(move || {
-        control.request(r#"{"cmd":"refresh-stats","timeout_ms":10000}"#)
-    });
+    let refresh = std::thread::spawn(move || control.refresh_stats(10_000));
     h.wait_used(STATS, 1);
     use vm_memory::{Bytes, GuestAddress};
     h.mem
         .write_slice(&records(10 * MIB), GuestAddress(buffer))
         .unwrap();
     h.push(STATS, &[(buffer, 70, false)]);
-    let reply = refresh.join().unwrap();
-    assert_eq!(reply["ok"], true, "{reply}");
-    assert_eq!(reply["stats"]["free_bytes"], 10 * MIB);
+    let reply = refresh.join().unwrap().unwrap();
+    assert_eq!(reply.stats.free_bytes, Some(10 * MIB));
 }
 
 /// Every counter in `status.errors`, so a test can say which ones moved.
@@ -539,14 +536,12 @@ fn the_held_stats_buffer_survives_a_ring_stop_and_start() {
     });
     // And holds it: a refresh returns it, the "driver" refills it.
     let mut control = h.control_clone();
-    let refresh = std::thread::spawn(move || {
-        control.request(r#"{"cmd":"refresh-stats","timeout_ms":10000}"#)
-    });
+    let refresh = std::thread::spawn(move || control.refresh_stats(10_000));
     h.wait_used(STATS, 1);
     h.mem
         .write_slice(&[4, 0, 0, 0, 0, 3, 0, 0, 0, 0], GuestAddress(buffer))
         .unwrap();
     h.push(STATS, &[(buffer, 10, false)]);
-    let reply = refresh.join().unwrap();
-    assert_eq!(reply["stats"]["free_bytes"], 3u64 << 24, "{reply}");
+    let reply = refresh.join().unwrap().unwrap();
+    assert_eq!(reply.stats.free_bytes, Some(3u64 << 24), "{reply:?}");
 }

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::lines::{Limits, LineConnection, LineCounters, LineError};
 
+pub mod libvirt;
+pub use libvirt::{
+    libvirt_channel_socket, list_libvirt_channels, LibvirtChannel, LibvirtChannelError,
+    LIBVIRT_CHANNEL_ROOTS,
+};
+
 pub const PROTOCOL_VERSION: u64 = 1;
 /// The virtio-serial port name the agent looks for.
 pub const DEFAULT_PORT_NAME: &str = "org.balloon.agent.0";

@@ -173,6 +173,11 @@ impl ControlClient {
         self.conn.path()
     }
 
+    /// How long later requests wait for their reply.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     pub fn counters(&self) -> LineCounters {
         self.conn.counters()
     }
@@ -198,6 +203,19 @@ impl ControlClient {
         let deadline = Instant::now() + self.timeout;
         self.send(request, deadline)?;
         self.receive(deadline)
+    }
+
+    /// Sends `line` as it is, whatever it holds (tests send malformed
+    /// requests this way), and returns the reply as JSON, whether it
+    /// succeeded or refused: only an unreadable reply is an error.
+    pub fn request_raw(&mut self, line: &[u8]) -> Result<serde_json::Value, ControlError> {
+        let deadline = Instant::now() + self.timeout;
+        self.conn.send(line, deadline)?;
+        let reply = self.conn.next_line(deadline)?;
+        serde_json::from_slice(&reply).map_err(|source| ControlError::Reply {
+            path: self.conn.path().to_string(),
+            source,
+        })
     }
 
     pub fn status(&mut self) -> Result<StatusReply, ControlError> {
@@ -300,5 +318,41 @@ mod tests {
         let (first, second) = server.join().unwrap();
         assert_eq!(first, r#"{"cmd":"set-target","bytes":1099511627776}"#);
         assert_eq!(second, r#"{"cmd":"set-target","bytes":8192}"#);
+    }
+
+    #[test]
+    fn a_raw_request_goes_out_as_it_is_and_any_reply_comes_back() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut client = ControlClient {
+            conn: LineConnection::from_stream("backend", ours, Limits::default()),
+            timeout: Duration::from_secs(5),
+        };
+        let server = std::thread::spawn(move || {
+            let mut reader = BufReader::new(theirs.try_clone().unwrap());
+            let mut out = theirs;
+            let mut first = Vec::new();
+            reader.read_until(b'\n', &mut first).unwrap();
+            writeln!(
+                out,
+                r#"{{"ok":false,"error":"bad request: expected value"}}"#
+            )
+            .unwrap();
+            let mut second = Vec::new();
+            reader.read_until(b'\n', &mut second).unwrap();
+            writeln!(out, "not json").unwrap();
+            (first, second)
+        });
+        let reply = client.request_raw(b"\xff{\"cmd\":").unwrap();
+        assert_eq!(reply["ok"], false);
+        assert_eq!(reply["error"], "bad request: expected value");
+        client.set_timeout(Duration::from_secs(1));
+        let unreadable = client.request_raw(b"").unwrap_err();
+        assert!(
+            matches!(unreadable, ControlError::Reply { .. }),
+            "{unreadable}"
+        );
+        let (first, second) = server.join().unwrap();
+        assert_eq!(first, b"\xff{\"cmd\":\n");
+        assert_eq!(second, b"\n");
     }
 }

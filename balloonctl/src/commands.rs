@@ -56,6 +56,18 @@ fn target_by(vm: &VmEntry, status: &StatusReply) -> &'static str {
     }
 }
 
+/// The `AGENT` column: a report in host-policy's state counts even when
+/// this user cannot see the agent's socket (libvirt's channel directory is
+/// QEMU's group's), so an agent host-policy found shows as reporting.
+fn agent_column(has_agent: bool, reporting: Option<bool>) -> &'static str {
+    match reporting {
+        Some(true) => "reporting",
+        _ if !has_agent => "-",
+        Some(false) => "silent",
+        None => "?",
+    }
+}
+
 /// One table row for a VM, asking its backend.
 pub fn row(inventory: &Inventory, vm: &VmEntry) -> Row {
     let pressure = inventory
@@ -63,12 +75,10 @@ pub fn row(inventory: &Inventory, vm: &VmEntry) -> Row {
         .map_or("-".to_string(), |(pressure, _)| {
             if pressure { "yes" } else { "no" }.to_string()
         });
-    let agent = match inventory.agent_reporting(&vm.name, now_unix_s(), STATE_MAX_AGE_S) {
-        _ if !vm.has_agent => "-",
-        Some(true) => "reporting",
-        Some(false) => "silent",
-        None => "?",
-    }
+    let agent = agent_column(
+        vm.has_agent,
+        inventory.agent_reporting(&vm.name, now_unix_s(), STATE_MAX_AGE_S),
+    )
     .to_string();
     match status_of(vm) {
         Ok(status) => {
@@ -114,6 +124,10 @@ pub fn status(inventory: &Inventory, name: &str, as_json: bool) -> Result<String
     let vm = vm(inventory, name)?;
     let status = status_of(vm)?;
     let decision = inventory.last_decision(name);
+    let agent = agent_column(
+        vm.has_agent,
+        inventory.agent_reporting(name, now_unix_s(), STATE_MAX_AGE_S),
+    );
     if as_json {
         let value = json!({
             "vm": vm.name,
@@ -121,6 +135,7 @@ pub fn status(inventory: &Inventory, name: &str, as_json: bool) -> Result<String
             "managed_by_host_policy": vm.managed,
             "target_by": target_by(vm, &status),
             "last_decision": decision.map(|(pressure, reason)| json!({"pressure": pressure, "reason": reason})),
+            "agent": agent,
             "backend": status,
         });
         return serde_json::to_string_pretty(&value)
@@ -181,6 +196,7 @@ pub fn status(inventory: &Inventory, name: &str, as_json: bool) -> Result<String
             ),
         );
     }
+    line("guest agent", agent.to_string());
     line("features", status.features.join(" "));
     if !status.errors.is_empty() {
         let errors: Vec<String> = status
@@ -340,4 +356,19 @@ pub fn stats(inventory: &Inventory, name: &str) -> Result<String, CtlError> {
         out.push_str(&format!("  {label:<24}{value:>12}\n"));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_column;
+
+    #[test]
+    fn a_reporting_agent_shows_even_where_its_socket_is_hidden() {
+        assert_eq!(agent_column(true, Some(true)), "reporting");
+        assert_eq!(agent_column(false, Some(true)), "reporting");
+        assert_eq!(agent_column(true, Some(false)), "silent");
+        assert_eq!(agent_column(false, Some(false)), "-");
+        assert_eq!(agent_column(true, None), "?");
+        assert_eq!(agent_column(false, None), "-");
+    }
 }

@@ -5,8 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use host_policy::config::Config;
-use host_policy::daemon::{classify_discovered, managed_vms, StateFile};
+use host_policy_config::{classify_discovered, managed_vms, Config, StateFile};
 
 /// Control sockets in the runtime directory end with this.
 pub const CONTROL_SUFFIX: &str = ".ctl";
@@ -17,7 +16,8 @@ pub struct VmEntry {
     pub control: PathBuf,
     /// host-policy's configuration manages this VM.
     pub managed: bool,
-    /// host-policy's configuration names a guest-agent socket for it.
+    /// host-policy's configuration names a guest-agent socket for it, or
+    /// this user finds libvirt's channel for it (as host-policy would).
     pub has_agent: bool,
 }
 
@@ -61,12 +61,7 @@ pub fn find(runtime_dir: &Path, config: Option<&Config>) -> Inventory {
                 has_agent: vm.agent.is_some(),
             });
         }
-        state = config
-            .host
-            .state_file
-            .as_ref()
-            .and_then(|path| std::fs::read(path).ok())
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        state = config.host.state_file.as_deref().and_then(StateFile::read);
     }
     vms.sort_by(|a, b| a.name.cmp(&b.name));
     Inventory {

@@ -12,7 +12,7 @@ use balloonctl::cli::{Cli, Command, DEFAULT_CONFIG};
 use balloonctl::commands::{self, Wait};
 use balloonctl::error::CtlError;
 use balloonctl::inventory::{self, Inventory};
-use host_policy::config::Config;
+use host_policy_config::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

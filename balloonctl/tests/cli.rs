@@ -109,6 +109,98 @@ fn list_shows_every_vm_and_who_sets_its_target() {
     assert!(line("gone").contains("unreachable"), "{table}");
 }
 
+/// The JSON of host-policy's state file, written now, with a guest-agent
+/// report for each VM of `agents`.
+fn state_with_agents(agents: &[&str]) -> String {
+    use balloon_protocol::agent::{MemInfo, Report, ReportReason, VmStat};
+    let report = Report {
+        v: 1,
+        reason: ReportReason::Hello,
+        seq: 1,
+        meminfo: MemInfo {
+            total_bytes: GUEST_RAM_BYTES,
+            free_bytes: 2 * MIB,
+            available_bytes: 10 * MIB,
+            page_cache_bytes: 8 * MIB,
+            shmem_bytes: 0,
+        },
+        vmstat: VmStat::default(),
+        psi: None,
+        cgroup: None,
+    };
+    let unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let agents: serde_json::Map<String, serde_json::Value> = agents
+        .iter()
+        .map(|name| (name.to_string(), serde_json::to_value(&report).unwrap()))
+        .collect();
+    serde_json::json!({
+        "unix_s": unix_s,
+        "dry_run": false,
+        "decision": {
+            "mode": "normal",
+            "host_available_percent": 50.0,
+            "vms": [],
+            "memory": {"mode": "normal", "vms": {}},
+        },
+        "agents": agents,
+    })
+    .to_string()
+}
+
+#[test]
+fn an_agent_found_in_libvirts_channel_shows_in_list_and_status() {
+    let host = Host::start();
+    // libvirt's host end of vm-a's channel (libvirt 9.7 and later's
+    // layout); vm-a's [[vm]] names no agent.
+    let channels = host.dir.path().join("channel");
+    std::fs::create_dir_all(channels.join("3-vm-a")).unwrap();
+    let _agent =
+        std::os::unix::net::UnixListener::bind(channels.join("3-vm-a/org.balloon.agent.0"))
+            .unwrap();
+    let state = host.dir.path().join("state.json");
+    std::fs::write(
+        host.dir.path().join("host-policy.toml"),
+        format!(
+            "[host]\nmeminfo = \"/proc/meminfo\"\nstate_file = {state:?}\nlibvirt_channel_dirs = [{channels:?}]\n\n[[vm]]\nname = \"vm-a\"\ncontrol = {:?}\n",
+            host.dir.path().join("run/vm-a.ctl")
+        ),
+    )
+    .unwrap();
+    let agent_of = |name: &str| {
+        let table = stdout(&host.run(&["list"]));
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{table}"))
+            .to_string();
+        let status = host.run(&["status", name, "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        (line, json["agent"].as_str().unwrap_or_default().to_string())
+    };
+
+    // No state yet: unknown; vm-b has no agent at all.
+    assert_eq!(agent_of("vm-a").1, "?");
+    assert_eq!(agent_of("vm-b").1, "-");
+    std::fs::write(&state, state_with_agents(&[])).unwrap();
+    let (line, agent) = agent_of("vm-a");
+    assert_eq!(agent, "silent", "{line}");
+    assert!(line.contains(" silent "), "{line}");
+    std::fs::write(&state, state_with_agents(&["vm-a"])).unwrap();
+    let (line, agent) = agent_of("vm-a");
+    assert_eq!(agent, "reporting", "{line}");
+    assert!(line.contains(" reporting "), "{line}");
+    let text = stdout(&host.run(&["status", "vm-a"]));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("guest agent") && l.ends_with("reporting")),
+        "{text}"
+    );
+    assert_eq!(agent_of("vm-b").1, "-");
+}
+
 #[test]
 fn set_pins_the_target_against_host_policy_until_unpin() {
     let host = Host::start();

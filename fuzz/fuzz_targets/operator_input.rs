@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(message.starts_with("bad request: "));
     }
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Err(error) = host_policy::config::Config::parse(Path::new("fuzz.toml"), text) {
+        if let Err(error) = host_policy_config::Config::parse(Path::new("fuzz.toml"), text) {
             assert!(error.to_string().starts_with("fuzz.toml"));
         }
     }

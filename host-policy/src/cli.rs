@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::baselines::PolicyKind;
+use balloon_policy::PolicyKind;
 
 /// Sets balloon targets for the VMs on this host.
 #[derive(Parser)]

@@ -3,116 +3,22 @@
 //! `host-policy status`.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, error, info, warn};
-use serde::{Deserialize, Serialize};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use balloon_protocol::agent::Report as AgentReport;
+use balloon_policy::policy::{
+    limit_bytes, Decision, GuestCounters, GuestSample, PolicyMemory, VmDecision, VmInput,
+};
 use balloon_protocol::control::StatusReply;
+use host_policy_config::config::MetricsListen;
+use host_policy_config::{managed_vms, Config, ManagedVm, StateFile};
 
-use crate::config::{Config, VmPolicy};
-use crate::links::{tick_reply_timeout, Gate, VmLink};
-use crate::meminfo_reader::read_host;
-use crate::policy::{Decision, GuestCounters, GuestSample, HostThresholds, PolicyMemory, VmInput};
-
-/// A VM the daemon manages: from `[[vm]]` or found in `[discover]`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ManagedVm {
-    pub name: String,
-    pub control: PathBuf,
-    pub agent: Option<PathBuf>,
-    pub policy: VmPolicy,
-}
-
-/// Configured VMs, then discovered sockets whose names are not configured.
-pub fn managed_vms(config: &Config) -> Vec<ManagedVm> {
-    let mut vms: Vec<ManagedVm> = config
-        .vms
-        .iter()
-        .map(|vm| ManagedVm {
-            name: vm.name.clone(),
-            control: vm.control.clone(),
-            agent: vm.agent.clone(),
-            policy: config.policy_for(&vm.name),
-        })
-        .collect();
-    let (mut found, _skipped) = discovered_vms(config);
-    found.retain(|vm| !vms.iter().any(|configured| configured.name == vm.name));
-    vms.extend(found);
-    vms
-}
-
-/// Why a file in the `[discover]` directory is not a VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NotDiscovered {
-    NotASocket,
-    BadName(String),
-}
-
-impl std::fmt::Display for NotDiscovered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NotDiscovered::NotASocket => f.write_str("not a socket"),
-            NotDiscovered::BadName(message) => f.write_str(message),
-        }
-    }
-}
-
-/// Whether a directory entry named `file` is a VM: its name without
-/// `suffix`, or why not; None for files without the suffix.
-pub fn classify_discovered(
-    file: &str,
-    suffix: &str,
-    is_socket: bool,
-) -> Option<Result<String, NotDiscovered>> {
-    let name = file.strip_suffix(suffix)?;
-    if name.is_empty() {
-        return None;
-    }
-    if let Err(message) = crate::config::check_vm_name(name) {
-        return Some(Err(NotDiscovered::BadName(message)));
-    }
-    if !is_socket {
-        return Some(Err(NotDiscovered::NotASocket));
-    }
-    Some(Ok(name.to_string()))
-}
-
-/// The VMs in the `[discover]` directory, sorted by name, and the files
-/// with the suffix that were skipped, with the reason (`check` prints them).
-pub fn discovered_vms(config: &Config) -> (Vec<ManagedVm>, Vec<(PathBuf, NotDiscovered)>) {
-    let (mut found, mut skipped) = (Vec::new(), Vec::new());
-    let Some(discover) = &config.discover else {
-        return (found, skipped);
-    };
-    let Ok(entries) = std::fs::read_dir(&discover.directory) else {
-        return (found, skipped);
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let file = entry.file_name().to_string_lossy().to_string();
-        // Followed: a symbolic link to a control socket is a VM too.
-        let is_socket =
-            std::fs::metadata(entry.path()).is_ok_and(|meta| meta.file_type().is_socket());
-        match classify_discovered(&file, &discover.suffix, is_socket) {
-            None => {}
-            Some(Ok(name)) => found.push(ManagedVm {
-                policy: config.policy_for(&name),
-                name,
-                control: entry.path(),
-                agent: None,
-            }),
-            Some(Err(reason)) => skipped.push((entry.path(), reason)),
-        }
-    }
-    found.sort_by(|a, b| a.name.cmp(&b.name));
-    skipped.sort_by(|a, b| a.0.cmp(&b.0));
-    (found, skipped)
-}
+use crate::host_reader::{HostReading, PressureReading};
+use crate::links::{tick_reply_timeout, VmLink};
 
 pub fn unix_now_s() -> u64 {
     SystemTime::now()
@@ -152,24 +58,8 @@ pub fn vm_input(vm: &ManagedVm, status: &StatusReply, now_unix_s: u64) -> VmInpu
             .then(|| status.features.iter().any(|f| f == "REPORTING")),
         resident_bytes: status.guest_ram_resident_bytes,
         agent_page_cache_bytes: None,
+        agent_reclaim: Default::default(),
     }
-}
-
-/// What `run` leaves for `status`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StateFile {
-    pub unix_s: u64,
-    pub dry_run: bool,
-    pub decision: Decision,
-    /// The latest guest-agent report of each VM that has one.
-    #[serde(default)]
-    pub agents: BTreeMap<String, AgentReport>,
-    /// Each VM's connection and protocol fault counters, by name.
-    #[serde(default)]
-    pub errors: BTreeMap<String, BTreeMap<String, u64>>,
-    /// How long the tick took, from reading the host to the last reply.
-    #[serde(default)]
-    pub tick_ms: u64,
 }
 
 pub struct Daemon {
@@ -180,6 +70,9 @@ pub struct Daemon {
     links: BTreeMap<String, VmLink>,
     /// Set when `[metrics]` is on.
     metrics: Option<crate::metrics::Recorder>,
+    /// Why the host's PSI could not be read at the last tick, to log a
+    /// change once.
+    psi_missing: Option<String>,
 }
 
 impl Daemon {
@@ -191,6 +84,7 @@ impl Daemon {
             started: Instant::now(),
             links: BTreeMap::new(),
             metrics: None,
+            psi_missing: None,
         }
     }
 
@@ -229,7 +123,9 @@ impl Daemon {
     /// waiting. Backends that do not answer are skipped this tick.
     pub fn tick(&mut self) -> anyhow::Result<Decision> {
         let tick_started = Instant::now();
-        let host = read_host(&self.config.host.meminfo)?;
+        let reading = crate::host_reader::read(&self.config.host)?;
+        self.log_pressure_source(&reading.pressure);
+        let host = reading.state;
         let now_unix_s = unix_now_s();
         let vms = managed_vms(&self.config);
         self.links
@@ -269,19 +165,20 @@ impl Daemon {
                     if let Some(report) = &report {
                         input.agent_page_cache_bytes = Some(report.meminfo.page_cache_bytes);
                     }
+                    // A dry run asks the agent nothing: the gate lets every
+                    // inflation through, as it will be logged.
+                    if !self.dry_run {
+                        input.agent_reclaim = link.agent_reclaim();
+                    }
                     inputs.push(input);
                     statuses.insert(vm.name.clone(), status);
                 }
                 None => debug!("vm {}: skipped this tick", vm.name),
             }
         }
-        let thresholds = HostThresholds {
-            reclaim_start_percent: self.config.host.reclaim_start_percent.0,
-            reclaim_hard_percent: self.config.host.reclaim_hard_percent.0,
-            give_back_percent: self.config.host.give_back_percent.0,
-        };
+        let thresholds = self.config.host.thresholds();
         let now_s = self.started.elapsed().as_secs();
-        let mut decision = crate::baselines::decide_with(
+        let decision = balloon_policy::decide_with(
             self.config.host.policy,
             now_s,
             &host,
@@ -290,33 +187,38 @@ impl Daemon {
             &self.memory,
         );
         if decision.mode != self.memory.mode {
+            let psi = host
+                .psi_some_avg10
+                .map_or(String::new(), |psi| format!(", PSI some avg10 {psi:.1}%"));
             info!(
-                "host mode {:?} -> {:?} ({:.1}% available)",
+                "host mode {:?} -> {:?} ({:.1}% available{psi})",
                 self.memory.mode, decision.mode, decision.host_available_percent
             );
         }
+        // The decision's outputs, applied as they are: the page cache to
+        // ask each guest agent to drop (before an inflation the gate holds,
+        // or the policy's own drop), then the targets.
         let mut sent = Vec::new();
-        for vm in decision.vms.iter_mut() {
+        for vm in &decision.vms {
             let Some(link) = self.links.get_mut(&vm.name) else {
                 continue;
             };
-            if vm.target_bytes > vm.previous_bytes && !self.dry_run {
-                if let Gate::Hold(why) = link.gate_inflation(vm.target_bytes - vm.previous_bytes) {
-                    info!(
-                        "vm {}: holding the balloon at {} MiB: {why}",
-                        vm.name,
-                        vm.previous_bytes >> 20
-                    );
-                    vm.target_bytes = vm.previous_bytes;
-                    vm.reason = why;
-                    continue;
-                }
+            if vm.agent_reclaim_bytes > 0 && !self.dry_run {
+                let why = if vm.held_target_bytes.is_some() {
+                    "before inflating"
+                } else {
+                    "while the host reclaims (the balloon is held)"
+                };
+                link.ask_reclaim(vm.agent_reclaim_bytes, why);
             }
-            // The policy's one move besides targets: on a guest that
-            // reports free pages, page cache the guest agent drops goes
-            // back to the host without a balloon (`VmLink::trim_cache`).
-            if vm.reclaim_cache_bytes > 0 && !self.dry_run {
-                link.trim_cache(vm.reclaim_cache_bytes);
+            if vm.held_target_bytes.is_some() {
+                info!(
+                    "vm {}: holding the balloon at {} MiB: {}",
+                    vm.name,
+                    vm.previous_bytes >> 20,
+                    vm.reason
+                );
+                continue;
             }
             if vm.target_bytes == vm.previous_bytes {
                 debug!(
@@ -359,7 +261,7 @@ impl Daemon {
         if self.metrics.is_some() {
             self.record_metrics(
                 &vms,
-                &host,
+                &reading,
                 &decision,
                 &inputs,
                 &statuses,
@@ -367,27 +269,45 @@ impl Daemon {
             );
         }
         if let Some(path) = &self.config.host.state_file {
-            write_state(
-                path,
-                &StateFile {
-                    unix_s: now_unix_s,
-                    dry_run: self.dry_run,
-                    decision: decision.clone(),
-                    agents,
-                    errors: self.errors(),
-                    tick_ms: u64::try_from(tick_started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                },
-            );
+            let state = StateFile {
+                unix_s: now_unix_s,
+                dry_run: self.dry_run,
+                decision: decision.clone(),
+                agents,
+                errors: self.errors(),
+                tick_ms: u64::try_from(tick_started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                host: Some(reading.report()),
+            };
+            if let Err(error) = state.write(path) {
+                warn!("writing the state file {}: {error}", path.display());
+            }
         }
         Ok(decision)
     }
 }
 
 impl Daemon {
+    /// Logs when the host's PSI becomes unavailable, or available again.
+    fn log_pressure_source(&mut self, pressure: &PressureReading) {
+        let missing = match pressure {
+            PressureReading::Read { .. } => None,
+            PressureReading::Unavailable { why } => Some(why.clone()),
+        };
+        if missing != self.psi_missing {
+            match &missing {
+                Some(why) => {
+                    info!("no host PSI: the policy goes by available memory alone ({why})")
+                }
+                None => info!("host PSI read from {}", pressure.describe()),
+            }
+            self.psi_missing = missing;
+        }
+    }
+
     fn record_metrics(
         &mut self,
         vms: &[ManagedVm],
-        host: &crate::policy::HostState,
+        reading: &HostReading,
         decision: &Decision,
         inputs: &[VmInput],
         statuses: &BTreeMap<String, StatusReply>,
@@ -396,9 +316,9 @@ impl Daemon {
         // By name once, not searched per VM: ticks may have thousands.
         let limits: std::collections::HashMap<&str, u64> = inputs
             .iter()
-            .map(|input| (input.name.as_str(), crate::policy::limit_bytes(input)))
+            .map(|input| (input.name.as_str(), limit_bytes(input)))
             .collect();
-        let decisions: std::collections::HashMap<&str, &crate::policy::VmDecision> =
+        let decisions: std::collections::HashMap<&str, &VmDecision> =
             decision.vms.iter().map(|d| (d.name.as_str(), d)).collect();
         let reports = vms
             .iter()
@@ -418,7 +338,7 @@ impl Daemon {
             })
             .collect();
         let report = crate::metrics::TickReport {
-            host: *host,
+            host: reading,
             mode: decision.mode,
             vms: reports,
             duration,
@@ -429,19 +349,6 @@ impl Daemon {
         if let Some(recorder) = self.metrics.as_mut() {
             recorder.record(&report);
         }
-    }
-}
-
-fn write_state(path: &Path, state: &StateFile) {
-    let written = serde_json::to_vec_pretty(state)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| {
-            let temporary = path.with_extension("tmp");
-            std::fs::write(&temporary, bytes)?;
-            std::fs::rename(&temporary, path)
-        });
-    if let Err(error) = written {
-        warn!("writing the state file {}: {error}", path.display());
     }
 }
 
@@ -497,8 +404,8 @@ pub fn run(config_path: &Path, dry_run: bool) -> anyhow::Result<()> {
         .metrics
         .as_ref()
         .and_then(|section| match &section.listen {
-            crate::config::MetricsListen::Unix(path) => Some(RemoveOnDrop(path.clone())),
-            crate::config::MetricsListen::Tcp(_) => None,
+            MetricsListen::Unix(path) => Some(RemoveOnDrop(path.clone())),
+            MetricsListen::Tcp(_) => None,
         });
     let mut daemon = Daemon::new(config, dry_run);
     if let Some(metrics) = &metrics {

@@ -1,18 +1,19 @@
-//! host-policy: sets balloon targets for every VM on a host from the host's
-//! memory state and each guest's statistics, within each VM's limit.
+//! host-policy: the daemon that sets balloon targets for every VM on a
+//! host. Each tick it reads the host's memory and PSI (`host_reader`: a
+//! meminfo file or a memory cgroup, parsed by `meminfo_reader` and
+//! `host_memory`) and every VM's backend and guest agent (`links`), runs
+//! balloon-policy's pure `decide_with`, and applies the decision's
+//! outputs (targets, the guest agent's page-cache drops); `metrics` and
+//! `status` report. Its files (configuration, discovery, state file) are
+//! host-policy-config's; its `simulate` command is policy-sim's.
 
 #![forbid(unsafe_code)]
 
-pub mod baselines;
 pub mod cli;
-pub mod config;
 pub mod daemon;
-pub mod family;
-pub mod guest_model;
+pub mod host_memory;
+pub mod host_reader;
 pub mod links;
 pub mod meminfo_reader;
 pub mod metrics;
-pub mod plot;
-pub mod policy;
-pub mod simulate;
 pub mod status;

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use balloon_policy::policy::AgentReclaim;
 use balloon_protocol::agent::{AgentConnection, AgentCounters, Report};
 use balloon_protocol::control::{
     ControlClient, ControlError, Request, SetTargetReply, StatusReply,
@@ -26,17 +27,9 @@ pub fn tick_reply_timeout(interval: Duration) -> Duration {
 }
 /// How long a peer has to take one request line.
 pub const WRITE_TIMEOUT: Duration = Duration::from_millis(200);
-/// How long the agent has to answer a reclaim before inflation goes ahead.
+/// How long the agent has to answer a reclaim before inflation goes ahead
+/// (how often it may be asked is balloon-policy's gate's to say).
 pub const RECLAIM_TIMEOUT: Duration = Duration::from_secs(20);
-/// After a reclaim (answered or not), the next inflations go ahead without
-/// asking again for this long.
-pub const RECLAIM_REPEAT: Duration = Duration::from_secs(30);
-/// Smaller cache trims are not worth the agent's work.
-pub const TRIM_MIN_BYTES: u64 = 8 << 20;
-/// Cache trims (`VmLink::trim_cache`) come at most this often: sooner
-/// than `RECLAIM_REPEAT`, as the host is short, and each takes at most
-/// half of what is left.
-pub const TRIM_REPEAT: Duration = Duration::from_secs(10);
 /// One kind of fault is logged at most this often per VM.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -122,13 +115,6 @@ impl VmFaults {
 enum Reclaim {
     Idle { last_done: Option<Instant> },
     Waiting { id: u64, bytes: u64, sent: Instant },
-}
-
-/// Whether an inflation may be applied this tick.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Gate {
-    Proceed,
-    Hold(String),
 }
 
 /// A reply the backend owes, in the order the requests were sent.
@@ -420,66 +406,25 @@ impl VmLink {
         }
     }
 
-    /// Before inflating by `bytes`: with a large page cache, first ask the
-    /// agent to drop that much cache (so the balloon takes cold cache rather
-    /// than warm anonymous memory) and hold the inflation until it answers
-    /// or its time runs out. Never waits.
-    pub fn gate_inflation(&mut self, bytes: u64) -> Gate {
+    /// Where the guest agent stands with its reclaims, for the policy's
+    /// gate (`balloon_policy::gate`): one in flight, or when the last
+    /// ended; `Unavailable` without a connected agent.
+    pub fn agent_reclaim(&self) -> AgentReclaim {
         match self.reclaim {
-            Reclaim::Waiting { sent, .. } => Gate::Hold(format!(
-                "waiting for the guest agent's reclaim (asked {} s ago)",
-                sent.elapsed().as_secs()
-            )),
-            Reclaim::Idle { last_done } => {
-                if last_done.is_some_and(|at| at.elapsed() < RECLAIM_REPEAT) {
-                    return Gate::Proceed;
-                }
-                let Some(cache) = self.agent_page_cache_bytes() else {
-                    return Gate::Proceed;
-                };
-                if cache < bytes {
-                    return Gate::Proceed;
-                }
-                if self.ask_reclaim(bytes, "before inflating") {
-                    Gate::Hold("waiting for the guest agent's reclaim".into())
-                } else {
-                    Gate::Proceed
-                }
-            }
+            Reclaim::Waiting { sent, .. } => AgentReclaim::Waiting {
+                asked_s_ago: sent.elapsed().as_secs(),
+            },
+            Reclaim::Idle { .. } if self.agent.is_none() => AgentReclaim::Unavailable,
+            Reclaim::Idle { last_done } => AgentReclaim::Idle {
+                done_s_ago: last_done.map(|at| at.elapsed().as_secs()),
+            },
         }
     }
 
-    /// For a VM the balloon may not take more from (its guest at its
-    /// floor) while the host reclaims: ask the agent to
-    /// drop up to `bytes` of page cache, at most half the cache. The floor
-    /// counts cache as available, and the guest's free memory that it never
-    /// touched is not on the host anyway, so a balloon there gains the host
-    /// nothing; dropped cache is freed memory the guest reports back (free
-    /// page reporting). At most once per `TRIM_REPEAT`; never waits.
-    pub fn trim_cache(&mut self, bytes: u64) {
-        let Reclaim::Idle { last_done } = self.reclaim else {
-            return;
-        };
-        if last_done.is_some_and(|at| at.elapsed() < TRIM_REPEAT) {
-            return;
-        }
-        let cache = self.agent_page_cache_bytes().unwrap_or(0);
-        let bytes = bytes.min(cache / 2);
-        if bytes >= TRIM_MIN_BYTES {
-            self.ask_reclaim(bytes, "while the host reclaims (the balloon is held)");
-        }
-    }
-
-    /// The page cache of the agent's latest report (0 before one); `None`
-    /// for a VM without an agent.
-    fn agent_page_cache_bytes(&self) -> Option<u64> {
-        let agent = self.agent.as_ref()?;
-        Some(agent.latest().map_or(0, |r| r.meminfo.page_cache_bytes))
-    }
-
-    /// Sends the agent a reclaim of `bytes` and waits for its answer in
-    /// `settle_reclaim`; false when there is no agent or it failed.
-    fn ask_reclaim(&mut self, bytes: u64, why: &str) -> bool {
+    /// Sends the agent a reclaim of `bytes` (the decision's
+    /// `agent_reclaim_bytes`; `why` for the log) and waits for its answer
+    /// in `settle_reclaim`; false when there is no agent or it failed.
+    pub fn ask_reclaim(&mut self, bytes: u64, why: &str) -> bool {
         let Some(agent) = self.agent.as_mut() else {
             return false;
         };

@@ -5,11 +5,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use balloon_policy::PolicyKind;
 use clap::Parser;
-use host_policy::baselines::PolicyKind;
 use host_policy::cli::{Cli, Command, PolicyList};
-use host_policy::config::Config;
-use host_policy::daemon::managed_vms;
+use host_policy_config::{discovered_vms, managed_vms, Config};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -27,20 +26,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, dry_run } => host_policy::daemon::run(&config, dry_run),
         Command::Check { config } => {
             let config = Config::load(&config)?;
-            // `run` reads it every tick: a missing or unreadable file fails
-            // here, not only once the daemon runs.
-            host_policy::meminfo_reader::read_host(&config.host.meminfo)
-                .with_context(|| format!("{}: [host] meminfo", config.path.display()))?;
+            // `run` reads it every tick: a missing or unreadable source
+            // fails here, not only once the daemon runs.
+            let reading = host_policy::host_reader::read(&config.host)
+                .with_context(|| config.path.display().to_string())?;
             println!("{}: valid", config.path.display());
             println!(
-                "host: every {} s from {}; reclaim below {}% available, hard below {}%, give back at or above {}%",
+                "host: every {} s; reclaim below {}% available, hard below {}%, give back at or above {}%; host PSI some avg10 at or above {}% is pressure (reclaim; hard at {}%)",
                 config.host.interval_s,
-                config.host.meminfo.display(),
                 config.host.reclaim_start_percent,
                 config.host.reclaim_hard_percent,
-                config.host.give_back_percent
+                config.host.give_back_percent,
+                config.host.psi_some_avg10.0,
+                2.0 * config.host.psi_some_avg10.0
             );
-            for (path, reason) in host_policy::daemon::discovered_vms(&config).1 {
+            for line in reading.describe() {
+                println!("{line}");
+            }
+            for (path, reason) in discovered_vms(&config).1 {
                 println!("skipped {}: {reason}", path.display());
             }
             for vm in managed_vms(&config) {
@@ -79,7 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print!(
                 "{}",
-                host_policy::family::simulate_family(count, seed, &policies, &out)?
+                policy_sim::family::simulate_family(count, seed, &policies, &out)?
             );
             println!("wrote {}", out.join("table.md").display());
             Ok(())
@@ -90,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             compare: None,
             ..
         } => {
-            println!("{}", host_policy::simulate::simulate(&scenario, &out)?);
+            println!("{}", policy_sim::simulate::simulate(&scenario, &out)?);
             Ok(())
         }
         Command::Simulate {
@@ -101,7 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             print!(
                 "{}",
-                host_policy::simulate::compare(&scenario, &policies, &out)?
+                policy_sim::simulate::compare(&scenario, &policies, &out)?
             );
             println!("wrote {}", out.display());
             Ok(())

@@ -1,19 +1,5 @@
-//! The host's memory, from /proc/meminfo or a file of the same format.
-
-use std::path::Path;
-
-use crate::policy::HostState;
-
-#[derive(Debug, thiserror::Error)]
-pub enum HostError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} has no {field} line")]
-    Missing { path: String, field: &'static str },
-}
+//! The host's memory, from /proc/meminfo or a file of the same format
+//! (`host_reader` reads the file).
 
 /// MemTotal and MemAvailable, in bytes, from meminfo text.
 pub fn parse_meminfo(text: &str) -> (Option<u64>, Option<u64>) {
@@ -22,28 +8,6 @@ pub fn parse_meminfo(text: &str) -> (Option<u64>, Option<u64>) {
         fields.get("MemTotal").copied(),
         fields.get("MemAvailable").copied(),
     )
-}
-
-pub fn read_host(path: &Path) -> Result<HostState, HostError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| HostError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    match parse_meminfo(&text) {
-        (None, _) => Err(HostError::Missing {
-            path: shown,
-            field: "MemTotal",
-        }),
-        (_, None) => Err(HostError::Missing {
-            path: shown,
-            field: "MemAvailable",
-        }),
-        (Some(total_bytes), Some(available_bytes)) => Ok(HostState {
-            total_bytes,
-            available_bytes,
-        }),
-    }
 }
 
 #[cfg(test)]

@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use log::{info, warn};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use balloon_protocol::control::StatusReply;
 
-use crate::config::MetricsListen;
-use crate::policy::{Cause, HostMode, HostState, VmDecision};
+use balloon_policy::policy::{Cause, HostMode, VmDecision};
+use host_policy_config::config::MetricsListen;
+
+use crate::host_reader::{HostReading, PressureReading};
 
 /// What one VM looked like at a tick.
 pub struct VmReport<'a> {
@@ -34,7 +36,7 @@ pub struct VmReport<'a> {
 
 /// What one tick saw and decided.
 pub struct TickReport<'a> {
-    pub host: HostState,
+    pub host: &'a HostReading,
     pub mode: HostMode,
     pub vms: Vec<VmReport<'a>>,
     pub duration: Duration,
@@ -101,6 +103,11 @@ pub struct Metrics {
     host_available: IntGauge,
     host_total: IntGauge,
     host_returned: IntGauge,
+    /// No labels: absent while unknown.
+    host_psi: GaugeVec,
+    /// No labels: only with a cgroup source.
+    host_oom_kills: IntCounterVec,
+    host_source: IntGaugeVec,
     tick_duration: Histogram,
     ticks: IntCounter,
     reloads: IntCounter,
@@ -235,6 +242,26 @@ impl Metrics {
             "balloon_host_returned_bytes",
             "Host memory returned by all balloons.",
         )?;
+        let host_psi = GaugeVec::new(
+            Opts::new(
+                "balloon_host_memory_pressure_some_avg10",
+                "The host's memory PSI, some avg10, in percent (absent when not read).",
+            ),
+            &[],
+        )?;
+        r.register(Box::new(host_psi.clone()))?;
+        let host_oom_kills = counter_vec(
+            &r,
+            "balloon_host_cgroup_oom_kills_total",
+            "OOM kills in the host cgroup (a cgroup source only).",
+            &[],
+        )?;
+        let host_source = gauge_vec(
+            &r,
+            "balloon_host_source_info",
+            "1 for where the host is read: source (meminfo, cgroup_v1, cgroup_v2), its path, and the PSI file (none: no PSI).",
+            &["source", "path", "pressure"],
+        )?;
         let tick_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "balloon_policy_tick_duration_seconds",
@@ -296,6 +323,9 @@ impl Metrics {
             host_available,
             host_total,
             host_returned,
+            host_psi,
+            host_oom_kills,
+            host_source,
             tick_duration,
             ticks,
             reloads,
@@ -321,6 +351,9 @@ impl Metrics {
     }
 }
 
+/// The label values of a series without labels.
+const NO_LABELS: &[&str] = &[];
+
 fn set(gauge: &IntGaugeVec, vm: &str, value: Option<u64>) {
     match value {
         Some(value) => gauge
@@ -341,6 +374,8 @@ pub struct Recorder {
     totals: BTreeMap<(&'static str, String, String), u64>,
     /// Label sets of multi-label counters, by VM, to drop when a VM goes.
     series: BTreeMap<String, BTreeSet<(&'static str, Vec<String>)>>,
+    /// The labels of `balloon_host_source_info` now.
+    source: Option<[String; 3]>,
 }
 
 impl Recorder {
@@ -349,6 +384,7 @@ impl Recorder {
             metrics,
             totals: BTreeMap::new(),
             series: BTreeMap::new(),
+            source: None,
         }
     }
 
@@ -392,6 +428,61 @@ impl Recorder {
         self.totals.retain(|(_, name, _), _| name != vm);
     }
 
+    fn record_host(&mut self, host: &HostReading) {
+        let metrics = self.metrics.clone();
+        let m = &*metrics;
+        m.host_available
+            .set(i64::try_from(host.state.available_bytes).unwrap_or(i64::MAX));
+        m.host_total
+            .set(i64::try_from(host.state.total_bytes).unwrap_or(i64::MAX));
+        match host.state.psi_some_avg10 {
+            Some(psi) => m.host_psi.with_label_values(NO_LABELS).set(psi),
+            None => {
+                let _absent = m.host_psi.remove_label_values(NO_LABELS);
+            }
+        }
+        let pressure = match &host.pressure {
+            PressureReading::Read { path, .. } => path.display().to_string(),
+            PressureReading::Unavailable { .. } => "none".to_string(),
+        };
+        let labels = [
+            host.kind.label().to_string(),
+            host.path.display().to_string(),
+            pressure,
+        ];
+        if self.source.as_ref() != Some(&labels) {
+            // A new source (a reload): the old one's series go, and its
+            // OOM count starts again.
+            m.host_source.reset();
+            m.host_source
+                .with_label_values(&[&labels[0], &labels[1], &labels[2]])
+                .set(1);
+            let _absent = m.host_oom_kills.remove_label_values(NO_LABELS);
+            self.totals
+                .remove(&("host_oom_kills", String::new(), String::new()));
+            self.source = Some(labels);
+        }
+        match host.cgroup_oom_kills {
+            Some(total) => {
+                let last = self
+                    .totals
+                    .insert(("host_oom_kills", String::new(), String::new()), total);
+                // All of it at first sight (the series starts there) or
+                // after a reset.
+                let gained = match last {
+                    Some(last) if total >= last => total - last,
+                    _ => total,
+                };
+                m.host_oom_kills.with_label_values(NO_LABELS).inc_by(gained);
+            }
+            None => {
+                let _absent = m.host_oom_kills.remove_label_values(NO_LABELS);
+                self.totals
+                    .remove(&("host_oom_kills", String::new(), String::new()));
+            }
+        }
+    }
+
     pub fn record(&mut self, tick: &TickReport<'_>) {
         let metrics = self.metrics.clone();
         let m = &*metrics;
@@ -403,10 +494,7 @@ impl Recorder {
                 .with_label_values(&[&name])
                 .set(i64::from(mode == tick.mode));
         }
-        m.host_available
-            .set(i64::try_from(tick.host.available_bytes).unwrap_or(i64::MAX));
-        m.host_total
-            .set(i64::try_from(tick.host.total_bytes).unwrap_or(i64::MAX));
+        self.record_host(tick.host);
         let present: BTreeSet<&str> = tick.vms.iter().map(|vm| vm.name).collect();
         let gone: Vec<String> = self
             .series
@@ -545,6 +633,9 @@ pub fn serve(listen: &MetricsListen, metrics: Arc<Metrics>) -> anyhow::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_reader::SourceKind;
+    use balloon_policy::policy::HostState;
+    use std::path::PathBuf;
 
     fn status(target: u64, errors: &[(&str, u64)]) -> StatusReply {
         StatusReply {
@@ -567,15 +658,50 @@ mod tests {
             reason: String::new(),
             cause,
             reclaim_cache_bytes: 0,
+            agent_reclaim_bytes: 0,
+            held_target_bytes: None,
+        }
+    }
+
+    fn host(
+        kind: SourceKind,
+        psi: Option<f64>,
+        oom_kills: Option<u64>,
+    ) -> crate::host_reader::HostReading {
+        crate::host_reader::HostReading {
+            kind,
+            path: PathBuf::from("/sys/fs/cgroup/machine.slice"),
+            state: HostState {
+                total_bytes: 8 << 30,
+                available_bytes: 1 << 30,
+                psi_some_avg10: psi,
+            },
+            cgroup: None,
+            cgroup_oom_kills: oom_kills,
+            pressure: match psi {
+                Some(psi) => PressureReading::Read {
+                    path: PathBuf::from("/sys/fs/cgroup/machine.slice/memory.pressure"),
+                    note: None,
+                    pressure: crate::host_memory::Pressure {
+                        some_avg10: psi,
+                        full_avg10: None,
+                    },
+                },
+                None => PressureReading::Unavailable { why: "test".into() },
+            },
         }
     }
 
     fn tick<'a>(vms: Vec<VmReport<'a>>) -> TickReport<'a> {
+        at(&MEMINFO_HOST, vms)
+    }
+
+    static MEMINFO_HOST: std::sync::LazyLock<crate::host_reader::HostReading> =
+        std::sync::LazyLock::new(|| host(SourceKind::Meminfo, None, None));
+
+    fn at<'a>(host: &'a crate::host_reader::HostReading, vms: Vec<VmReport<'a>>) -> TickReport<'a> {
         TickReport {
-            host: HostState {
-                total_bytes: 8 << 30,
-                available_bytes: 1 << 30,
-            },
+            host,
             mode: HostMode::Reclaim,
             vms,
             duration: Duration::from_millis(3),
@@ -587,6 +713,51 @@ mod tests {
         text.lines()
             .find(|l| l.starts_with(line_start))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn the_host_source_its_psi_and_its_cgroups_oom_kills_are_series() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let mut recorder = Recorder::new(metrics.clone());
+        recorder.record(&tick(Vec::new()));
+        let text = metrics.encode();
+        assert!(
+            text.contains("balloon_host_source_info{path=\"/sys/fs/cgroup/machine.slice\",pressure=\"none\",source=\"meminfo\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("balloon_host_memory_pressure_some_avg10 "),
+            "{text}"
+        );
+        assert!(
+            !text.contains("balloon_host_cgroup_oom_kills_total "),
+            "{text}"
+        );
+        let cgroup = host(SourceKind::CgroupV2, Some(12.5), Some(3));
+        recorder.record(&at(&cgroup, Vec::new()));
+        let later = host(SourceKind::CgroupV2, Some(0.5), Some(5));
+        recorder.record(&at(&later, Vec::new()));
+        let text = metrics.encode();
+        assert_eq!(
+            sample(&text, "balloon_host_memory_pressure_some_avg10 "),
+            Some(0.5),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "balloon_host_cgroup_oom_kills_total "),
+            Some(5.0),
+            "{text}"
+        );
+        assert!(text.contains("source=\"cgroup_v2\"} 1"), "{text}");
+        assert!(!text.contains("source=\"meminfo\""), "{text}");
+        // Back to meminfo (a reload): the cgroup's series go.
+        recorder.record(&tick(Vec::new()));
+        let text = metrics.encode();
+        assert!(
+            !text.contains("balloon_host_cgroup_oom_kills_total "),
+            "{text}"
+        );
+        assert!(!text.contains("source=\"cgroup_v2\""), "{text}");
     }
 
     #[test]

@@ -29,6 +29,13 @@ fn check_accepts_the_example_and_names_mistakes() {
         text.contains("vm web1") && text.contains("shares 2000"),
         "{text}"
     );
+    // Where the host is read, and what it reads now.
+    assert!(
+        text.contains("host source: meminfo /proc/meminfo: total ")
+            && text.contains("host pressure: ")
+            && text.contains("is pressure (reclaim; hard at 20%)"),
+        "{text}"
+    );
 
     // Each bad configuration fails `check` with exit 1 and names the file
     // and the problem. A meminfo file that does not exist fails `check`, as
@@ -44,6 +51,21 @@ fn check_accepts_the_example_and_names_mistakes() {
             "no-meminfo.toml",
             "[host]\nmeminfo = \"/no/such/meminfo\"\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
             &["/no/such/meminfo", "meminfo"][..],
+        ),
+        (
+            "both.toml",
+            "[host]\nmeminfo = \"/proc/meminfo\"\ncgroup = \"/sys/fs/cgroup/machine.slice\"\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
+            &["both.toml:3:", "host.cgroup", "host.meminfo", "remove one"][..],
+        ),
+        (
+            "no-cgroup.toml",
+            "[host]\ncgroup = \"/no/such/cgroup\"\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
+            &["[host] cgroup /no/such/cgroup", "no such directory"][..],
+        ),
+        (
+            "not-memory.toml",
+            "[host]\ncgroup = \"/proc\"\n[[vm]]\nname = \"a\"\ncontrol = \"/x\"\n",
+            &["[host] cgroup /proc", "not a memory cgroup"][..],
         ),
     ] {
         let path = dir.path().join(file);

@@ -1,7 +1,7 @@
 //! The real `host-policy run` daemon in a closed loop with modelled guests:
 //! fake backends speak the documented control protocol (`status`,
 //! `set-target`) for guests of the simulator's guest model
-//! (`host_policy::guest_model`), stepped once a second in real time; the
+//! (`policy_sim::guest_model`), stepped once a second in real time; the
 //! host is a meminfo file rewritten every second from what the guests hold.
 //! Six 4 GiB guests with phase-shifted working sets and page cache share a
 //! 16 GiB host, 120 s, every policy with its defaults (5 s ticks), all four
@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use balloon_protocol::control::{GuestStats, Request, SetTargetReply, StatusReply};
-use host_policy::guest_model::{Features, Guest, Want};
+use policy_sim::guest_model::{Features, Guest, Want};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_host-policy");
 const MIB: u64 = 1 << 20;

@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use host_policy::config::Config;
+use balloon_policy::policy::HostMode;
 use host_policy::daemon::Daemon;
-use host_policy::policy::HostMode;
+use host_policy_config::Config;
 use test_support::{Harness, GUEST_RAM_BYTES, MIB};
 
 /// The balloon-backend binary built next to this test (same profile).
@@ -148,6 +148,70 @@ fn host_pressure_inflates_idle_guests_and_relief_gives_it_back() {
 }
 
 #[test]
+fn host_psi_reclaims_from_a_host_with_memory_and_holds_give_back() {
+    let (mut s, _) = setup(1, "");
+    let psi = s.dir.path().join("pressure");
+    let write_psi = |some: f64| {
+        std::fs::write(
+            &psi,
+            format!("some avg10={some:.2} avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"),
+        )
+        .unwrap()
+    };
+    write_psi(0.0);
+    let path = s.dir.path().join("host-policy.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[host]\n",
+        &format!("[host]\npressure = {psi:?}\npsi_some_avg10 = 5\n"),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
+    s.vms[0].send_stats(&stats(40, 0));
+    let mut daemon = Daemon::new(config, false);
+    // 30 % available: inside the dead band, nothing to do by memory.
+    write_host(&s.meminfo, 1024, 307);
+    daemon.tick().unwrap();
+    let quiet = daemon.tick().unwrap();
+    assert_eq!(quiet.mode, HostMode::Normal);
+    assert_eq!(s.vms[0].status()["target_bytes"], 0);
+    // The host stalls (PSI at its threshold of 5 %): reclaim anyway.
+    write_psi(6.5);
+    let decision = daemon.tick().unwrap();
+    assert_eq!(decision.mode, HostMode::Reclaim);
+    assert!(
+        decision.vms[0]
+            .reason
+            .contains("host PSI memory some avg10 6.5%"),
+        "{}",
+        decision.vms[0].reason
+    );
+    let taken = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    assert!(taken > 0 && taken <= 8 * MIB, "one inflate step: {taken}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["host"]["psi_some_avg10"], 6.5, "{state}");
+    assert_eq!(state["host"]["source"], "meminfo", "{state}");
+    // Twice the threshold: hard.
+    write_psi(10.0);
+    assert_eq!(daemon.tick().unwrap().mode, HostMode::Hard);
+    let held = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    assert!(held > taken, "{held} after {taken}");
+    // Plenty of memory, but the PSI still at half the threshold: nothing
+    // goes back; once it is quiet, it does.
+    write_host(&s.meminfo, 1024, 700);
+    write_psi(2.5);
+    let decision = daemon.tick().unwrap();
+    assert_eq!(decision.mode, HostMode::Normal);
+    assert_eq!(s.vms[0].status()["target_bytes"], held, "{decision:?}");
+    write_psi(0.0);
+    daemon.tick().unwrap();
+    let after = s.vms[0].status()["target_bytes"].as_u64().unwrap();
+    assert!(after < held, "gave back: {held} -> {after}");
+}
+
+#[test]
 fn guest_pressure_deflates_and_stale_statistics_never_inflate() {
     let (mut s, config) = setup(2, "pressure_cooldown_s = 3600");
     let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
@@ -256,7 +320,7 @@ fn control_sockets_in_a_directory_are_discovered() {
     .unwrap();
     write_host(&s.meminfo, 1024, 150);
     let config = Config::load(&path).unwrap();
-    let (found, skipped) = host_policy::daemon::discovered_vms(&config);
+    let (found, skipped) = host_policy_config::discovered_vms(&config);
     let names: Vec<&str> = found.iter().map(|vm| vm.name.as_str()).collect();
     assert_eq!(names, ["web"]);
     let skipped: Vec<String> = skipped
@@ -301,7 +365,7 @@ fn a_pinned_target_is_held_until_unpinned() {
     write_host(&s.meminfo, 1024, 150);
     for _ in 0..4 {
         let decision = daemon.tick().unwrap();
-        assert_eq!(decision.vms[0].cause, host_policy::policy::Cause::Pinned);
+        assert_eq!(decision.vms[0].cause, balloon_policy::policy::Cause::Pinned);
         assert!(
             decision.vms[0].reason.contains("balloonctl unpin vm0"),
             "{}",
@@ -409,12 +473,13 @@ fn while_the_host_reclaims_the_guest_agent_drops_cache_first() {
     let asks = fake_agent(&agent(0), 24);
     let (mut s, config) = setup_with(1, "", "", |i| format!("agent = {:?}\n", agent(i)));
     let _answers: Vec<_> = s.vms.iter().map(|vm| vm.answer_config_changes()).collect();
-    // 40 MiB available, 20 MiB of it free. If the host does not hold that
+    // 40 MiB available, 4 MiB of it free. If the host does not hold that
     // free memory (the guest reports free pages, and the backend's resident
     // size says so), the policy asks the agent to drop page cache instead
     // of ballooning; if it does, the daemon asks the agent to drop the
-    // cache before the balloon inflates. Either way the agent goes first.
-    s.vms[0].send_stats(&stats_with_free(40, 20, 0));
+    // cache the balloon would otherwise take (what free memory does not
+    // cover) before the balloon inflates. Either way the agent goes first.
+    s.vms[0].send_stats(&stats_with_free(40, 4, 0));
     let mut daemon = Daemon::new(config, false);
 
     // A host with memory to spare (inside the dead band): the cache is

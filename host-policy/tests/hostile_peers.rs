@@ -138,7 +138,7 @@ fn serve_well(listener: UnixListener, stop: Arc<AtomicBool>) {
                         "actual_bytes":0,"max_reclaim_bytes":(4u64<<30)*65/100/4096*4096,"max_reclaim_percent":65,
                         "ballooned_bytes":0,"discarded_bytes":0,"reported_bytes_total":0,
                         "guest_ram_resident_bytes":null,"features":[],"config_notify":true,
-                        "stats":{"free_bytes":3u64<<30,"available_bytes":3u64<<30,"updated_unix_ms":now_ms},
+                        "stats":{"free_bytes":0,"available_bytes":3u64<<30,"updated_unix_ms":now_ms},
                         "errors":{}})
                     }
                 };

@@ -31,14 +31,25 @@ fn start(listen: &str) -> (tempfile::TempDir, Vec<Harness>, ChildGuard) {
     let mut vms: Vec<Harness> = (0..2)
         .map(|_| Harness::start(&backend_binary(), &[]))
         .collect();
-    std::fs::write(
-        dir.path().join("meminfo"),
-        "MemTotal: 1048576 kB\nMemFree: 0 kB\nMemAvailable: 153600 kB\n",
-    )
-    .unwrap();
+    // The host is a cgroup v2 directory (files as the kernel writes them):
+    // 1 GiB limit, 150 MiB available, no PSI, no OOM kill yet.
+    let cgroup = dir.path().join("machine.slice");
+    std::fs::create_dir(&cgroup).unwrap();
+    for (file, text) in [
+        ("memory.max", "1073741824\n".to_string()),
+        ("memory.high", "max\n".to_string()),
+        ("memory.current", format!("{}\n", (1024 - 150) * MIB)),
+        ("memory.stat", "anon 0\nactive_file 0\ninactive_file 0\n".to_string()),
+        ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n".to_string()),
+        (
+            "memory.pressure",
+            "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n".to_string(),
+        ),
+    ] {
+        std::fs::write(cgroup.join(file), text).unwrap();
+    }
     let mut config = format!(
-        "[host]\ninterval_s = 1\nmeminfo = {:?}\n\n[metrics]\nlisten = {listen:?}\n\n[defaults]\nmin_free_mib = 4\nmin_free_percent = 0\ninflate_step_mib = 8\n",
-        dir.path().join("meminfo")
+        "[host]\ninterval_s = 1\ncgroup = {cgroup:?}\n\n[metrics]\nlisten = {listen:?}\n\n[defaults]\nmin_free_mib = 4\nmin_free_percent = 0\ninflate_step_mib = 8\n"
     );
     for (i, vm) in vms.iter_mut().enumerate() {
         vm.send_stats(&[
@@ -126,6 +137,29 @@ fn metrics_are_served_valid_and_documented() {
     assert_eq!(
         sample(&text, "balloon_host_mode{mode=\"reclaim\"}"),
         Some(1.0),
+        "{text}"
+    );
+    let cgroup = dir.path().join("machine.slice");
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "balloon_host_source_info{{path={:?},pressure={:?},source=\"cgroup_v2\"}}",
+                cgroup,
+                cgroup.join("memory.pressure")
+            )
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "balloon_host_memory_pressure_some_avg10"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "balloon_host_cgroup_oom_kills_total"),
+        Some(0.0),
         "{text}"
     );
     assert_eq!(

@@ -10,10 +10,12 @@
 
 pub mod child;
 pub mod memory;
+pub mod queue;
 pub mod rig;
 pub mod wait;
 
 pub use child::ChildGuard;
+pub use queue::DriverQueue;
 pub use wait::wait_for;
 
 use std::fs::File;
@@ -23,18 +25,17 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use balloon_backend::device::GuestRamMap;
 use balloon_backend::features;
-use balloon_protocol::lines::{Limits, LineConnection};
+use balloon_protocol::control::ControlClient;
 use serde_json::Value;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::eventfd::EventFd;
 
 pub const MIB: u64 = 1 << 20;
 /// Region 0: GPA [0, 32 MiB) at file offset 0.
@@ -56,9 +57,6 @@ pub const INFLATE: usize = 0;
 pub const DEFLATE: usize = 1;
 pub const STATS: usize = 2;
 pub const REPORTING: usize = 3;
-
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
 
 /// Feature bits the test driver acks (all the device offers but PAGE_POISON).
 pub const DRIVER_FEATURES: u64 = features::bit(features::MUST_TELL_HOST)
@@ -143,79 +141,6 @@ pub fn assert_outside_ram_intact(memfd: &File) {
     }
 }
 
-/// One split virtqueue driven from the test.
-pub struct TestQueue {
-    base: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-    pub kick: EventFd,
-    pub call: EventFd,
-}
-
-impl TestQueue {
-    /// Queue `index`'s rings, laid out at the top of region 1.
-    pub fn new(index: usize) -> Self {
-        TestQueue {
-            base: QUEUE_AREA_GPA + index as u64 * 0x10000,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-            kick: EventFd::new(0).unwrap(),
-            call: EventFd::new(0).unwrap(),
-        }
-    }
-
-    /// Guest physical addresses of the descriptor table, avail and used rings.
-    pub fn addresses(&self) -> (u64, u64, u64) {
-        (self.desc_addr(), self.avail_addr(), self.used_addr())
-    }
-
-    /// Writes raw descriptors (addr, len, flags, next) at the next free
-    /// slots and makes the first one available. Nothing is fixed up.
-    pub fn write_chain(&mut self, mem: &GuestRamMap, descs: &[(u64, u32, u16, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let index = (head + i as u16) % QUEUE_SIZE;
-            let at = self.desc_addr() + 16 * u64::from(index);
-            mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
-            mem.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
-            mem.write_obj(next.to_le(), GuestAddress(at + 14)).unwrap();
-        }
-        self.next_desc = (head + descs.len() as u16) % QUEUE_SIZE;
-        let slot = self.avail_addr() + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
-        mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail_addr() + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        head
-    }
-
-    /// Where the next chain's head descriptor will go.
-    pub fn next_desc(&self) -> u16 {
-        self.next_desc
-    }
-
-    /// How many chains the device has used so far.
-    pub fn used_idx(&self, mem: &GuestRamMap) -> u16 {
-        mem.read_obj(GuestAddress(self.used_addr() + 2)).unwrap()
-    }
-
-    fn desc_addr(&self) -> u64 {
-        self.base
-    }
-    fn avail_addr(&self) -> u64 {
-        self.base + 16 * u64::from(QUEUE_SIZE)
-    }
-    /// Guest physical address of the used ring.
-    pub fn used_addr(&self) -> u64 {
-        (self.avail_addr() + 6 + 2 * u64::from(QUEUE_SIZE) + 3) & !3
-    }
-}
-
 pub struct Harness {
     /// The backend process (stopped and reaped when the harness drops).
     pub child: ChildGuard,
@@ -223,9 +148,9 @@ pub struct Harness {
     pub frontend: Frontend,
     pub memfd: File,
     pub mem: GuestRamMap,
-    pub queues: Vec<TestQueue>,
+    pub queues: Vec<DriverQueue>,
     pub channel: UnixStream,
-    control: Control,
+    control: ControlClient,
     buffer_cursor: u64,
     stats_buffer: Option<u64>,
 }
@@ -262,8 +187,8 @@ impl Harness {
                 .spawn()
                 .unwrap(),
         );
-        let control_stream = wait_for("the control socket", Duration::from_secs(20), || {
-            Ok(UnixStream::connect(&control).ok())
+        let control_client = wait_for("the control socket", Duration::from_secs(20), || {
+            Ok(ControlClient::connect(&control, CONTROL_REPLY_TIMEOUT).ok())
         })
         .unwrap();
         let mut frontend = wait_for("the vhost-user socket", Duration::from_secs(20), || {
@@ -305,10 +230,8 @@ impl Harness {
         let queue_count = balloon_backend::features::queue_roles(acked).len();
         let mut queues = Vec::new();
         for index in 0..queue_count {
-            let queue = TestQueue::new(index);
-            // Zero the rings.
-            mem.write_slice(&[0u8; 0x10000], GuestAddress(queue.base))
-                .unwrap();
+            let queue = DriverQueue::new(&mem, index);
+            let (desc, avail, used) = queue.addresses();
             let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
             frontend.set_vring_num(index, QUEUE_SIZE).unwrap();
             frontend
@@ -318,9 +241,9 @@ impl Harness {
                         queue_max_size: QUEUE_SIZE,
                         queue_size: QUEUE_SIZE,
                         flags: 0,
-                        desc_table_addr: host(queue.desc_addr()),
-                        used_ring_addr: host(queue.used_addr()),
-                        avail_ring_addr: host(queue.avail_addr()),
+                        desc_table_addr: host(desc),
+                        used_ring_addr: host(used),
+                        avail_ring_addr: host(avail),
                         log_addr: None,
                     },
                 )
@@ -339,7 +262,7 @@ impl Harness {
             mem,
             queues,
             channel,
-            control: Control::from_stream(control_stream),
+            control: control_client,
             buffer_cursor: BUFFER_AREA_GPA,
             stats_buffer: None,
         };
@@ -362,16 +285,20 @@ impl Harness {
 
     /// Puts a chain of (gpa, len, device-writable) descriptors on a queue and kicks.
     pub fn push(&mut self, queue: usize, descs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.queues[queue].next_desc;
+        let head = self.queues[queue].next_desc();
         let raw: Vec<(u64, u32, u16, u16)> = descs
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, writable))| {
                 let index = (head + i as u16) % QUEUE_SIZE;
                 let last = i + 1 == descs.len();
-                let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+                let mut flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
                 if !last {
-                    flags |= VRING_DESC_F_NEXT;
+                    flags |= VRING_DESC_F_NEXT as u16;
                 }
                 let next = if last { 0 } else { (index + 1) % QUEUE_SIZE };
                 (addr, len, flags, next)
@@ -391,29 +318,16 @@ impl Harness {
 
     /// Where the next pushed chain's head descriptor will go.
     pub fn next_desc(&self, queue: usize) -> u16 {
-        self.queues[queue].next_desc
+        self.queues[queue].next_desc()
     }
 
     /// Waits until the device has used `count` more chains; returns (head, len).
     pub fn wait_used(&mut self, queue: usize, count: u16) -> Vec<(u32, u32)> {
-        let used_addr = self.queues[queue].used_addr();
-        let seen = self.queues[queue].used_seen;
-        let mem = &self.mem;
+        let (queues, mem) = (&mut self.queues, &self.mem);
         wait_for("used buffers", Duration::from_secs(20), || {
-            let idx: u16 = mem.read_obj(GuestAddress(used_addr + 2))?;
-            Ok((idx.wrapping_sub(seen) >= count).then_some(()))
+            Ok(queues[queue].take_used(mem, count))
         })
-        .unwrap();
-        let entries = (0..count)
-            .map(|i| {
-                let slot = used_addr + 4 + 8 * u64::from(seen.wrapping_add(i) % QUEUE_SIZE);
-                let id: u32 = self.mem.read_obj(GuestAddress(slot)).unwrap();
-                let len: u32 = self.mem.read_obj(GuestAddress(slot + 4)).unwrap();
-                (id, len)
-            })
-            .collect();
-        self.queues[queue].used_seen = seen.wrapping_add(count);
-        entries
+        .unwrap()
     }
 
     pub fn used_idx(&self, queue: usize) -> u16 {
@@ -429,13 +343,20 @@ impl Harness {
     }
 
     /// A second control connection, usable from another thread.
-    pub fn control_clone(&self) -> Control {
+    pub fn control_clone(&self) -> ControlClient {
         let control = self.dir.path().join("control.sock");
-        Control::from_stream(UnixStream::connect(control).unwrap())
+        ControlClient::connect(&control, CONTROL_REPLY_TIMEOUT).unwrap()
     }
 
+    /// The control connection, for typed requests.
+    pub fn control(&mut self) -> &mut ControlClient {
+        &mut self.control
+    }
+
+    /// Sends one request line as it is (malformed ones too) and returns
+    /// the reply as JSON, refusals included.
     pub fn request(&mut self, request: &str) -> Value {
-        self.control.request(request)
+        self.control.request_raw(request.as_bytes()).unwrap()
     }
 
     /// What the backend has logged so far (it logs at debug level).
@@ -504,14 +425,11 @@ impl Harness {
             }
             Some(gpa) => {
                 let mut control = self.control_clone();
-                let refresh = std::thread::spawn(move || {
-                    control.request(r#"{"cmd":"refresh-stats","timeout_ms":10000}"#)
-                });
+                let refresh = std::thread::spawn(move || control.refresh_stats(10_000));
                 self.wait_used(STATS, 1);
                 self.mem.write_slice(&bytes, GuestAddress(gpa)).unwrap();
                 self.push(STATS, &[(gpa, bytes.len() as u32, false)]);
-                let reply = refresh.join().unwrap();
-                assert_eq!(reply["ok"], true, "{reply}");
+                refresh.join().unwrap().unwrap();
             }
         }
         let free = records.iter().find(|(tag, _)| *tag == 4).map(|r| r.1);
@@ -565,26 +483,5 @@ impl Harness {
     }
 }
 
-/// A control socket connection through the protocol crate's line client;
-/// requests are raw lines, so tests can send malformed ones too.
-pub struct Control {
-    conn: LineConnection,
-}
-
 /// Longest a test waits for one control reply (refresh-stats may wait 60 s).
 const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(70);
-
-impl Control {
-    pub fn from_stream(stream: UnixStream) -> Self {
-        Control {
-            conn: LineConnection::from_stream("control.sock", stream, Limits::default()),
-        }
-    }
-
-    pub fn request(&mut self, request: &str) -> Value {
-        let deadline = Instant::now() + CONTROL_REPLY_TIMEOUT;
-        self.conn.send(request.as_bytes(), deadline).unwrap();
-        let line = self.conn.next_line(deadline).unwrap();
-        serde_json::from_slice(&line).unwrap()
-    }
-}

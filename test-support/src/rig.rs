@@ -14,13 +14,15 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::{fill_outside_ram, guest_memory, TestQueue, DRIVER_FEATURES, MEMFD_BYTES, QUEUE_SIZE};
+use crate::{
+    fill_outside_ram, guest_memory, DriverQueue, DRIVER_FEATURES, MEMFD_BYTES, QUEUE_SIZE,
+};
 
 pub struct Rig {
     pub device: Arc<BalloonDevice>,
     pub memfd: File,
     pub mem: GuestRamMap,
-    pub queues: Vec<TestQueue>,
+    pub queues: Vec<DriverQueue>,
     vrings: Vec<BalloonVring>,
     atomic: GuestMemoryAtomic<GuestRamMap>,
     version: u32,
@@ -64,7 +66,7 @@ fn start_device(
 /// QEMU would send.
 fn start_vrings(
     atomic: &GuestMemoryAtomic<GuestRamMap>,
-    queues: &[TestQueue],
+    queues: &[DriverQueue],
     next_avail: impl Fn(usize) -> u16,
 ) -> Vec<BalloonVring> {
     queues
@@ -111,8 +113,8 @@ impl Rig {
         let mem = guest_memory(&memfd);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let device = start_device(&atomic, version, state_file.as_deref());
-        let queues: Vec<TestQueue> = (0..queue_roles(rig_features()).len())
-            .map(TestQueue::new)
+        let queues: Vec<DriverQueue> = (0..queue_roles(rig_features()).len())
+            .map(|index| DriverQueue::new(&mem, index))
             .collect();
         let vrings = start_vrings(&atomic, &queues, |_| 0);
         Rig {

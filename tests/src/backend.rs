@@ -3,11 +3,10 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use balloon_protocol::lines::{Limits, LineConnection};
-use serde_json::Value;
+use balloon_protocol::control::{ControlClient, StatusReply};
 
 use crate::env::TestEnv;
 use crate::wait_for;
@@ -209,7 +208,7 @@ impl BackendProcess {
     }
 
     pub fn client(&self) -> anyhow::Result<ControlClient> {
-        ControlClient::connect(&self.control)
+        connect(&self.control)
     }
 
     pub fn pid(&self) -> u32 {
@@ -228,63 +227,40 @@ impl BackendProcess {
     }
 }
 
-/// One connection to the control socket, through the protocol crate's
-/// line client (deadlines and caps as host-policy has them).
-pub struct ControlClient {
-    conn: LineConnection,
-}
-
 /// Longest a test waits for one reply (refresh-stats may wait 60 s).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(70);
 
-impl ControlClient {
-    pub fn connect(path: &Path) -> anyhow::Result<Self> {
-        Ok(ControlClient {
-            conn: LineConnection::connect(path, Limits::default())?,
-        })
-    }
+/// A client of the control socket at `path`, with the tests' reply timeout.
+pub fn connect(path: &Path) -> anyhow::Result<ControlClient> {
+    Ok(ControlClient::connect(path, REPLY_TIMEOUT)?)
+}
 
-    pub fn request(&mut self, request: &Value) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + REPLY_TIMEOUT;
-        self.conn.send(request.to_string().as_bytes(), deadline)?;
-        let line = self.conn.next_line(deadline)?;
-        serde_json::from_slice(&line)
-            .with_context(|| format!("reply {:?}", String::from_utf8_lossy(&line)))
-    }
-
-    pub fn status(&mut self) -> anyhow::Result<Value> {
-        let status = self.request(&serde_json::json!({"cmd": "status"}))?;
-        anyhow::ensure!(status["ok"] == true, "status failed: {status}");
-        Ok(status)
-    }
-
-    pub fn set_target(&mut self, bytes: u64) -> anyhow::Result<Value> {
-        let reply = self.request(&serde_json::json!({"cmd": "set-target", "bytes": bytes}))?;
-        anyhow::ensure!(reply["ok"] == true, "set-target failed: {reply}");
-        Ok(reply)
-    }
-
+/// What the tests wait for on a control connection.
+pub trait ControlWaits {
     /// Waits until a guest's driver has negotiated its features.
-    pub fn wait_negotiated(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        wait_for("the guest driver to negotiate", timeout, || {
-            let status = self.status()?;
-            let negotiated = status["connected"] == true
-                && status["features"].as_array().is_some_and(|f| !f.is_empty());
-            Ok(negotiated.then_some(()))
-        })
-    }
+    fn wait_negotiated(&mut self, timeout: Duration) -> anyhow::Result<()>;
 
-    /// Waits until the guest's `actual` equals the target.
     /// Waits until the guest reports `bytes` in the balloon and the
     /// backend has punched all of it (inflated pages wait up to 20 ms).
-    pub fn wait_actual(&mut self, bytes: u64, timeout: Duration) -> anyhow::Result<Value> {
+    fn wait_actual(&mut self, bytes: u64, timeout: Duration) -> anyhow::Result<StatusReply>;
+}
+
+impl ControlWaits for ControlClient {
+    fn wait_negotiated(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for("the guest driver to negotiate", timeout, || {
+            let status = self.status()?;
+            Ok((status.connected && !status.features.is_empty()).then_some(()))
+        })
+    }
+
+    fn wait_actual(&mut self, bytes: u64, timeout: Duration) -> anyhow::Result<StatusReply> {
         wait_for(
             &format!("actual = {bytes} bytes, every punch done"),
             timeout,
             || {
                 let status = self.status()?;
                 Ok(
-                    (status["actual_bytes"] == bytes && status["pending_punch_bytes"] == 0)
+                    (status.actual_bytes == bytes && status.pending_punch_bytes == 0)
                         .then_some(status),
                 )
             },

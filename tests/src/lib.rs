@@ -14,6 +14,8 @@ pub mod vm;
 
 use std::time::Duration;
 
+use backend::ControlWaits;
+
 pub const MIB: u64 = 1 << 20;
 
 /// Deadline for the balloon to reach a target under TCG.
@@ -38,7 +40,7 @@ pub fn wait_for<T>(
 pub struct Stack {
     pub env: env::TestEnv,
     pub vm: vm::Vm,
-    pub control: backend::ControlClient,
+    pub control: balloon_protocol::control::ControlClient,
     pub backend: backend::BackendProcess,
     pub dir: tempfile::TempDir,
 }

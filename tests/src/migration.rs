@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendProcess, ControlClient};
+use balloon_protocol::control::{ControlClient, StatusReply};
+
+use crate::backend::{BackendProcess, ControlWaits};
 use crate::env::TestEnv;
 use crate::qmp::Qmp;
 use crate::vm::{Balloon, Vm, VmConfig};
@@ -226,15 +228,11 @@ pub fn migrate(source: &mut Side, uri: &str) -> anyhow::Result<MigrationCost> {
 }
 
 /// Error counters of a backend's status, as (name, count) pairs.
-pub fn error_counters(status: &serde_json::Value) -> Vec<(String, u64)> {
-    status["errors"]
-        .as_object()
-        .map(|errors| {
-            errors
-                .iter()
-                .map(|(name, n)| (name.clone(), n.as_u64().unwrap_or(0)))
-                .filter(|(_, n)| *n > 0)
-                .collect()
-        })
-        .unwrap_or_default()
+pub fn error_counters(status: &StatusReply) -> Vec<(String, u64)> {
+    status
+        .errors
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| (name.clone(), *n))
+        .collect()
 }

@@ -10,9 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::Value;
+use balloon_protocol::control::{ControlClient, StatusReply};
 
-use crate::backend::ControlClient;
 use crate::env::TestEnv;
 use crate::vm::Vm;
 use crate::MIB;
@@ -394,12 +393,6 @@ pub fn wait_more_passes(vm: &mut Vm, more: usize, timeout: Duration) -> Option<S
     }
 }
 
-pub fn bytes_field(status: &Value, key: &str) -> anyhow::Result<u64> {
-    status[key]
-        .as_u64()
-        .with_context(|| format!("status has no {key}: {status}"))
-}
-
 pub fn mib_bytes(mib: u64) -> anyhow::Result<u64> {
     mib.checked_mul(MIB).context("MiB to bytes")
 }
@@ -415,7 +408,7 @@ pub fn wait_reconnected(control: &mut ControlClient) -> anyhow::Result<Duration>
     let started = Instant::now();
     crate::wait_for("QEMU to reconnect", RECONNECT_DEADLINE, || {
         let status = control.status()?;
-        Ok((status["connected"] == true && status["config_notify"] == true).then_some(()))
+        Ok((status.connected && status.config_notify).then_some(()))
     })?;
     Ok(started.elapsed())
 }
@@ -423,14 +416,14 @@ pub fn wait_reconnected(control: &mut ControlClient) -> anyhow::Result<Duration>
 /// Waits for a quiet period: the guest has reached the target, no punch is
 /// pending, and target, actual and ballooned held still for `QUIET_FOR`.
 /// Returns the status then.
-pub fn wait_quiet(control: &mut ControlClient) -> anyhow::Result<Value> {
+pub fn wait_quiet(control: &mut ControlClient) -> anyhow::Result<StatusReply> {
     wait_still(control, true)
 }
 
 /// Waits until no punch is pending and target, actual and ballooned held
 /// still for `QUIET_FOR`, with `actual` = target when `at_target` (a quiet
 /// period), or wherever it stands otherwise. Returns the status then.
-pub fn wait_still(control: &mut ControlClient, at_target: bool) -> anyhow::Result<Value> {
+pub fn wait_still(control: &mut ControlClient, at_target: bool) -> anyhow::Result<StatusReply> {
     let mut since: Option<(Instant, [u64; 3])> = None;
     let what = if at_target {
         "a quiet period (actual = target, no punch pending, nothing moving for 1 s)"
@@ -440,13 +433,12 @@ pub fn wait_still(control: &mut ControlClient, at_target: bool) -> anyhow::Resul
     test_support::wait::wait_for_every(what, QUIET_DEADLINE, QUIET_POLL, || {
         let status = control.status()?;
         let key = [
-            bytes_field(&status, "target_bytes")?,
-            bytes_field(&status, "actual_bytes")?,
-            bytes_field(&status, "ballooned_bytes")?,
+            status.target_bytes,
+            status.actual_bytes,
+            status.ballooned_bytes,
         ];
-        let settled = status["connected"] == true
-            && (key[0] == key[1] || !at_target)
-            && bytes_field(&status, "pending_punch_bytes")? == 0;
+        let settled =
+            status.connected && (key[0] == key[1] || !at_target) && status.pending_punch_bytes == 0;
         if !settled {
             since = None;
             return Ok(None);
@@ -464,34 +456,33 @@ pub fn wait_still(control: &mut ControlClient, at_target: bool) -> anyhow::Resul
 
 /// After a quiet period: None when the backend's balloon is the driver's
 /// `actual`, else what differs.
-pub fn balloon_differs_from_actual(quiet: &Value) -> anyhow::Result<Option<String>> {
-    let actual = bytes_field(quiet, "actual_bytes")?;
-    let ballooned = bytes_field(quiet, "ballooned_bytes")?;
+pub fn balloon_differs_from_actual(quiet: &StatusReply) -> Option<String> {
+    let actual = quiet.actual_bytes;
+    let ballooned = quiet.ballooned_bytes;
     if ballooned == actual {
-        return Ok(None);
+        return None;
     }
     let (more, by) = match ballooned.checked_sub(actual) {
         Some(excess) => ("more", excess),
         None => ("less", actual.saturating_sub(ballooned)),
     };
-    Ok(Some(format!(
+    Some(format!(
         "the backend's balloon is {:.1} MiB but the driver's actual is {:.1} MiB ({:.1} MiB {more})",
         mib(ballooned),
         mib(actual),
         mib(by)
-    )))
+    ))
 }
 
 /// A quiet status in a few words, for progress lines.
-pub fn describe_quiet(quiet: &Value) -> String {
-    let get = |key: &str| mib(quiet[key].as_u64().unwrap_or(0));
+pub fn describe_quiet(quiet: &StatusReply) -> String {
     format!(
         "target {:.1} MiB, actual {:.1} MiB, ballooned {:.1} MiB, discarded {:.1} MiB, reported {:.1} MiB",
-        get("target_bytes"),
-        get("actual_bytes"),
-        get("ballooned_bytes"),
-        get("discarded_bytes"),
-        get("reported_bytes_total"),
+        mib(quiet.target_bytes),
+        mib(quiet.actual_bytes),
+        mib(quiet.ballooned_bytes),
+        mib(quiet.discarded_bytes),
+        mib(quiet.reported_bytes_total),
     )
 }
 
@@ -651,15 +642,23 @@ mod tests {
 
     #[test]
     fn a_quiet_status_that_differs_is_named() {
-        let status = serde_json::json!({"actual_bytes": 0, "ballooned_bytes": 16 * MIB});
-        let found = balloon_differs_from_actual(&status).ok().flatten();
+        let status = StatusReply {
+            actual_bytes: 0,
+            ballooned_bytes: 16 * MIB,
+            ..StatusReply::default()
+        };
+        let found = balloon_differs_from_actual(&status);
         assert!(
             found
                 .as_deref()
                 .is_some_and(|f| f.contains("16.0 MiB more")),
             "{found:?}"
         );
-        let status = serde_json::json!({"actual_bytes": MIB, "ballooned_bytes": MIB});
-        assert_eq!(balloon_differs_from_actual(&status).ok(), Some(None));
+        let status = StatusReply {
+            actual_bytes: MIB,
+            ballooned_bytes: MIB,
+            ..StatusReply::default()
+        };
+        assert_eq!(balloon_differs_from_actual(&status), None);
     }
 }

@@ -2,6 +2,7 @@
 //! host-resident size of guest RAM, measured on QEMU's memfd, falls by at
 //! least 95 % of 256 MiB; target 0 gives it all back.
 
+use guest_tests::backend::ControlWaits;
 use guest_tests::{Stack, MIB, TARGET_DEADLINE};
 
 #[test]
@@ -15,8 +16,8 @@ fn inflate_returns_memory_to_the_host_and_deflate_gives_it_back() -> anyhow::Res
     );
 
     let reply = stack.control.set_target(256 * MIB)?;
-    assert_eq!(reply["target_bytes"], 256 * MIB);
-    assert_eq!(reply["notified"], true);
+    assert_eq!(reply.target_bytes, 256 * MIB);
+    assert!(reply.notified);
     let status = stack.control.wait_actual(256 * MIB, TARGET_DEADLINE)?;
     let after = stack.vm.host_resident_bytes()?;
     let returned = before.saturating_sub(after);
@@ -25,17 +26,19 @@ fn inflate_returns_memory_to_the_host_and_deflate_gives_it_back() -> anyhow::Res
         before / MIB,
         after / MIB,
         returned / MIB,
-        status["discarded_bytes"].as_u64().unwrap_or(0) / MIB
+        status.discarded_bytes / MIB
     );
     assert!(
         returned * 100 >= 256 * MIB * 95,
         "only {returned} bytes returned to the host"
     );
-    assert_eq!(status["discarded_bytes"], 256 * MIB);
+    assert_eq!(status.discarded_bytes, 256 * MIB);
     // The backend's own residency figure agrees with the host's measurement
     // of QEMU's memfd (within 8 MiB: the guest keeps running in between).
-    let reported = stack.control.status()?["guest_ram_resident_bytes"]
-        .as_u64()
+    let reported = stack
+        .control
+        .status()?
+        .guest_ram_resident_bytes
         .unwrap_or(0);
     let measured = stack.vm.host_resident_bytes()?;
     assert!(
@@ -45,7 +48,7 @@ fn inflate_returns_memory_to_the_host_and_deflate_gives_it_back() -> anyhow::Res
 
     stack.control.set_target(0)?;
     let status = stack.control.wait_actual(0, TARGET_DEADLINE)?;
-    assert_eq!(status["ballooned_bytes"], 0);
+    assert_eq!(status.ballooned_bytes, 0);
     // The guest can use all of it again.
     stack
         .vm

@@ -2,7 +2,6 @@
 //! /proc/meminfo at the same moment.
 
 use guest_tests::Stack;
-use serde_json::json;
 
 fn within_5_percent(reported: u64, truth: u64) -> bool {
     reported.abs_diff(truth) * 20 <= truth
@@ -11,14 +10,10 @@ fn within_5_percent(reported: u64, truth: u64) -> bool {
 #[test]
 fn statistics_match_the_guest_meminfo() -> anyhow::Result<()> {
     let mut stack = Stack::start(512, &["--stats-interval", "1"], |_| {})?;
-    let reply = stack
-        .control
-        .request(&json!({"cmd": "refresh-stats", "timeout_ms": 20000}))?;
+    let stats = stack.control.refresh_stats(20_000)?.stats;
     let meminfo = stack.vm.meminfo()?;
-    assert_eq!(reply["ok"], true, "{reply}");
-    let stats = &reply["stats"];
-    let free = stats["free_bytes"].as_u64().unwrap_or(0);
-    let total = stats["total_bytes"].as_u64().unwrap_or(0);
+    let free = stats.free_bytes.unwrap_or(0);
+    let total = stats.total_bytes.unwrap_or(0);
     let guest_free = meminfo.get("MemFree").copied().unwrap_or(0);
     let guest_total = meminfo.get("MemTotal").copied().unwrap_or(0);
     eprintln!("[c] stats free {free} total {total}; meminfo free {guest_free} total {guest_total}");
@@ -30,47 +25,43 @@ fn statistics_match_the_guest_meminfo() -> anyhow::Result<()> {
         within_5_percent(total, guest_total),
         "total {total} vs MemTotal {guest_total}"
     );
-    assert!(stats["available_bytes"].as_u64().is_some());
+    assert!(stats.available_bytes.is_some());
     // Linux 6.12 added tags 10-15 (OOM kills, stalls, scans, reclaims):
     // newer guests must send them, older ones cannot.
     let newer_tags = [
-        "oom_kills",
-        "alloc_stalls",
-        "async_scans",
-        "direct_scans",
-        "async_reclaims",
-        "direct_reclaims",
+        ("oom_kills", stats.oom_kills),
+        ("alloc_stalls", stats.alloc_stalls),
+        ("async_scans", stats.async_scans),
+        ("direct_scans", stats.direct_scans),
+        ("async_reclaims", stats.async_reclaims),
+        ("direct_reclaims", stats.direct_reclaims),
     ];
     let version = stack.vm.kernel_version()?;
     if version >= (6, 12) {
-        for tag in newer_tags {
+        for (tag, value) in newer_tags {
             assert!(
-                stats[tag].is_u64(),
-                "no {tag} from a {version:?} guest: {stats}"
+                value.is_some(),
+                "no {tag} from a {version:?} guest: {stats:?}"
             );
         }
     } else {
-        for tag in newer_tags {
-            assert!(
-                stats[tag].is_null(),
-                "{tag} from a {version:?} guest: {stats}"
-            );
+        for (tag, value) in newer_tags {
+            assert!(value.is_none(), "{tag} from a {version:?} guest: {stats:?}");
         }
         eprintln!("[absent] stats tags 10-15 (before Linux 6.12)");
     }
-    assert!(stats["updated_unix_ms"].as_u64().unwrap_or(0) > 0);
+    assert!(stats.updated_unix_ms > 0);
 
     // The timer keeps them fresh without asking.
-    let first = stack.control.status()?["stats"]["updated_unix_ms"]
-        .as_u64()
-        .unwrap_or(0);
+    let updated = |status: balloon_protocol::control::StatusReply| {
+        status.stats.map_or(0, |stats| stats.updated_unix_ms)
+    };
+    let first = updated(stack.control.status()?);
     guest_tests::wait_for(
         "a timer-driven refresh",
         std::time::Duration::from_secs(30),
         || {
-            let now = stack.control.status()?["stats"]["updated_unix_ms"]
-                .as_u64()
-                .unwrap_or(0);
+            let now = updated(stack.control.status()?);
             Ok((now > first).then_some(()))
         },
     )?;

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use guest_tests::backend::ControlWaits;
 use guest_tests::qmp::Qmp;
 use guest_tests::vm::Balloon;
 use guest_tests::{wait_for, Stack, MIB, TARGET_DEADLINE};
@@ -24,13 +25,13 @@ fn qemu_reconnects_after_the_backend_is_killed() -> anyhow::Result<()> {
     let mut control = stack.backend.client()?;
     wait_for("QEMU to reconnect", Duration::from_secs(60), || {
         let status = control.status()?;
-        Ok((status["connected"] == true && status["config_notify"] == true).then_some(()))
+        Ok((status.connected && status.config_notify).then_some(()))
     })?;
     assert_eq!(stack.vm.sh("echo alive")?, "alive");
     assert!(stack.vm.is_running());
 
     let reply = control.set_target(128 * MIB)?;
-    assert_eq!(reply["notified"], true, "{reply}");
+    assert!(reply.notified, "{reply:?}");
     control.wait_actual(128 * MIB, TARGET_DEADLINE)?;
     control.set_target(0)?;
     control.wait_actual(0, TARGET_DEADLINE)?;
@@ -58,28 +59,38 @@ fn a_restarted_backend_keeps_its_balloon_through_the_state_file() -> anyhow::Res
     let mut control = stack.backend.client()?;
     let after = wait_for("QEMU to reconnect", Duration::from_secs(60), || {
         let status = control.status()?;
-        Ok((status["connected"] == true && status["guest_ram_bytes"] != 0).then_some(status))
+        Ok((status.connected && status.guest_ram_bytes != 0).then_some(status))
     })?;
-    for field in [
-        "target_bytes",
-        "ballooned_bytes",
-        "discarded_bytes",
-        "actual_bytes",
+    for (field, after_value, before_value) in [
+        ("target_bytes", after.target_bytes, before.target_bytes),
+        (
+            "ballooned_bytes",
+            after.ballooned_bytes,
+            before.ballooned_bytes,
+        ),
+        (
+            "discarded_bytes",
+            after.discarded_bytes,
+            before.discarded_bytes,
+        ),
+        ("actual_bytes", after.actual_bytes, before.actual_bytes),
     ] {
-        assert_eq!(after[field], before[field], "{field}: {after}");
+        assert_eq!(after_value, before_value, "{field}: {after:?}");
     }
-    assert_eq!(after["discarded_bytes"], 128 * MIB, "{after}");
+    assert_eq!(after.discarded_bytes, 128 * MIB, "{after:?}");
 
     // Pages ballooned before the restart deflate without an error.
     control.set_target(0)?;
     let status = control.wait_actual(0, TARGET_DEADLINE)?;
-    assert_eq!(status["ballooned_bytes"], 0, "{status}");
+    assert_eq!(status.ballooned_bytes, 0, "{status:?}");
     assert_eq!(
-        status["errors"]["deflate_not_inflated"]
-            .as_u64()
+        status
+            .errors
+            .get("deflate_not_inflated")
+            .copied()
             .unwrap_or(0),
         0,
-        "{status}"
+        "{status:?}"
     );
     assert_eq!(stack.vm.sh("echo alive")?, "alive");
     Ok(())
@@ -140,17 +151,13 @@ fn config_access_while_the_backend_is_gone_keeps_qemu_alive() -> anyhow::Result<
     stack.vm.sh(&format!(
         "dd if=/dev/zero of=/mnt/data/hog bs=1M count={hog_mib} 2>/dev/null"
     ))?;
-    let target = stack.control.status()?["max_reclaim_bytes"]
-        .as_u64()
-        .unwrap_or(0);
+    let target = stack.control.status()?.max_reclaim_bytes;
     stack.control.set_target(target)?;
     // Starved: `actual` has stood still below the target for a second
     // (five retries; a growing balloon moves it every few milliseconds).
     let mut last: Option<(u64, Instant)> = None;
     let starved_at = wait_for("the driver to run out of pages", TARGET_DEADLINE, || {
-        let actual = stack.control.status()?["actual_bytes"]
-            .as_u64()
-            .unwrap_or(0);
+        let actual = stack.control.status()?.actual_bytes;
         match last {
             Some((seen, since)) if seen == actual => {
                 Ok((actual > 0 && since.elapsed() >= Duration::from_secs(1)).then_some(actual))
@@ -185,7 +192,7 @@ fn config_access_while_the_backend_is_gone_keeps_qemu_alive() -> anyhow::Result<
     wait_for("QEMU to reconnect", Duration::from_secs(60), || {
         anyhow::ensure!(stack.vm.is_running(), "QEMU exited");
         let status = control.status()?;
-        let backend_connected = status["connected"] == true && status["config_notify"] == true;
+        let backend_connected = status.connected && status.config_notify;
         Ok((backend_connected && balloon_chardev_connected(&mut qmp)?).then_some(()))
     })?;
     assert!(stack.vm.is_running(), "QEMU exited");
@@ -197,7 +204,7 @@ fn config_access_while_the_backend_is_gone_keeps_qemu_alive() -> anyhow::Result<
     // The restarted backend drives the balloon to a new target.
     let new_target = starved_at / 2 / MIB * MIB;
     let reply = control.set_target(new_target)?;
-    assert_eq!(reply["notified"], true, "{reply}");
+    assert!(reply.notified, "{reply:?}");
     control.wait_actual(new_target, TARGET_DEADLINE)?;
     assert_eq!(stack.vm.sh("rm /mnt/data/hog && echo alive")?, "alive");
     assert!(stack.vm.is_running(), "QEMU exited");

@@ -2,14 +2,13 @@
 //! program allocates more than is free; the balloon deflates and the
 //! program completes with no OOM kill.
 
+use guest_tests::backend::ControlWaits;
 use guest_tests::{Stack, MIB, TARGET_DEADLINE};
 
 #[test]
 fn the_balloon_deflates_instead_of_an_oom_kill() -> anyhow::Result<()> {
     let mut stack = Stack::start(512, &["--max-reclaim-percent", "75"], |_| {})?;
-    let limit = stack.control.status()?["max_reclaim_bytes"]
-        .as_u64()
-        .unwrap_or(0);
+    let limit = stack.control.status()?.max_reclaim_bytes;
     stack.control.set_target(limit)?;
     stack.control.wait_actual(limit, TARGET_DEADLINE)?;
     let free = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
@@ -28,8 +27,8 @@ fn the_balloon_deflates_instead_of_an_oom_kill() -> anyhow::Result<()> {
     let oom_kills = stack.vm.sh("grep oom_kill /proc/vmstat")?;
     assert!(oom_kills.lines().any(|l| l == "oom_kill 0"), "{oom_kills}");
     let status = stack.control.status()?;
-    let actual = status["actual_bytes"].as_u64().unwrap_or(u64::MAX);
-    assert!(actual < limit, "the balloon did not deflate: {status}");
+    let actual = status.actual_bytes;
+    assert!(actual < limit, "the balloon did not deflate: {status:?}");
     eprintln!("[g] balloon deflated to {} MiB; no OOM kill", actual / MIB);
     Ok(())
 }

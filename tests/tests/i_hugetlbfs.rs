@@ -2,6 +2,7 @@
 //! only once every 4 KiB piece of it is in the balloon, and what the backend
 //! reports as discarded is exactly what the host got back.
 
+use guest_tests::backend::ControlWaits;
 use guest_tests::{Stack, MIB, TARGET_DEADLINE};
 
 const HUGE_PAGE: u64 = 2 * MIB;
@@ -54,7 +55,7 @@ fn hugetlbfs_pages_are_freed_whole() -> anyhow::Result<()> {
     stack.control.set_target(256 * MIB)?;
     let status = stack.control.wait_actual(256 * MIB, TARGET_DEADLINE)?;
     let freed_bytes = (host_hugepages_free()? - free_before) * HUGE_PAGE;
-    let discarded = status["discarded_bytes"].as_u64().unwrap_or(0);
+    let discarded = status.discarded_bytes;
     eprintln!(
         "[i] 256 MiB ballooned in 4 KiB pages: {} MiB of 2 MiB host pages freed (backend: {} MiB)",
         freed_bytes / MIB,
@@ -72,7 +73,7 @@ fn hugetlbfs_pages_are_freed_whole() -> anyhow::Result<()> {
 
     stack.control.set_target(0)?;
     let status = stack.control.wait_actual(0, TARGET_DEADLINE)?;
-    assert_eq!(status["discarded_bytes"], 0);
+    assert_eq!(status.discarded_bytes, 0);
     // The guest can use its memory again (huge pages fault back in).
     stack
         .vm

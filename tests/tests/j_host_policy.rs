@@ -26,11 +26,8 @@ fn host_pressure_inflates_and_relief_deflates() -> anyhow::Result<()> {
         Duration::from_secs(90),
         || {
             let status = stack.control.status()?;
-            let actual = status["actual_bytes"].as_u64().unwrap_or(0);
-            Ok(
-                (actual >= 256 * MIB && actual == status["target_bytes"].as_u64().unwrap_or(1))
-                    .then_some(actual),
-            )
+            let actual = status.actual_bytes;
+            Ok((actual >= 256 * MIB && actual == status.target_bytes).then_some(actual))
         },
     )?;
     let free_inflated = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
@@ -44,9 +41,7 @@ fn host_pressure_inflates_and_relief_deflates() -> anyhow::Result<()> {
         free_before.saturating_sub(free_inflated) + 32 * MIB >= inflated,
         "the guest did not give the memory"
     );
-    let limit = stack.control.status()?["max_reclaim_bytes"]
-        .as_u64()
-        .unwrap_or(0);
+    let limit = stack.control.status()?.max_reclaim_bytes;
     assert!(inflated <= limit);
 
     // 60 % available: give it all back.
@@ -56,7 +51,7 @@ fn host_pressure_inflates_and_relief_deflates() -> anyhow::Result<()> {
         Duration::from_secs(90),
         || {
             let status = stack.control.status()?;
-            Ok((status["actual_bytes"] == 0 && status["target_bytes"] == 0).then_some(()))
+            Ok((status.actual_bytes == 0 && status.target_bytes == 0).then_some(()))
         },
     )?;
     let free_after = stack.vm.meminfo()?.get("MemFree").copied().unwrap_or(0);
@@ -103,7 +98,7 @@ fn a_steady_reclaim_stops_above_the_floor_without_deflating_at_once() -> anyhow:
                 .as_u64()
                 .unwrap_or(0);
             let status = stack.control.status()?;
-            let landed = status["actual_bytes"].as_u64() == Some(target);
+            let landed = status.actual_bytes == target;
             match last {
                 Some((seen_tick, _)) if seen_tick == tick => {}
                 Some((_, seen_target)) if seen_target == target && landed && target > 0 => {

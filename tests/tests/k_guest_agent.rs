@@ -230,11 +230,8 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
     );
     let inflated = wait_for("the balloon to grow", Duration::from_secs(60), || {
         let status = stack.control.status()?;
-        let actual = status["actual_bytes"].as_u64().unwrap_or(0);
-        Ok(
-            (actual >= 128 * MIB && status["actual_bytes"] == status["target_bytes"])
-                .then_some(actual),
-        )
+        let actual = status.actual_bytes;
+        Ok((actual >= 128 * MIB && actual == status.target_bytes).then_some(actual))
     })?;
 
     // 2b. The balloon at its limit (25 %) while the host is still short:
@@ -297,9 +294,7 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
             if reason.contains("guest agent: PSI") {
                 psi_reason.get_or_insert(reason);
             }
-            let actual = stack.control.status()?["actual_bytes"]
-                .as_u64()
-                .unwrap_or(u64::MAX);
+            let actual = stack.control.status()?.actual_bytes;
             Ok((psi_reason.is_some() && actual < inflated).then_some(actual))
         },
     )

@@ -139,7 +139,7 @@ fn balloonctl_and_prometheus_see_and_steer_a_real_guest() -> anyhow::Result<()> 
                 .then_some(()))
         },
     )?;
-    assert_eq!(stack.control.status()?["target_bytes"], 128 * MIB);
+    assert_eq!(stack.control.status()?.target_bytes, 128 * MIB);
 
     // Prometheus has the target, and the host-resident guest RAM that the
     // test measures on QEMU's memfd.
@@ -187,7 +187,7 @@ fn balloonctl_and_prometheus_see_and_steer_a_real_guest() -> anyhow::Result<()> 
     wait_for(
         "host-policy to give the balloon back",
         Duration::from_secs(90),
-        || Ok((stack.control.status()?["actual_bytes"] == 0).then_some(())),
+        || Ok((stack.control.status()?.actual_bytes == 0).then_some(())),
     )?;
     Ok(())
 }

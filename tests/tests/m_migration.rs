@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use guest_tests::backend::ControlWaits;
 use guest_tests::env::TestEnv;
 use guest_tests::host_policy_process::{write_meminfo, PolicyProcess};
 use guest_tests::migration::{
@@ -37,8 +38,8 @@ fn check_destination(destination: &mut Side, checksum: &str) -> anyhow::Result<(
     let status = destination
         .control
         .wait_actual(BALLOON_BYTES, TARGET_DEADLINE)?;
-    assert_eq!(status["target_bytes"], BALLOON_BYTES, "{status}");
-    assert_eq!(status["ballooned_bytes"], BALLOON_BYTES, "{status}");
+    assert_eq!(status.target_bytes, BALLOON_BYTES, "{status:?}");
+    assert_eq!(status.ballooned_bytes, BALLOON_BYTES, "{status:?}");
     let resident = destination.vm.host_resident_bytes()?;
     let limit = (GUEST_MIB * MIB)
         .checked_sub(BALLOON_BYTES)
@@ -69,7 +70,7 @@ fn check_destination(destination: &mut Side, checksum: &str) -> anyhow::Result<(
     assert_eq!(
         error_counters(&status),
         vec![],
-        "the destination counted errors: {status}"
+        "the destination counted errors: {status:?}"
     );
     Ok(())
 }
@@ -177,14 +178,10 @@ fn migration_while_inflating_and_reporting_free_pages() -> anyhow::Result<()> {
     )?;
     source.control.set_target(BALLOON_BYTES)?;
     wait_for("the balloon to start filling", TARGET_DEADLINE, || {
-        let actual = source.control.status()?["actual_bytes"]
-            .as_u64()
-            .unwrap_or(0);
+        let actual = source.control.status()?.actual_bytes;
         Ok((actual > 0).then_some(()))
     })?;
-    let actual_at_start = source.control.status()?["actual_bytes"]
-        .as_u64()
-        .unwrap_or(0);
+    let actual_at_start = source.control.status()?.actual_bytes;
     eprintln!("[m] migrating with {} MiB ballooned", actual_at_start / MIB);
 
     let uri = format!("unix:{}", dir.path().join("migration.sock").display());
@@ -207,9 +204,7 @@ fn with_multifd_every_returned_page_stays_returned() -> anyhow::Result<()> {
         "dd if=/dev/urandom of=/mnt/data/scratch bs=1M count=160 2>/dev/null && rm /mnt/data/scratch",
     )?;
     wait_for("free page reporting", TARGET_DEADLINE, || {
-        let reported = source.control.status()?["reported_bytes_total"]
-            .as_u64()
-            .unwrap_or(0);
+        let reported = source.control.status()?.reported_bytes_total;
         Ok((reported >= 100 * MIB).then_some(()))
     })?;
     source.control.set_target(128 * MIB)?;
@@ -224,7 +219,7 @@ fn with_multifd_every_returned_page_stays_returned() -> anyhow::Result<()> {
     let status = destination
         .control
         .wait_actual(128 * MIB, TARGET_DEADLINE)?;
-    assert_eq!(status["ballooned_bytes"], 128 * MIB, "{status}");
+    assert_eq!(status.ballooned_bytes, 128 * MIB, "{status:?}");
     // Multifd leaves pages the source sends as zero alone, so the holes of
     // reported pages stay holes too (without it: all 512 MiB).
     let resident = destination.vm.host_resident_bytes()?;
@@ -312,11 +307,11 @@ fn a_destination_of_another_state_version_refuses_and_the_source_runs_on() -> an
     })?;
     assert_eq!(source.vm.sh("echo alive")?, "alive");
     let status = source.control.status()?;
-    assert_eq!(status["actual_bytes"], BALLOON_BYTES, "{status}");
-    assert_eq!(status["ballooned_bytes"], BALLOON_BYTES, "{status}");
+    assert_eq!(status.actual_bytes, BALLOON_BYTES, "{status:?}");
+    assert_eq!(status.ballooned_bytes, BALLOON_BYTES, "{status:?}");
     source.control.set_target(64 * MIB)?;
     let status = source.control.wait_actual(64 * MIB, TARGET_DEADLINE)?;
-    assert_eq!(error_counters(&status), vec![], "{status}");
+    assert_eq!(error_counters(&status), vec![], "{status:?}");
     Ok(())
 }
 
@@ -329,17 +324,17 @@ fn a_target_set_while_the_vm_is_paused_reaches_the_guest_when_it_resumes() -> an
     // QEMU 10.2 dereferenced a stopped device here (our QEMU patch
     // vhost-user-base-config-notify fixes it).
     let reply = side.control.set_target(64 * MIB)?;
-    assert_eq!(reply["notified"], true, "{reply}");
+    assert!(reply.notified, "{reply:?}");
     assert_eq!(side.qmp.run_state()?, "paused");
     side.qmp.execute("cont", serde_json::json!({}))?;
     let status = side.control.wait_actual(64 * MIB, TARGET_DEADLINE)?;
-    assert_eq!(status["ballooned_bytes"], 64 * MIB, "{status}");
+    assert_eq!(status.ballooned_bytes, 64 * MIB, "{status:?}");
     // The device restarted with its balloon (the same guest RAM).
     side.qmp.execute("stop", serde_json::json!({}))?;
     side.qmp.execute("cont", serde_json::json!({}))?;
     side.control.set_target(0)?;
     let status = side.control.wait_actual(0, TARGET_DEADLINE)?;
-    assert_eq!(error_counters(&status), vec![], "{status}");
+    assert_eq!(error_counters(&status), vec![], "{status:?}");
     Ok(())
 }
 
@@ -354,17 +349,17 @@ fn a_guest_reset_empties_the_balloon_of_the_same_guest_ram() -> anyhow::Result<(
     stack.vm.wait_ready_count(2, Duration::from_secs(180))?;
     let status = wait_for("the rebooted guest's balloon", TARGET_DEADLINE, || {
         let status = stack.control.status()?;
-        Ok((status["actual_bytes"] == 128 * MIB
-            && status["pending_punch_bytes"] == 0
-            && status["ballooned_bytes"] == 128 * MIB)
+        Ok((status.actual_bytes == 128 * MIB
+            && status.pending_punch_bytes == 0
+            && status.ballooned_bytes == 128 * MIB)
             .then_some(status))
     })?;
     // A bitmap kept from before the reset would count the new driver's
     // pages as inflated twice and hold twice the balloon.
     assert_eq!(
-        status["errors"]["already_inflated"].as_u64().unwrap_or(0),
+        status.errors.get("already_inflated").copied().unwrap_or(0),
         0,
-        "{status}"
+        "{status:?}"
     );
     assert_eq!(stack.vm.sh("echo alive")?, "alive");
     Ok(())

@@ -14,11 +14,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use guest_tests::backend::BackendProcess;
+use guest_tests::backend::{BackendProcess, ControlWaits};
 use guest_tests::verifier::{
-    balloon_differs_from_actual, bytes_field, crash_finding, env_number, env_with_overrides,
-    log_highlights, mib, mib_bytes, start_verifier, verifier_lines, wait_more_passes, wait_quiet,
-    wait_reconnected, SplitMix64, VerifierReport, VerifierSettings, PASS_DEADLINE,
+    balloon_differs_from_actual, crash_finding, env_number, env_with_overrides, log_highlights,
+    mib, mib_bytes, start_verifier, verifier_lines, wait_more_passes, wait_quiet, wait_reconnected,
+    SplitMix64, VerifierReport, VerifierSettings, PASS_DEADLINE,
 };
 use guest_tests::vm::{Balloon, Vm, VmConfig};
 
@@ -143,7 +143,7 @@ fn a_restarted_backend_never_corrupts_guest_memory() -> anyhow::Result<()> {
         control.set_target(mib_bytes(cycle.high_mib)?)?;
         bump(&mut counts.targets)?;
         std::thread::sleep(Duration::from_millis(cycle.hold_ms));
-        let peak = bytes_field(&control.status()?, "actual_bytes")?;
+        let peak = control.status()?.actual_bytes;
         if peak >= mib_bytes(SUBSTANTIAL_MIB)? {
             bump(&mut counts.substantial_deflates)?;
         }
@@ -176,7 +176,10 @@ fn a_restarted_backend_never_corrupts_guest_memory() -> anyhow::Result<()> {
         let quiet = match wait_quiet(&mut control) {
             Ok(status) => status,
             Err(error) => {
-                let last = control.status().map(|s| s.to_string()).unwrap_or_default();
+                let last = control
+                    .status()
+                    .map(|s| format!("{s:?}"))
+                    .unwrap_or_default();
                 problems.push(format!("cycle {n}: {error:#}; last status {last}"));
                 break;
             }
@@ -186,11 +189,11 @@ fn a_restarted_backend_never_corrupts_guest_memory() -> anyhow::Result<()> {
             problems.push(format!("cycle {n}: QEMU exited"));
             break;
         }
-        let target = bytes_field(&quiet, "target_bytes")?;
-        let actual = bytes_field(&quiet, "actual_bytes")?;
-        let ballooned = bytes_field(&quiet, "ballooned_bytes")?;
-        let discarded = bytes_field(&quiet, "discarded_bytes")?;
-        if let Some(differs) = balloon_differs_from_actual(&quiet)? {
+        let target = quiet.target_bytes;
+        let actual = quiet.actual_bytes;
+        let ballooned = quiet.ballooned_bytes;
+        let discarded = quiet.discarded_bytes;
+        if let Some(differs) = balloon_differs_from_actual(&quiet) {
             problems.push(format!(
                 "cycle {n}: after the restart {differs}; {}",
                 cycle.describe()
@@ -202,7 +205,7 @@ fn a_restarted_backend_never_corrupts_guest_memory() -> anyhow::Result<()> {
             started.elapsed().as_secs_f64(),
             cycle.describe(),
             mib(peak),
-            mib(bytes_field(&before_kill, "actual_bytes")?),
+            mib(before_kill.actual_bytes),
             reconnect.as_secs_f64(),
             mib(target),
             mib(actual),

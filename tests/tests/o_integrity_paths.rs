@@ -24,18 +24,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use guest_tests::backend::{BackendProcess, ControlClient};
+use balloon_protocol::control::{ControlClient, ControlError, StatusReply};
+use guest_tests::backend::{BackendProcess, ControlWaits};
 use guest_tests::env::TestEnv;
 use guest_tests::migration::{migrate, side_dir, Side};
 use guest_tests::qmp::Qmp;
 use guest_tests::verifier::{
-    balloon_differs_from_actual, bytes_field, crash_finding, crash_lines, describe_quiet,
-    env_number, env_with_overrides, log_highlights, mib, mib_bytes, start_verifier, verifier_lines,
+    balloon_differs_from_actual, crash_finding, crash_lines, describe_quiet, env_number,
+    env_with_overrides, log_highlights, mib, mib_bytes, start_verifier, verifier_lines,
     wait_more_passes, wait_quiet, wait_reconnected, wait_still, SplitMix64, VerifierReport,
     VerifierSettings, PASS_DEADLINE,
 };
 use guest_tests::vm::{Balloon, Vm, VmConfig};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const DEFAULT_SEED: u64 = 30;
 /// Smaller than n_restart_integrity's guest: these tests run side by side.
@@ -140,17 +141,20 @@ impl Outcome {
         control: &mut ControlClient,
         vm: &mut Vm,
         when: &str,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<StatusReply> {
         let quiet = match wait_quiet(control) {
             Ok(status) => status,
             Err(error) => {
-                let last = control.status().map(|s| s.to_string()).unwrap_or_default();
+                let last = control
+                    .status()
+                    .map(|s| format!("{s:?}"))
+                    .unwrap_or_default();
                 anyhow::bail!("{when}: {error:#}; last status {last}");
             }
         };
         anyhow::ensure!(vm.is_running(), "{when}: QEMU exited");
         bump(&mut self.quiet_checks)?;
-        if let Some(differs) = balloon_differs_from_actual(&quiet)? {
+        if let Some(differs) = balloon_differs_from_actual(&quiet) {
             self.accounting_problem(format!("{when}: {differs}"))?;
         }
         let report = VerifierReport::from_lines(&verifier_lines(vm));
@@ -165,8 +169,13 @@ impl Outcome {
     }
 
     /// Checks that a quiet status holds `target` (what the schedule set).
-    fn expect_target(&mut self, quiet: &Value, target: u64, when: &str) -> anyhow::Result<()> {
-        let held = bytes_field(quiet, "target_bytes")?;
+    fn expect_target(
+        &mut self,
+        quiet: &StatusReply,
+        target: u64,
+        when: &str,
+    ) -> anyhow::Result<()> {
+        let held = quiet.target_bytes;
         if held != target {
             self.problem(format!(
                 "{when}: the target is {:.1} MiB, {:.1} MiB was set",
@@ -184,7 +193,7 @@ impl Outcome {
         vm: &mut Vm,
         bytes: u64,
         when: &str,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<StatusReply> {
         control.set_target(bytes)?;
         self.event(&format!("{when}: target {:.1} MiB", mib(bytes)))?;
         let quiet = self.quiet(control, vm, when)?;
@@ -376,8 +385,8 @@ fn migrate_during_deflates(
             &format!("hop {hop}, before"),
         )?;
         anyhow::ensure!(
-            bytes_field(&quiet, "actual_bytes")? == high,
-            "hop {hop}: the balloon did not fill: {quiet}"
+            quiet.actual_bytes == high,
+            "hop {hop}: the balloon did not fill: {quiet:?}"
         );
 
         let hop_dir = side_dir(hops.dir, &format!("hop{hop}"))?;
@@ -402,12 +411,12 @@ fn migrate_during_deflates(
             delay.as_millis()
         ))?;
         std::thread::sleep(delay);
-        let at_start = bytes_field(&side.control.status()?, "actual_bytes")?;
+        let at_start = side.control.status()?.actual_bytes;
         let cost = migrate(side, &uri)?;
         bump(&mut hops.numbers.migrations)?;
         // The source's VM is stopped: its backend holds the last `actual`
         // the guest wrote there.
-        let at_stop = bytes_field(&side.control.status()?, "actual_bytes")?;
+        let at_stop = side.control.status()?.actual_bytes;
         if at_start > 0 {
             bump(&mut hops.numbers.in_flight_at_start)?;
         }
@@ -513,7 +522,7 @@ fn reset_while_punches_pend(
 ) -> anyhow::Result<()> {
     for reset in 1..=RESETS {
         let high = mib_bytes(rng.between(140, 170))?;
-        let from = bytes_field(&guest.control.status()?, "ballooned_bytes")?;
+        let from = guest.control.status()?.ballooned_bytes;
         // The reset comes once the balloon has grown by `grow` (up to three
         // quarters of the way) and inflated pages wait to be punched, or at
         // the latest `latest` after the target.
@@ -534,8 +543,8 @@ fn reset_while_punches_pend(
         let wanted = from.checked_add(grow).context("balloon size")?;
         let before = loop {
             let status = guest.control.status()?;
-            let pending = bytes_field(&status, "pending_punch_bytes")? > 0;
-            let grown = bytes_field(&status, "ballooned_bytes")? >= wanted;
+            let pending = status.pending_punch_bytes > 0;
+            let grown = status.ballooned_bytes >= wanted;
             if (pending && grown) || Instant::now() >= deadline {
                 break status;
             }
@@ -547,8 +556,8 @@ fn reset_while_punches_pend(
         if !keep_target {
             guest.control.set_target(0)?;
         }
-        let pending = bytes_field(&before, "pending_punch_bytes")?;
-        let ballooned = bytes_field(&before, "ballooned_bytes")?;
+        let pending = before.pending_punch_bytes;
+        let ballooned = before.ballooned_bytes;
         if pending > 0 {
             bump(&mut numbers.with_pending_punches)?;
         }
@@ -557,7 +566,7 @@ fn reset_while_punches_pend(
         }
         outcome.event(&format!(
             "reset {reset}: system_reset with actual {:.1} MiB, ballooned {:.1} MiB, {:.1} MiB of punches pending just before; target {}",
-            mib(bytes_field(&before, "actual_bytes")?),
+            mib(before.actual_bytes),
             mib(ballooned),
             mib(pending),
             if keep_target { "kept" } else { "0 at once" }
@@ -612,8 +621,8 @@ fn rebooted_with_no_balloon(
     bump(&mut outcome.quiet_checks)?;
     outcome.say(&format!("still {when}: {}", describe_quiet(&still)));
     outcome.expect_target(&still, 0, when)?;
-    let ballooned = bytes_field(&still, "ballooned_bytes")?;
-    let actual = bytes_field(&still, "actual_bytes")?;
+    let ballooned = still.ballooned_bytes;
+    let actual = still.actual_bytes;
     if ballooned != 0 || actual != 0 {
         // The guest's own count of pages its driver ballooned since boot.
         let vmstat = guest
@@ -679,13 +688,10 @@ struct PinNumbers {
 
 const PIN_CYCLES: u32 = 2;
 
-fn set_pinned(control: &mut ControlClient, bytes: u64) -> anyhow::Result<Value> {
-    let reply = control.request(&json!({"cmd": "set-target", "bytes": bytes, "pin": true}))?;
-    anyhow::ensure!(
-        reply["ok"] == true && reply["pinned"] == true,
-        "a pinned set-target failed: {reply}"
-    );
-    Ok(reply)
+fn set_pinned(control: &mut ControlClient, bytes: u64) -> anyhow::Result<()> {
+    let reply = control.pin_target(bytes)?;
+    anyhow::ensure!(reply.pinned, "a pinned set-target failed: {reply:?}");
+    Ok(())
 }
 
 fn pin_and_unpin_across_restarts(
@@ -710,31 +716,36 @@ fn pin_and_unpin_across_restarts(
 
         let when = format!("cycle {cycle}, restarted while pinned");
         let status = guest.control.status()?;
-        if status["pinned"] != true {
-            outcome.problem(format!("{when}: the pin is gone: {status}"));
+        if !status.pinned {
+            outcome.problem(format!("{when}: the pin is gone: {status:?}"));
         }
         outcome.expect_target(&status, pinned, &when)?;
         let other = mib_bytes(rng.between(0, 64))?;
-        let refused = guest
-            .control
-            .request(&json!({"cmd": "set-target", "bytes": other}))?;
-        let error = refused["error"].as_str().unwrap_or("");
-        if refused["ok"] == false && error.contains(PINNED_ERROR) {
-            bump(&mut numbers.refused)?;
-        } else {
-            outcome.problem(format!(
-                "{when}: an unpinned set-target of {:.1} MiB was not refused with \"{PINNED_ERROR} …\": {refused}",
+        let refused = match guest.control.set_target(other) {
+            Err(ControlError::Refused { message, .. }) if message.contains(PINNED_ERROR) => None,
+            Err(ControlError::Refused { message, .. }) => Some(message),
+            Ok(reply) => Some(format!("{reply:?}")),
+            Err(error) => return Err(error.into()),
+        };
+        match refused {
+            None => bump(&mut numbers.refused)?,
+            Some(reply) => outcome.problem(format!(
+                "{when}: an unpinned set-target of {:.1} MiB was not refused with \"{PINNED_ERROR} …\": {reply}",
                 mib(other)
-            ));
+            )),
         }
         let quiet = outcome.quiet(&mut guest.control, &mut guest.vm, &when)?;
         outcome.expect_target(&quiet, pinned, &when)?;
-        if quiet["pinned"] != true {
-            outcome.problem(format!("{when}: the pin is gone: {quiet}"));
+        if !quiet.pinned {
+            outcome.problem(format!("{when}: the pin is gone: {quiet:?}"));
         }
 
-        let reply = guest.control.request(&json!({"cmd": "unpin"}))?;
-        if reply["ok"] != true || reply["was_pinned"] != true {
+        let not_found = match guest.control.unpin() {
+            Ok(reply) => (!reply.was_pinned).then(|| format!("{reply:?}")),
+            Err(ControlError::Refused { message, .. }) => Some(message),
+            Err(error) => return Err(error.into()),
+        };
+        if let Some(reply) = not_found {
             outcome.problem(format!(
                 "cycle {cycle}: unpin did not find the pin: {reply}"
             ));
@@ -751,8 +762,8 @@ fn pin_and_unpin_across_restarts(
 
         let when = format!("cycle {cycle}, restarted unpinned");
         let status = guest.control.status()?;
-        if status["pinned"] != false {
-            outcome.problem(format!("{when}: still pinned: {status}"));
+        if status.pinned {
+            outcome.problem(format!("{when}: still pinned: {status:?}"));
         }
         let quiet = outcome.quiet(&mut guest.control, &mut guest.vm, &when)?;
         outcome.expect_target(&quiet, pinned, &when)?;
@@ -817,7 +828,7 @@ fn reports_racing_inflates(
     numbers: &mut ReportingNumbers,
 ) -> anyhow::Result<()> {
     let quiet = outcome.quiet(&mut guest.control, &mut guest.vm, "before the rounds")?;
-    numbers.reported_first = bytes_field(&quiet, "reported_bytes_total")?;
+    numbers.reported_first = quiet.reported_bytes_total;
     numbers.reported_last = numbers.reported_first;
     for round in 1..=REPORTING_ROUNDS {
         let high = mib_bytes(rng.between(110, 150))?;
@@ -825,7 +836,7 @@ fn reports_racing_inflates(
         let low = mib_bytes(rng.between(0, 32))?;
         // Every third round kills the backend right after the target drops.
         let kill = (round % 3 == 2).then(|| (rng.millis(50, 300), rng.millis(200, 800)));
-        let reported_before = bytes_field(&guest.control.status()?, "reported_bytes_total")?;
+        let reported_before = guest.control.status()?.reported_bytes_total;
         guest.control.set_target(high)?;
         outcome.event(&format!(
             "round {round}: target {:.1} MiB for {} ms",
@@ -834,14 +845,14 @@ fn reports_racing_inflates(
         ))?;
         std::thread::sleep(hold);
         let at_hold = guest.control.status()?;
-        if bytes_field(&at_hold, "reported_bytes_total")? > reported_before {
+        if at_hold.reported_bytes_total > reported_before {
             bump(&mut numbers.reports_during_inflate)?;
         }
         guest.control.set_target(low)?;
         outcome.event(&format!(
             "round {round}: target {:.1} MiB (actual was {:.1} MiB)",
             mib(low),
-            mib(bytes_field(&at_hold, "actual_bytes")?)
+            mib(at_hold.actual_bytes)
         ))?;
         if let Some((kill_after, down)) = kill {
             std::thread::sleep(kill_after);
@@ -851,7 +862,7 @@ fn reports_racing_inflates(
         let when = format!("round {round}");
         let quiet = outcome.quiet(&mut guest.control, &mut guest.vm, &when)?;
         outcome.expect_target(&quiet, low, &when)?;
-        let reported = bytes_field(&quiet, "reported_bytes_total")?;
+        let reported = quiet.reported_bytes_total;
         if reported < numbers.reported_last {
             outcome.problem(format!(
                 "{when}: reported_bytes_total went back from {:.1} MiB to {:.1} MiB",

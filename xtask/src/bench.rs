@@ -236,7 +236,7 @@ fn footprint() -> anyhow::Result<(String, String)> {
 }
 
 /// The scenario family the policy goals are asserted on (issue 26): its
-/// seed and size, as `host_policy::family`'s goal test runs it.
+/// seed and size, as `policy_sim::family`'s goal test runs it.
 const FAMILY_SEED: u64 = 26;
 const FAMILY_SCENARIOS: u64 = 200;
 
@@ -244,8 +244,8 @@ const FAMILY_SCENARIOS: u64 = 200;
 /// `simulate --family` (shares where ours does no more harm, the safe
 /// density distribution).
 fn policy_family() -> anyhow::Result<String> {
-    use host_policy::baselines::PolicyKind;
-    use host_policy::family;
+    use balloon_policy::PolicyKind;
+    use policy_sim::family;
     let rows = family::run_family(FAMILY_SEED, FAMILY_SCENARIOS, &PolicyKind::ALL)?;
     let text = family::table(FAMILY_SEED, &rows);
     let head = text.split("| # |").next().unwrap_or_default();
@@ -262,8 +262,8 @@ fn policy_family() -> anyhow::Result<String> {
 /// simulator: one table per scenario, safe density for `phases`, and the
 /// `phases` runs side by side as docs/policy-comparison-phases.svg.
 fn policy_comparison() -> anyhow::Result<String> {
-    use host_policy::baselines::PolicyKind;
-    use host_policy::simulate;
+    use balloon_policy::PolicyKind;
+    use policy_sim::simulate;
     let root = workspace_root();
     let mut text = String::new();
     for name in [
@@ -416,7 +416,7 @@ pub fn run() -> anyhow::Result<()> {
     let table = cargo_bench("balloon-backend", "inflate")?;
     let large_guest_table = cargo_bench("balloon-backend", "large_guest")?;
     let state_file = state_file_section()?;
-    let policy_table = cargo_bench("host-policy", "decide")?;
+    let policy_table = cargo_bench("balloon-policy", "decide")?;
     eprintln!("[xtask] comparing the policies in the simulator");
     let comparison_of_policies = policy_comparison()?;
     eprintln!(
@@ -463,7 +463,7 @@ pub fn run() -> anyhow::Result<()> {
          documented distribution (`host-policy simulate --family {FAMILY_SCENARIOS} --seed {FAMILY_SEED}`;\n\
          docs/host-policy.md, \"A family of scenarios\"), with the guest model of\n\
          `host-policy simulate` (free page reporting, deflate-on-OOM, demand faster\n\
-         than a tick). Goals, asserted by `host-policy`'s tests on this seed: ours does\n\
+         than a tick). Goals, asserted by `policy-sim`'s tests on this seed: ours does\n\
          no more harm than the best baseline in at least 95 % of the scenarios, and\n\
          its median safe density is at least 1.3x the best baseline's.\n\n\
          {family_of_policies}\n\n\

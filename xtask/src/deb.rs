@@ -18,7 +18,7 @@ const PROGRAMS: [&str; 3] = ["balloon-backend", "host-policy", "balloonctl"];
 pub const MAINTAINER: &str = "balloon-stack developers <balloon-stack@lists.debian.net>";
 
 /// Where each file of packaging/ goes, and its mode.
-const PACKAGING_FILES: [(&str, &str, u32); 5] = [
+const PACKAGING_FILES: [(&str, &str, u32); 6] = [
     (
         "systemd/balloon-backend@.service",
         "lib/systemd/system/balloon-backend@.service",
@@ -43,6 +43,11 @@ const PACKAGING_FILES: [(&str, &str, u32); 5] = [
         "libvirt/balloon-stack",
         "etc/libvirt/hooks/qemu.d/balloon-stack",
         0o755,
+    ),
+    (
+        "prometheus/balloon-stack-alerts.yml",
+        "usr/share/balloon-stack/prometheus/balloon-stack-alerts.yml",
+        0o644,
     ),
 ];
 /// Files under /etc, which dpkg keeps an operator's changes to.
@@ -166,17 +171,31 @@ pub fn shared_library_depends(package: &str, binaries: &[PathBuf]) -> anyhow::Re
         .context("dpkg-shlibdeps printed no shlibs:Depends")
 }
 
-fn changelog(version: &str) -> anyhow::Result<String> {
+/// A one-entry changelog.Debian for `package`, built by `cargo xtask
+/// {task}`.
+pub fn changelog(package: &str, version: &str, task: &str) -> anyhow::Result<String> {
     let date = succeed(Command::new("date").args(["-R", "-u"]))?;
     Ok(format!(
-        "{PACKAGE} ({version}) bookworm; urgency=medium\n\n  \
-         * Built from the balloon-stack repository by `cargo xtask deb`.\n\n \
+        "{package} ({version}) bookworm; urgency=medium\n\n  \
+         * Built from the balloon-stack repository by `cargo xtask {task}`.\n\n \
          -- {MAINTAINER}  {}\n",
         date.trim()
     ))
 }
 
-const COPYRIGHT: &str = "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+/// Builds the package `deb` from the tree `root` (its DEBIAN/ written).
+pub fn dpkg_deb_build(root: &Path, deb: &Path) -> anyhow::Result<()> {
+    succeed(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-Zxz", "--build"])
+            .arg(root)
+            .arg(deb),
+    )?;
+    Ok(())
+}
+
+pub const COPYRIGHT: &str =
+    "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: balloon-stack
 
 Files: *
@@ -315,7 +334,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     write(&doc.join("copyright"), COPYRIGHT.as_bytes(), 0o644)?;
     write(
         &doc.join("changelog.Debian"),
-        changelog(&version)?.as_bytes(),
+        changelog(PACKAGE, &version, "deb")?.as_bytes(),
         0o644,
     )?;
     gzip(&doc.join("changelog.Debian"))?;
@@ -347,11 +366,6 @@ pub fn build() -> anyhow::Result<PathBuf> {
         )?;
     }
     let deb = out.join(format!("{PACKAGE}_{version}_amd64.deb"));
-    succeed(
-        Command::new("dpkg-deb")
-            .args(["--root-owner-group", "-Zxz", "--build"])
-            .arg(&root)
-            .arg(&deb),
-    )?;
+    dpkg_deb_build(&root, &deb)?;
     Ok(deb)
 }

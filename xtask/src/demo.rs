@@ -11,12 +11,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use guest_tests::backend::{BackendProcess, ControlClient};
+use balloon_protocol::control::{
+    ControlClient, ControlError, RefreshStatsReply, Request, StatusReply,
+};
+use guest_tests::backend::BackendProcess;
 use guest_tests::env::TestEnv;
 use guest_tests::host_policy_process::PolicyProcess;
 use guest_tests::vm::{qemu_args, Vm, VmConfig};
 use guest_tests::MIB;
-use serde_json::Value;
 
 const GUEST_MIB: u64 = 1024;
 /// The demo waits until host-policy has ballooned at least this much.
@@ -43,18 +45,16 @@ impl Screen {
         );
     }
 
-    fn row(&self, status: &Value, resident_bytes: u64) {
-        let mib = |v: &Value| {
-            v.as_u64()
-                .map_or("-".to_string(), |b| format!("{} MiB", b / MIB))
-        };
+    fn row(&self, status: &StatusReply, resident_bytes: u64) {
+        let mib = |v: Option<u64>| v.map_or("-".to_string(), |b| format!("{} MiB", b / MIB));
+        let stats = status.stats.as_ref();
         println!(
             "{:>6.1}s  {:>10}  {:>11}  {:>14}  {:>14}  {:>18}",
             self.started.elapsed().as_secs_f64(),
-            mib(&status["stats"]["free_bytes"]),
-            mib(&status["stats"]["disk_caches_bytes"]),
-            mib(&status["target_bytes"]),
-            mib(&status["actual_bytes"]),
+            mib(stats.and_then(|s| s.free_bytes)),
+            mib(stats.and_then(|s| s.disk_caches_bytes)),
+            mib(Some(status.target_bytes)),
+            mib(Some(status.actual_bytes)),
             format!("{} MiB", resident_bytes / MIB),
         );
     }
@@ -65,8 +65,8 @@ impl Screen {
         control: &mut ControlClient,
         vm: &Vm,
         timeout: Duration,
-        done: impl Fn(&Value, u64) -> bool,
-    ) -> anyhow::Result<(Value, u64)> {
+        done: impl Fn(&StatusReply, u64) -> bool,
+    ) -> anyhow::Result<(StatusReply, u64)> {
         let deadline = Instant::now() + timeout;
         loop {
             let status = control.status()?;
@@ -82,6 +82,16 @@ impl Screen {
 
 /// One phase's line of the summary: host memory behind the guest before
 /// and after, in MiB.
+/// Asks for fresh statistics (the default wait); a guest that does not
+/// answer in time only leaves the last ones on screen.
+fn refresh_stats(control: &mut ControlClient) -> anyhow::Result<()> {
+    let request = Request::RefreshStats { timeout_ms: None };
+    match control.request::<RefreshStatsReply>(&request) {
+        Ok(_) | Err(ControlError::Refused { .. }) => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
 struct Returned {
     before_mib: u64,
     after_mib: u64,
@@ -138,7 +148,7 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
     );
     screen.header();
     screen.watch(&mut control, &vm, Duration::from_secs(10), |s, _| {
-        !s["stats"].is_null()
+        s.stats.is_some()
     })?;
     vm.sh(&format!(
         "dd if=/dev/zero of=/mnt/data/fill bs=1M count={FILL_MIB} 2>/dev/null"
@@ -172,10 +182,9 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
     )?;
     policy.set_host(16384, 1310)?;
     screen.watch(&mut control, &vm, Duration::from_secs(120), |s, _| {
-        let actual = s["actual_bytes"].as_u64().unwrap_or(0);
-        actual >= BALLOON_MIB * MIB && s["actual_bytes"] == s["target_bytes"]
+        s.actual_bytes >= BALLOON_MIB * MIB && s.actual_bytes == s.target_bytes
     })?;
-    control.request(&serde_json::json!({"cmd": "refresh-stats"}))?;
+    refresh_stats(&mut control)?;
     let (inflated, ballooned) =
         screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
     let balloon = Returned::new(cached, ballooned);
@@ -186,12 +195,12 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
     );
     policy.set_host(16384, 9830)?;
     screen.watch(&mut control, &vm, Duration::from_secs(120), |s, _| {
-        s["actual_bytes"] == 0
+        s.actual_bytes == 0
     })?;
     vm.sh(&format!(
         "dd if=/dev/vda of=/dev/null bs=1M count={DISK_MIB} 2>/dev/null"
     ))?;
-    control.request(&serde_json::json!({"cmd": "refresh-stats"}))?;
+    refresh_stats(&mut control)?;
     let (refilled, restored) =
         screen.watch(&mut control, &vm, Duration::from_secs(3), |_, _| true)?;
     policy.stop()?;
@@ -203,7 +212,13 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
         .filter(|p| p.exists())
         .collect();
     anyhow::ensure!(leftovers.is_empty(), "sockets left behind: {leftovers:?}");
-    let cache = |s: &Value| s["stats"]["disk_caches_bytes"].as_u64().unwrap_or(0) / MIB;
+    let cache = |s: &StatusReply| {
+        s.stats
+            .as_ref()
+            .and_then(|stats| stats.disk_caches_bytes)
+            .unwrap_or(0)
+            / MIB
+    };
     println!(
         "\nSummary (host memory behind the guest, measured on the host):\n\
          - free page reporting returned the guest's free pages: {} MiB ({} -> {} MiB);\n\
@@ -219,7 +234,7 @@ pub fn run(env: &TestEnv) -> anyhow::Result<()> {
         balloon.freed_mib(),
         balloon.before_mib,
         balloon.after_mib,
-        inflated["actual_bytes"].as_u64().unwrap_or(0) / MIB,
+        inflated.actual_bytes / MIB,
         cache(&inflated),
         cache(&refilled),
         restored / MIB,

@@ -17,7 +17,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-use guest_tests::backend::ControlClient;
+use balloon_protocol::control::ControlClient;
+use guest_tests::backend::{self, ControlWaits};
 use guest_tests::memfd_residency;
 
 use crate::package_test::{ensure_gone, process_uid, wait_exited};
@@ -280,7 +281,7 @@ fn check_balloon_domain() -> anyhow::Result<(u32, String)> {
         "socket mode {:o}",
         socket.mode()
     );
-    let mut control = ControlClient::connect(Path::new(&format!("/run/balloon/{DOMAIN}.ctl")))?;
+    let mut control = backend::connect(Path::new(&format!("/run/balloon/{DOMAIN}.ctl")))?;
     control.wait_negotiated(Duration::from_secs(120))?;
     let before = resident_bytes(DOMAIN)?;
     control.set_target(TARGET_MIB * MIB)?;
@@ -327,7 +328,7 @@ fn hook_backend_pid() -> anyhow::Result<u32> {
 /// guest RAM stays returned. The new backend's pid.
 fn check_save_and_restore() -> anyhow::Result<u32> {
     let control_path = PathBuf::from(format!("/run/balloon/{DOMAIN}.ctl"));
-    let mut control = ControlClient::connect(&control_path)?;
+    let mut control = backend::connect(&control_path)?;
     control.set_target(TARGET_MIB * MIB)?;
     control.wait_actual(TARGET_MIB * MIB, Duration::from_secs(120))?;
     let saved_backend = hook_backend_pid()?;
@@ -344,12 +345,12 @@ fn check_save_and_restore() -> anyhow::Result<u32> {
         "the restored domain's backend",
         Duration::from_secs(60),
         Duration::from_millis(200),
-        || Ok(ControlClient::connect(&control_path).ok()),
+        || Ok(backend::connect(&control_path).ok()),
     )?;
     let status = control.wait_actual(TARGET_MIB * MIB, Duration::from_secs(120))?;
     anyhow::ensure!(
-        status["ballooned_bytes"] == TARGET_MIB * MIB && status["target_bytes"] == TARGET_MIB * MIB,
-        "the restored balloon: {status}"
+        status.ballooned_bytes == TARGET_MIB * MIB && status.target_bytes == TARGET_MIB * MIB,
+        "the restored balloon: {status:?}"
     );
     let resident = resident_bytes(DOMAIN)?;
     eprintln!(
@@ -433,14 +434,17 @@ fn check_packaged_policy(control: &mut ControlClient) -> anyhow::Result<()> {
         Duration::from_secs(120),
         Duration::from_millis(500),
         || {
-            let actual = control.status()?["actual_bytes"].as_u64().unwrap_or(0);
+            let actual = control.status()?.actual_bytes;
             Ok((actual >= 64 * MIB).then_some(actual))
         },
     )
     .with_context(|| {
         let log = std::fs::read_to_string(dir.path().join("host-policy.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        let status = control.status().map(|s| s.to_string()).unwrap_or_default();
+        let status = control
+            .status()
+            .map(|s| format!("{s:?}"))
+            .unwrap_or_default();
         format!(
             "the backend's status: {status}\nhost-policy's log (last lines, newest first):\n{}",
             tail.join("\n")

@@ -1,6 +1,7 @@
 //! Project tasks: provision QEMU and the guest image, run the demo VM, run
 //! every test, run the benchmarks. `cargo xtask --help` lists them.
 
+mod alert_rules;
 mod bench;
 #[cfg(test)]
 mod ci_workflow;
@@ -8,6 +9,8 @@ mod deb;
 mod demo;
 mod fresh_check;
 mod fuzz;
+mod guest_deb;
+mod guest_deb_test;
 mod libvirt_test;
 mod matrix;
 mod migration_comparison;
@@ -68,6 +71,13 @@ enum Task {
     },
     /// Build the Debian package: target/deb/balloon-stack_<version>_amd64.deb.
     Deb,
+    /// Build and check the guest side (root): the package
+    /// target/deb/balloon-stack-guest_<version>_amd64.deb (static agent,
+    /// unit, udev rule, man page) and a tarball for any x86_64 Linux.
+    GuestDeb,
+    /// The guest package in a Debian 12 guest under QEMU (root): udev
+    /// starts the agent when the port exists, and never without it.
+    GuestDebTest,
     /// Package the QEMU of `cargo xtask qemu` (built first if needed) as
     /// target/deb/balloon-stack-qemu_<version>_amd64.deb.
     QemuDeb,
@@ -168,6 +178,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", deb::build()?.display());
             Ok(())
         }
+        Task::GuestDeb => guest_deb::run(),
+        Task::GuestDebTest => guest_deb_test::run(),
         Task::QemuDeb => {
             let qemu = provision::ensure_qemu()?;
             println!("{}", qemu_deb::build(&qemu)?.display());

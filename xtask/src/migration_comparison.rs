@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use guest_tests::backend::ControlWaits;
 use guest_tests::env::TestEnv;
 use guest_tests::migration::{
     migrate_with_capabilities, set_capabilities, side_dir, write_pattern, MigrationCost, Side,
@@ -52,7 +53,7 @@ fn ours(env: &TestEnv, dir: &Path, multifd: bool) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         cost,
         destination_resident_bytes: destination.vm.host_resident_bytes()?,
-        balloon_after_bytes: status["actual_bytes"].as_u64().unwrap_or(0),
+        balloon_after_bytes: status.actual_bytes,
     })
 }
 

@@ -70,7 +70,11 @@ impl Booted {
     /// directory of the host; returns once its systemd reports `running`
     /// (or `degraded`: then the failed units are printed).
     pub fn boot(template: &Path, label: &str) -> anyhow::Result<Booted> {
-        let scratch = tempfile::tempdir()?;
+        // On disk, not in a /tmp that may be a nodev tmpfs (and would hold
+        // a whole root in memory).
+        let scratch = tempfile::Builder::new()
+            .prefix("balloon-root")
+            .tempdir_in("/var/tmp")?;
         let root = scratch.path().join("root");
         let runtime = scratch.path().join("run-balloon");
         std::fs::create_dir(&runtime)?;
@@ -266,6 +270,12 @@ impl Booted {
             (Some(rest), Some(runtime)) => runtime.join(rest.trim_start_matches('/')),
             _ => self.root.join(inside.trim_start_matches('/')),
         }
+    }
+
+    /// The root as its own processes see it (its /dev, /proc and /run
+    /// included), through its PID 1's /proc entry.
+    pub fn inside_root(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.leader))
     }
 
     /// Pids (the host's) of the processes in the root whose command is

@@ -46,6 +46,7 @@ const PROMISED: &[&str] = &[
     "./usr/share/doc/balloon-stack/changelog.Debian.gz",
     "./usr/share/doc/balloon-stack/install.md",
     "./usr/share/doc/balloon-stack/host-policy.md",
+    "./usr/share/balloon-stack/prometheus/balloon-stack-alerts.yml",
 ];
 
 /// The most systemd-analyze's exposure score (0 safest, 10 most exposed)
@@ -79,7 +80,7 @@ pub fn ensure_gone(paths: &[PathBuf]) -> anyhow::Result<()> {
     }
 }
 
-fn check_contents(deb: &Path, promised: &[&str]) -> anyhow::Result<()> {
+pub fn check_contents(deb: &Path, promised: &[&str]) -> anyhow::Result<()> {
     let listing = succeed(Command::new("dpkg-deb").arg("--contents").arg(deb))?;
     let paths: Vec<&str> = listing
         .lines()
@@ -98,7 +99,7 @@ fn check_contents(deb: &Path, promised: &[&str]) -> anyhow::Result<()> {
 }
 
 /// lintian's tags by severity letter.
-fn lintian(deb: &Path) -> anyhow::Result<Vec<String>> {
+pub fn lintian(deb: &Path) -> anyhow::Result<Vec<String>> {
     ensure_packages(&[("lintian", "lintian")])?;
     // lintian exits non-zero for errors; its report is what is judged.
     let out = output(
@@ -203,7 +204,7 @@ fn systemd_checks(root: &Path) -> anyhow::Result<Vec<(String, f64)>> {
 /// A minimal Debian 12 root with systemd (as a host has; the package does
 /// not depend on it), made once with debootstrap from the machine's own
 /// apt source and kept in the cache.
-fn debian_root() -> anyhow::Result<PathBuf> {
+pub fn debian_root() -> anyhow::Result<PathBuf> {
     let cached = cache_root()?.join("debootstrap-bookworm-systemd");
     if cached.join("usr/bin/dpkg").is_file() {
         return Ok(cached);
@@ -237,7 +238,13 @@ struct Chroot {
 
 impl Chroot {
     fn new(template: &Path) -> anyhow::Result<Self> {
-        let scratch = tempfile::tempdir()?;
+        // Not in /tmp: a tmpfs mounted nodev there (systemd's tmp.mount,
+        // Debian 13's default; any systemd-nspawn container) makes the
+        // root's /dev/null unopenable (EACCES) and every shell redirect
+        // fails.
+        let scratch = tempfile::Builder::new()
+            .prefix("balloon-chroot")
+            .tempdir_in("/var/tmp")?;
         let root = scratch.path().join("root");
         succeed(Command::new("cp").arg("-a").arg(template).arg(&root))?;
         succeed(
@@ -376,12 +383,11 @@ fn check_hook(chroot: &Chroot) -> anyhow::Result<()> {
         meta.permissions().mode() & 0o777,
         meta.gid()
     );
-    let mut control =
-        guest_tests::backend::ControlClient::connect(&chroot.path("/run/balloon/vm1.ctl"))?;
+    let mut control = guest_tests::backend::connect(&chroot.path("/run/balloon/vm1.ctl"))?;
     let status = control.status()?;
     anyhow::ensure!(
-        status["max_reclaim_percent"] == 40,
-        "the metadata's limit did not reach the backend: {status}"
+        status.max_reclaim_percent == 40,
+        "the metadata's limit did not reach the backend: {status:?}"
     );
     let pid: u32 = std::fs::read_to_string(chroot.path("/run/balloon/vm1.pid"))?
         .trim()
@@ -498,7 +504,7 @@ fn check_install(deb: &Path) -> anyhow::Result<()> {
 /// The Debian 12 root with bookworm-backports' systemd (254 or newer, as a
 /// host gets when libvirt 11 comes from there), made once from the
 /// bookworm root and kept in the cache.
-fn debian_root_backports_systemd() -> anyhow::Result<PathBuf> {
+pub fn debian_root_backports_systemd() -> anyhow::Result<PathBuf> {
     let cached = cache_root()?.join("debootstrap-bookworm-systemd-backports");
     if cached.join("usr/bin/dpkg").is_file() {
         return Ok(cached);

@@ -9,11 +9,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use balloon_policy::PolicyKind;
 use guest_tests::host_policy_process::{write_meminfo, PolicyProcess};
 use guest_tests::{Stack, MIB};
-use host_policy::baselines::PolicyKind;
-use host_policy::plot::colors::{BLUE, GREEN, RED};
-use host_policy::plot::{grid_svg, Line, Panel, RGBColor};
+use policy_sim::plot::colors::{BLUE, GREEN, RED};
+use policy_sim::plot::{grid_svg, Line, Panel, RGBColor};
 
 const GUESTS: usize = 3;
 pub const GUEST_MIB: u64 = 512;
@@ -266,11 +266,7 @@ fn run_policy(policy: PolicyKind) -> anyhow::Result<RealRun> {
         }
         let mut balloons = Vec::new();
         for (stack, _) in &mut stacks {
-            balloons.push(
-                stack.control.status()?["actual_bytes"]
-                    .as_u64()
-                    .unwrap_or(0),
-            );
+            balloons.push(stack.control.status()?.actual_bytes);
         }
         let returned: u64 = balloons.iter().sum();
         returned_gib_s += returned as f64 / (1u64 << 30) as f64;
@@ -385,7 +381,8 @@ fn svg(runs: &[RealRun], path: &Path) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    grid_svg(path, RUN_S as f64, &["MiB", "%"], &columns)
+    grid_svg(path, RUN_S as f64, &["MiB", "%"], &columns)?;
+    Ok(())
 }
 
 /// Runs ours, MOM's, Proxmox's and ESX's idle-tax policy on the real guests; writes the

@@ -119,7 +119,12 @@ pub fn ensure_qemu() -> anyhow::Result<PathBuf> {
 /// benchmark's workload and the tests' memory verifier), built as static
 /// binaries.
 pub fn build_guest_programs() -> anyhow::Result<Vec<PathBuf>> {
-    const PROGRAMS: [&str; 3] = ["guest-agent", "guest-workload", "guest-verifier"];
+    build_static_programs(&["guest-agent", "guest-workload", "guest-verifier"])
+}
+
+/// Builds the workspace's binary crates `programs` as static x86_64 Linux
+/// executables (glibc, +crt-static) and returns their paths.
+pub fn build_static_programs(programs: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
     let root = workspace_root();
     // --target keeps +crt-static away from build scripts and proc macros.
     let target = "x86_64-unknown-linux-gnu";
@@ -135,7 +140,7 @@ pub fn build_guest_programs() -> anyhow::Result<Vec<PathBuf>> {
             ),
         )
         .args(["build", "--release", "--quiet", "--target", target])
-        .args(PROGRAMS.iter().flat_map(|p| ["-p", p]))
+        .args(programs.iter().flat_map(|p| ["-p", *p]))
         .status()
         .context("building the guest programs")?;
     anyhow::ensure!(
@@ -143,7 +148,7 @@ pub fn build_guest_programs() -> anyhow::Result<Vec<PathBuf>> {
         "building the static guest programs failed"
     );
     let release = root.join("target").join(target).join("release");
-    Ok(PROGRAMS.iter().map(|p| release.join(p)).collect())
+    Ok(programs.iter().map(|p| release.join(p)).collect())
 }
 
 /// Which Debian cloud kernel a guest image carries.
@@ -215,7 +220,7 @@ pub fn ensure_guest(suite: Option<KernelSuite>) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn firmware_dirs() -> Vec<PathBuf> {
+pub fn firmware_dirs() -> Vec<PathBuf> {
     ["/usr/share/seabios", "/usr/share/qemu"]
         .iter()
         .map(PathBuf::from)

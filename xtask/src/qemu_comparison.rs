@@ -12,7 +12,7 @@ use guest_tests::env::TestEnv;
 use guest_tests::qmp::Qmp;
 use guest_tests::vm::{Balloon, Vm, VmConfig};
 use guest_tests::{wait_for, MIB};
-use serde_json::{json, Value};
+use serde_json::json;
 use test_support::child::Signal;
 use test_support::ChildGuard;
 
@@ -131,13 +131,9 @@ fn inflate_ours(env: &TestEnv, count_calls: bool) -> anyhow::Result<InflateRun> 
     )?;
     let mut control = backend.client()?;
     wait_for("the driver", Duration::from_secs(60), || {
-        Ok(control.status()?["features"]
-            .as_array()
-            .is_some_and(|f| !f.is_empty())
-            .then_some(()))
+        Ok((!control.status()?.features.is_empty()).then_some(()))
     })?;
-    let discard_cpu_us = |status: &Value| status["discard_cpu_us"].as_u64().unwrap_or(0);
-    let before_us = discard_cpu_us(&control.status()?);
+    let before_us = control.status()?.discard_cpu_us;
     let mut after_us = before_us;
     let mut run = measure_inflate(
         &vm,
@@ -149,9 +145,9 @@ fn inflate_ours(env: &TestEnv, count_calls: bool) -> anyhow::Result<InflateRun> 
             // punched the last of it (punches wait up to 20 ms).
             wait_for("actual", Duration::from_secs(300), || {
                 let status = control.status()?;
-                after_us = discard_cpu_us(&status);
+                after_us = status.discard_cpu_us;
                 Ok(
-                    (status["actual_bytes"] == TARGET_BYTES && status["pending_punch_bytes"] == 0)
+                    (status.actual_bytes == TARGET_BYTES && status.pending_punch_bytes == 0)
                         .then_some(()),
                 )
             })

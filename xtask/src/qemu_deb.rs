@@ -16,7 +16,8 @@ use std::process::Command;
 use anyhow::Context;
 
 use crate::deb::{
-    copy, gzip, installed_kib, md5sums, shared_library_depends, strip, write, MAINTAINER,
+    copy, dpkg_deb_build, gzip, installed_kib, md5sums, shared_library_depends, strip, write,
+    MAINTAINER,
 };
 use crate::provision::{succeed, workspace_root};
 
@@ -248,12 +249,7 @@ pub fn build(qemu: &Path) -> anyhow::Result<PathBuf> {
     )?;
     write(&debian.join("md5sums"), sums.as_bytes(), 0o644)?;
     let deb = out.join(format!("{PACKAGE}_{version}_amd64.deb"));
-    succeed(
-        Command::new("dpkg-deb")
-            .args(["--root-owner-group", "-Zxz", "--build"])
-            .arg(&root)
-            .arg(&deb),
-    )?;
+    dpkg_deb_build(&root, &deb)?;
     Ok(deb)
 }
 

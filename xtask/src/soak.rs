@@ -20,14 +20,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use guest_tests::backend::{BackendProcess, ControlClient};
+use balloon_protocol::control::{ControlClient, ControlError, StatusReply};
+use guest_tests::backend::{BackendProcess, ControlWaits};
 use guest_tests::env::TestEnv;
 use guest_tests::host_policy_process::{write_meminfo, PolicyProcess};
 use guest_tests::migration::set_capabilities;
 use guest_tests::qmp::Qmp;
 use guest_tests::vm::{Balloon, Vm, VmConfig};
 use guest_tests::MIB;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use schedule::{size, Action, RudeClient, Schedule, Step, HOST_LEVELS};
 use watch::VerifierWatch;
@@ -259,12 +260,6 @@ impl Resources {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB as f64
-}
-
-fn field_u64(status: &Value, key: &str) -> anyhow::Result<u64> {
-    status[key]
-        .as_u64()
-        .with_context(|| format!("status has no {key}: {status}"))
 }
 
 /// A console line of a guest kernel in trouble (the console shows only
@@ -711,7 +706,7 @@ impl<'e> Soak<'e> {
     }
 
     /// The backend's `status`, its reply time recorded.
-    fn status(&mut self, g: usize) -> anyhow::Result<Value> {
+    fn status(&mut self, g: usize) -> anyhow::Result<StatusReply> {
         let asked = Instant::now();
         let status = self.guests[g]
             .control
@@ -816,18 +811,12 @@ impl<'e> Soak<'e> {
             }
             Action::UnpinnedTarget { guest, mib } => {
                 let bytes = mib.checked_mul(MIB).context("target")?;
-                let reply = self.guests[guest]
-                    .control
-                    .request(&json!({"cmd": "set-target", "bytes": bytes}))?;
-                if reply["ok"] == true {
-                    self.note("unpinned targets taken");
-                } else if reply["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("pinned"))
-                {
-                    self.note("unpinned targets refused (pinned)");
-                } else {
-                    anyhow::bail!("set-target without a pin: {reply}");
+                match self.guests[guest].control.set_target(bytes) {
+                    Ok(_) => self.note("unpinned targets taken"),
+                    Err(ControlError::Refused { message, .. }) if message.contains("pinned") => {
+                        self.note("unpinned targets refused (pinned)")
+                    }
+                    Err(error) => anyhow::bail!("set-target without a pin: {error}"),
                 }
                 Ok(())
             }
@@ -957,7 +946,7 @@ impl<'e> Soak<'e> {
             RECONNECT_DEADLINE,
             |soak| {
                 let status = soak.status(g)?;
-                Ok(status["connected"] == true && status["config_notify"] == true)
+                Ok(status.connected && status.config_notify)
             },
         );
         let name = self.guests[g].name.clone();
@@ -1168,11 +1157,11 @@ impl<'e> Soak<'e> {
         let statuses = self.wait_quiet()?;
         for (g, quiet) in statuses.iter().enumerate() {
             let name = self.guests[g].name.clone();
-            let actual = field_u64(quiet, "actual_bytes")?;
-            let ballooned = field_u64(quiet, "ballooned_bytes")?;
+            let actual = quiet.actual_bytes;
+            let ballooned = quiet.ballooned_bytes;
             self.check(BALLOON_IS_ACTUAL, ballooned == actual, || {
                 format!(
-                    "{name}: the backend's balloon is {:.1} MiB, the driver's actual {:.1} MiB: {quiet}",
+                    "{name}: the backend's balloon is {:.1} MiB, the driver's actual {:.1} MiB: {quiet:?}",
                     mib(ballooned),
                     mib(actual)
                 )
@@ -1212,10 +1201,10 @@ impl<'e> Soak<'e> {
 
     /// Waits until every guest's target, actual and balloon hold still
     /// for `QUIET_FOR` with no punch pending; their statuses then.
-    fn wait_quiet(&mut self) -> anyhow::Result<Vec<Value>> {
+    fn wait_quiet(&mut self) -> anyhow::Result<Vec<StatusReply>> {
         let guests = self.guests.len();
         let mut since: Vec<Option<(Instant, [u64; 3])>> = vec![None; guests];
-        let mut quiet: Vec<Option<Value>> = vec![None; guests];
+        let mut quiet: Vec<Option<StatusReply>> = vec![None; guests];
         let deadline = Instant::now() + QUIET_DEADLINE;
         loop {
             self.duties()?;
@@ -1225,12 +1214,11 @@ impl<'e> Soak<'e> {
                 }
                 let status = self.status(g)?;
                 let key = [
-                    field_u64(&status, "target_bytes")?,
-                    field_u64(&status, "actual_bytes")?,
-                    field_u64(&status, "ballooned_bytes")?,
+                    status.target_bytes,
+                    status.actual_bytes,
+                    status.ballooned_bytes,
                 ];
-                let still =
-                    status["connected"] == true && field_u64(&status, "pending_punch_bytes")? == 0;
+                let still = status.connected && status.pending_punch_bytes == 0;
                 since[g] = match since[g] {
                     Some((at, seen)) if still && seen == key => {
                         if at.elapsed() >= QUIET_FOR {
@@ -1248,7 +1236,7 @@ impl<'e> Soak<'e> {
             if Instant::now() >= deadline {
                 let mut states = Vec::new();
                 for g in 0..guests {
-                    states.push(format!("g{g}: {}", self.status(g)?));
+                    states.push(format!("g{g}: {:?}", self.status(g)?));
                 }
                 anyhow::bail!(
                     "no quiet period within {QUIET_DEADLINE:?} (the balloons kept moving): {}",
@@ -1269,11 +1257,11 @@ impl<'e> Soak<'e> {
             let before = self.status(g)?;
             let resident = self.guests[g].vm.host_resident_bytes()?;
             let after = self.status(g)?;
-            let ballooned = field_u64(&after, "ballooned_bytes")?;
-            let ram = field_u64(&after, "guest_ram_bytes")?;
-            let settled = before["ballooned_bytes"] == after["ballooned_bytes"]
-                && field_u64(&before, "pending_punch_bytes")? == 0
-                && field_u64(&after, "pending_punch_bytes")? == 0;
+            let ballooned = after.ballooned_bytes;
+            let ram = after.guest_ram_bytes;
+            let settled = before.ballooned_bytes == after.ballooned_bytes
+                && before.pending_punch_bytes == 0
+                && after.pending_punch_bytes == 0;
             if settled {
                 let allowed = ram.saturating_sub(ballooned);
                 let excess = i128::from(resident) - i128::from(allowed);

@@ -29,7 +29,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use guest_tests::backend::ControlClient;
+use balloon_protocol::control::ControlClient;
+use guest_tests::backend::{self, ControlWaits};
 use guest_tests::env::TestEnv;
 use guest_tests::vm::{Balloon, Vm, VmConfig};
 
@@ -172,8 +173,8 @@ fn start_policy(booted: &Booted, verb: &str) -> anyhow::Result<UnitState> {
 /// answers (the control thread confined itself first) and its main thread
 /// logged that it waits for QEMU (after confining itself).
 fn backend_ready(booted: &Booted, instance: &str, state: &UnitState) -> anyhow::Result<bool> {
-    let answers = ControlClient::connect(&booted.path(&format!("/run/balloon/{instance}.ctl")))
-        .and_then(|mut c| c.status())
+    let answers = backend::connect(&booted.path(&format!("/run/balloon/{instance}.ctl")))
+        .and_then(|mut c| Ok(c.status()?))
         .is_ok();
     if !answers {
         return Ok(false);
@@ -312,7 +313,7 @@ fn expect_file(path: &Path, uid: u32, gid: u32, mode: u32, socket: bool) -> anyh
 }
 
 fn control(booted: &Booted) -> anyhow::Result<ControlClient> {
-    ControlClient::connect(&booted.path(&format!("/run/balloon/{DOMAIN}.ctl")))
+    backend::connect(&booted.path(&format!("/run/balloon/{DOMAIN}.ctl")))
 }
 
 fn hook(booted: &Booted, operation: &str, xml: &str) -> anyhow::Result<()> {
@@ -367,8 +368,8 @@ fn check_backend_guest_and_policy(booted: &Booted, env: &TestEnv, tag: &str) -> 
     let mut control_client = control(booted)?;
     let status = control_client.status()?;
     anyhow::ensure!(
-        status["max_reclaim_percent"] == METADATA_LIMIT_PERCENT,
-        "the domain's metadata limit did not reach the backend: {status}"
+        u64::from(status.max_reclaim_percent) == METADATA_LIMIT_PERCENT,
+        "the domain's metadata limit did not reach the backend: {status:?}"
     );
     eprintln!(
         "{tag} hook prepare: {BACKEND_UNIT} active (running) through systemctl, pid {} as balloon (NoNewPrivs, seccomp, no capabilities); /run/balloon/vm1 2750 balloon:libvirt-qemu, balloon.sock 0660 balloon:libvirt-qemu, vm1.ctl 0600 balloon, balloon.state 0600; limit {METADATA_LIMIT_PERCENT} % from the domain's metadata",
@@ -426,12 +427,12 @@ fn check_backend_guest_and_policy(booted: &Booted, env: &TestEnv, tag: &str) -> 
         Duration::from_secs(60),
         || {
             let status = control_client.status()?;
-            Ok((status["connected"] == true && status["config_notify"] == true).then_some(status))
+            Ok((status.connected && status.config_notify).then_some(status))
         },
     )?;
     anyhow::ensure!(
-        reconnected["ballooned_bytes"] == TARGET_MIB * MIB,
-        "the restarted backend lost the balloon: {reconnected}"
+        reconnected.ballooned_bytes == TARGET_MIB * MIB,
+        "the restarted backend lost the balloon: {reconnected:?}"
     );
     control_client.set_target(2 * TARGET_MIB * MIB)?;
     control_client.wait_actual(2 * TARGET_MIB * MIB, TARGET_DEADLINE)?;
@@ -655,8 +656,8 @@ fn check_policy(
         Duration::from_millis(500),
         || {
             let status = control_client.status()?;
-            let target = status["target_bytes"].as_u64().unwrap_or(u64::MAX);
-            Ok((target <= limit_10 && status["actual_bytes"] == target).then_some(target))
+            let target = status.target_bytes;
+            Ok((target <= limit_10 && status.actual_bytes == target).then_some(target))
         },
     )?;
     eprintln!(

@@ -61,8 +61,8 @@ pub fn change(members: &[Member], group: &[usize], new: &mut [u64], goal: i128) 
         let mut progress = false;
         for &i in &open {
             let m = members[i];
-            let share =
-                allocated * i128::from(m.shares.max(1)) / i128::try_from(shares).unwrap_or(1);
+            let share = allocated.saturating_mul(i128::from(m.shares.max(1)))
+                / i128::try_from(shares).unwrap_or(1);
             let desired =
                 (i128::from(m.minimum) + share).clamp(i128::from(m.minimum), i128::from(m.maximum));
             let start = i128::from(m.memory);
@@ -178,6 +178,7 @@ mod tests {
         let host = HostState {
             total_bytes: 64 * GIB,
             available_bytes: 4 * GIB,
+            psi_some_avg10: None,
         };
         let rich = vm("rich", 8 * GIB, 0, 6 * GIB, 6 * GIB);
         let poor = vm("poor", 8 * GIB, 0, 0, 0);
@@ -201,6 +202,7 @@ mod tests {
         let host = HostState {
             total_bytes: total,
             available_bytes: total / 5 + 5 * MIB,
+            psi_some_avg10: None,
         };
         let a = vm("a", 8 * GIB, GIB, GIB, GIB);
         let d = decide(&host, &thresholds(), &[a], &PolicyMemory::default());

@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use plotters::prelude::*;
+
+use crate::SimError;
 /// The colours callers outside this crate name their lines with.
 pub use plotters::style::{colors, RGBColor};
 
@@ -32,12 +34,15 @@ pub fn grid_svg(
     x_max_s: f64,
     row_units: &[&str],
     columns: &[Vec<Panel>],
-) -> anyhow::Result<()> {
-    let plot = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
-    let column_count = u32::try_from(columns.len().max(1))?;
-    let row_count = u32::try_from(row_units.len().max(1))?;
-    let root =
-        SVGBackend::new(path, (COLUMN_PX * column_count, ROW_PX * row_count)).into_drawing_area();
+) -> Result<(), SimError> {
+    let plot = |e: &dyn std::fmt::Display| SimError::Plot(e.to_string());
+    let column_count = u32::try_from(columns.len().max(1)).map_err(|e| plot(&e))?;
+    let row_count = u32::try_from(row_units.len().max(1)).map_err(|e| plot(&e))?;
+    let size = (
+        COLUMN_PX.saturating_mul(column_count),
+        ROW_PX.saturating_mul(row_count),
+    );
+    let root = SVGBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot(&e))?;
     let areas = root.split_evenly((row_units.len().max(1), columns.len().max(1)));
     for (row, unit) in row_units.iter().enumerate() {

@@ -11,10 +11,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Context;
+use balloon_policy::PolicyKind;
 
-use crate::baselines::PolicyKind;
 use crate::simulate::{run_with, safe_density_bisected, Metrics, Scenario};
+use crate::SimError;
 
 /// SplitMix64: small, fast, and the same on every platform.
 #[derive(Clone, Debug)]
@@ -416,13 +416,16 @@ pub fn scenario_text(seed: u64, index: u64) -> String {
 }
 
 /// Scenario `index` of the family of `seed`, parsed and checked.
-pub fn scenario(seed: u64, index: u64) -> anyhow::Result<Scenario> {
+pub fn scenario(seed: u64, index: u64) -> Result<Scenario, SimError> {
     let text = scenario_text(seed, index);
-    let scenario: Scenario = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("family scenario {index} of seed {seed}: {e}\n{text}"))?;
-    scenario
-        .validate()
-        .map_err(|e| anyhow::anyhow!("family scenario {index} of seed {seed}: {e}\n{text}"))?;
+    let invalid = |message: String| SimError::Family {
+        seed,
+        index,
+        message,
+        text: text.clone(),
+    };
+    let scenario: Scenario = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    scenario.validate().map_err(invalid)?;
     Ok(scenario)
 }
 
@@ -490,7 +493,7 @@ pub fn density_ratio(ours: u64, best: u64) -> Option<f64> {
 }
 
 /// Runs every policy of `policies` (ours first) on scenario `index`.
-pub fn run_one(seed: u64, index: u64, policies: &[PolicyKind]) -> anyhow::Result<Row> {
+pub fn run_one(seed: u64, index: u64, policies: &[PolicyKind]) -> Result<Row, SimError> {
     let scenario = scenario(seed, index)?;
     let named = scenario
         .density
@@ -521,7 +524,7 @@ pub fn run_one(seed: u64, index: u64, policies: &[PolicyKind]) -> anyhow::Result
 }
 
 /// Runs scenarios `0..count` of `seed` on every thread the machine has.
-pub fn run_family(seed: u64, count: u64, policies: &[PolicyKind]) -> anyhow::Result<Vec<Row>> {
+pub fn run_family(seed: u64, count: u64, policies: &[PolicyKind]) -> Result<Vec<Row>, SimError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let next = std::sync::atomic::AtomicU64::new(0);
     let results = std::sync::Mutex::new(Vec::new());
@@ -539,9 +542,7 @@ pub fn run_family(seed: u64, count: u64, policies: &[PolicyKind]) -> anyhow::Res
             });
         }
     });
-    let mut results = results
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("a family thread panicked"))?;
+    let mut results = results.into_inner().map_err(|_| SimError::ThreadPanicked)?;
     results.sort_by_key(|(index, _)| *index);
     results.into_iter().map(|(_, row)| row).collect()
 }
@@ -717,19 +718,27 @@ pub fn simulate_family(
     seed: u64,
     policies: &[PolicyKind],
     dir: &Path,
-) -> anyhow::Result<String> {
+) -> Result<String, SimError> {
     let scenarios = dir.join("scenarios");
-    std::fs::create_dir_all(&scenarios)
-        .with_context(|| format!("creating {}", scenarios.display()))?;
+    std::fs::create_dir_all(&scenarios).map_err(|source| SimError::CreateDir {
+        path: scenarios.clone(),
+        source,
+    })?;
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text).map_err(|source| SimError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
     for index in 0..count {
-        let path = scenarios.join(format!("{index:03}.toml"));
-        std::fs::write(&path, scenario_text(seed, index))
-            .with_context(|| format!("writing {}", path.display()))?;
+        write(
+            &scenarios.join(format!("{index:03}.toml")),
+            &scenario_text(seed, index),
+        )?;
     }
     let rows = run_family(seed, count, policies)?;
     let text = table(seed, &rows);
-    let path = dir.join("table.md");
-    std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    write(&dir.join("table.md"), &text)?;
     let head: String = text.split("| # |").next().unwrap_or_default().to_string();
     Ok(head)
 }

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use host_policy::config::VmPolicy;
-use host_policy::policy::{
+use balloon_policy::policy::{
     decide, GuestCounters, GuestSample, HostState, HostThresholds, PolicyMemory, VmInput,
 };
+use balloon_policy::VmPolicy;
 
 const GIB: u64 = 1 << 30;
 
@@ -35,6 +35,7 @@ fn vms(count: usize) -> Vec<VmInput> {
             free_page_reporting: None,
             resident_bytes: None,
             agent_page_cache_bytes: None,
+            agent_reclaim: Default::default(),
         })
         .collect()
 }
@@ -44,11 +45,13 @@ fn median_tick(count: usize) -> Duration {
     let host = HostState {
         total_bytes: 512 * GIB,
         available_bytes: 60 * GIB,
+        psi_some_avg10: None,
     };
     let thresholds = HostThresholds {
         reclaim_start_percent: 20,
         reclaim_hard_percent: 10,
         give_back_percent: 35,
+        psi_some_avg10: 10.0,
     };
     let mut memory = PolicyMemory::default();
     let mut times: Vec<Duration> = (0..301)

@@ -25,12 +25,13 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::VmPolicy;
+use crate::settings::VmPolicy;
 
 pub const PAGE_BYTES: u64 = 4096;
 const MIB: u64 = 1 << 20;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The host's mode, in rising order of urgency (`Ord` follows it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HostMode {
     #[default]
@@ -39,10 +40,15 @@ pub enum HostMode {
     Hard,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HostState {
     pub total_bytes: u64,
     pub available_bytes: u64,
+    /// The host's memory PSI, `some` avg10 in percent (the host's
+    /// /proc/pressure/memory, or its cgroup's memory.pressure); None when
+    /// unknown. At or above `HostThresholds::psi_some_avg10` the host
+    /// counts as under pressure whatever its available memory says.
+    pub psi_some_avg10: Option<f64>,
 }
 
 impl HostState {
@@ -52,17 +58,20 @@ impl HostState {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HostThresholds {
     pub reclaim_start_percent: u64,
     pub reclaim_hard_percent: u64,
     pub give_back_percent: u64,
+    /// The host's PSI memory `some` avg10 (percent) at or above which it
+    /// is under pressure: at least Reclaim, Hard at twice it (`psi_mode`).
+    pub psi_some_avg10: f64,
 }
 
 impl HostThresholds {
     /// Reclaim aims at the middle of the dead band, in percent.
     pub fn reclaim_goal_percent(&self) -> f64 {
-        (self.reclaim_start_percent + self.give_back_percent) as f64 / 2.0
+        (self.reclaim_start_percent as f64 + self.give_back_percent as f64) / 2.0
     }
 
     /// Memory to reclaim to bring the host to the goal.
@@ -143,6 +152,28 @@ pub struct VmInput {
     /// The guest agent's last report of the guest's page cache; None for a
     /// VM without an agent (it cannot be asked to drop cache).
     pub agent_page_cache_bytes: Option<u64>,
+    /// Where the guest agent's page-cache reclaims stand: the input of the
+    /// gate (`gate::gate`), which holds an inflation until the agent has
+    /// dropped cache.
+    pub agent_reclaim: AgentReclaim,
+}
+
+/// Where a VM's guest agent stands with the page-cache reclaims it was
+/// asked for, in policy seconds (the daemon's link to the agent, or the
+/// simulator's agent, says).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentReclaim {
+    /// The agent is not asked anything this tick (no agent connected, or
+    /// a dry run): inflations go ahead, no cache is dropped.
+    #[default]
+    Unavailable,
+    /// No reclaim in flight; the last one ended `done_s_ago` seconds ago
+    /// (None: none yet).
+    Idle { done_s_ago: Option<u64> },
+    /// A reclaim asked `asked_s_ago` seconds ago is not answered yet:
+    /// inflations wait for it.
+    Waiting { asked_s_ago: u64 },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -225,6 +256,15 @@ pub struct VmDecision {
     /// without a balloon taking the guest's free memory first.
     #[serde(default)]
     pub reclaim_cache_bytes: u64,
+    /// Page cache the guest agent is asked to drop this tick, as the gate
+    /// (`gate::gate`) paces `reclaim_cache_bytes` and the drops before an
+    /// inflation (0: none): what the daemon sends.
+    #[serde(default)]
+    pub agent_reclaim_bytes: u64,
+    /// An inflation held until the guest agent has dropped page cache:
+    /// the target the policy chose (`target_bytes` stays where it was).
+    #[serde(default)]
+    pub held_target_bytes: Option<u64>,
 }
 
 /// What decided a VM's target this tick.
@@ -285,6 +325,13 @@ fn page_floor(bytes: u64) -> u64 {
     bytes - bytes % PAGE_BYTES
 }
 
+/// `percent` % of `bytes`, rounded down, computed without overflow (guest
+/// RAM comes from the backend, which may report any size).
+pub fn percent_of_bytes(bytes: u64, percent: u64) -> u64 {
+    let part = u128::from(bytes) * u128::from(percent) / 100;
+    u64::try_from(part).unwrap_or(u64::MAX)
+}
+
 /// The host mode after this tick, with hysteresis.
 pub fn next_mode(previous: HostMode, available_percent: f64, t: &HostThresholds) -> HostMode {
     let below = |p: u64| available_percent < p as f64;
@@ -301,22 +348,43 @@ pub fn next_mode(previous: HostMode, available_percent: f64, t: &HostThresholds)
     }
 }
 
+/// The mode the host's own memory PSI asks for: at or above its threshold
+/// at least Reclaim, at or above twice it Hard; Normal when unknown (None,
+/// not a finite number) or below, or with no threshold (0 or less).
+pub fn psi_mode(psi_some_avg10: Option<f64>, threshold: f64) -> HostMode {
+    match psi_some_avg10 {
+        Some(psi) if psi.is_finite() && threshold > 0.0 && psi >= 2.0 * threshold => HostMode::Hard,
+        Some(psi) if psi.is_finite() && threshold > 0.0 && psi >= threshold => HostMode::Reclaim,
+        _ => HostMode::Normal,
+    }
+}
+
+/// The host's PSI holds memory back from being given back: at or above
+/// half its threshold (the way out of a pressure episode, so that memory
+/// taken for it is not returned at once).
+pub fn psi_holds_give_back(psi_some_avg10: Option<f64>, threshold: f64) -> bool {
+    matches!(psi_some_avg10, Some(psi) if psi.is_finite() && threshold > 0.0 && psi >= threshold / 2.0)
+}
+
 /// The largest balloon of a VM: the smaller of the device's and the policy's.
 pub fn limit_bytes(vm: &VmInput) -> u64 {
-    let policy_limit = vm.guest_ram_bytes * vm.policy.max_reclaim_percent / 100;
+    let policy_limit = percent_of_bytes(vm.guest_ram_bytes, vm.policy.max_reclaim_percent);
     page_floor(policy_limit.min(vm.device_max_reclaim_bytes))
 }
 
 /// The guest memory a VM always keeps available.
 pub fn floor_bytes(vm: &VmInput) -> u64 {
-    vm.policy
-        .min_free_bytes
-        .max(vm.guest_ram_bytes * vm.policy.min_free_percent / 100)
+    vm.policy.min_free_bytes.max(percent_of_bytes(
+        vm.guest_ram_bytes,
+        vm.policy.min_free_percent,
+    ))
 }
 
 /// How many ticks a steady host may take before every target stops
 /// changing (the bound `docs/host-policy.md` states):
-/// `max over VMs of ceil(limit / smaller step) + number of VMs + 2`.
+/// `max over VMs of ceil(limit / smaller step) + number of VMs + 2`, plus
+/// the ticks of a VM's first `SETTLING_S` at `tick_s` (a guest whose free
+/// memory the host does not hold is not asked to pass it while it starts).
 ///
 /// While the shortfall (or excess) is larger than what all VMs may move in
 /// a tick, each VM moves by its whole cap: a step, or the rest to its floor
@@ -324,7 +392,7 @@ pub fn floor_bytes(vm: &VmInput) -> u64 {
 /// it is smaller, one tick hands it out in full; what the `min_change` dead
 /// band held back is below `min_change` per VM, and every later move takes
 /// at least `min_change` of it, so at most one tick per VM follows.
-pub fn settling_ticks(vms: &[VmInput]) -> u64 {
+pub fn settling_ticks(vms: &[VmInput], tick_s: u64) -> u64 {
     let steps = vms
         .iter()
         .map(|vm| {
@@ -338,7 +406,10 @@ pub fn settling_ticks(vms: &[VmInput]) -> u64 {
         .max()
         .unwrap_or(0);
     let vm_count = u64::try_from(vms.len()).unwrap_or(u64::MAX);
-    steps.saturating_add(vm_count).saturating_add(2)
+    steps
+        .saturating_add(vm_count)
+        .saturating_add(2)
+        .saturating_add(SETTLING_S.div_ceil(tick_s.max(1)))
 }
 
 /// Room kept above the floor when inflating: a guest's available memory
@@ -373,7 +444,7 @@ pub fn reclaim_step(
         return normal;
     }
     let depth = ((start - available_percent) / span).clamp(0.0, 1.0);
-    page_floor(normal + ((hard - normal) as f64 * depth) as u64).max(normal.min(hard))
+    page_floor(normal.saturating_add(((hard - normal) as f64 * depth) as u64)).max(normal.min(hard))
 }
 
 /// Splits `total` in proportion to `weights`, each share at most its cap,
@@ -399,16 +470,23 @@ pub fn share_out(total: u64, weights: &[(u128, u64)]) -> Vec<u64> {
         .map(|(i, &(w, cap))| (i, w, cap))
         .collect();
     // Ascending cap / weight, compared without division.
-    open.sort_by(|a, b| (u128::from(a.2) * b.1).cmp(&(u128::from(b.2) * a.1)));
+    // Saturating: weights come from guest-supplied sizes.
+    open.sort_by(|a, b| {
+        u128::from(a.2)
+            .saturating_mul(b.1)
+            .cmp(&u128::from(b.2).saturating_mul(a.1))
+    });
     let mut left = u128::from(total);
-    let mut sum: u128 = open.iter().map(|&(_, w, _)| w).sum();
+    let mut sum: u128 = open
+        .iter()
+        .fold(0u128, |sum, &(_, w, _)| sum.saturating_add(w));
     let mut uncapped_from = open.len();
     for (position, &(i, w, cap)) in open.iter().enumerate() {
         if left == 0 || sum == 0 {
             uncapped_from = position;
             break;
         }
-        if left * w / sum < u128::from(cap) {
+        if left.saturating_mul(w) / sum < u128::from(cap) {
             uncapped_from = position;
             break;
         }
@@ -416,10 +494,12 @@ pub fn share_out(total: u64, weights: &[(u128, u64)]) -> Vec<u64> {
             *share = cap;
         }
         left = left.saturating_sub(u128::from(cap));
-        sum -= w;
+        sum = sum.saturating_sub(w);
     }
     for &(i, w, _) in open.iter().skip(uncapped_from) {
-        if let (Some(share), Some(part)) = (shares.get_mut(i), (left * w).checked_div(sum)) {
+        if let (Some(share), Some(part)) =
+            (shares.get_mut(i), left.saturating_mul(w).checked_div(sum))
+        {
             *share = u64::try_from(part).unwrap_or(u64::MAX);
         }
     }
@@ -659,7 +739,7 @@ fn observe(now_s: u64, dt_s: Option<u64>, vm: &VmInput, remembered: Option<&VmMe
             .saturating_sub(resident)
             .min(view.free),
         (None, Some(true)) => view.free,
-        (None, _) => 0,
+        (None, _) => view.free.saturating_sub(most_used.saturating_sub(used)),
     };
     let demand = vm
         .guest_ram_bytes
@@ -792,6 +872,12 @@ fn observe(now_s: u64, dt_s: Option<u64>, vm: &VmInput, remembered: Option<&VmMe
 /// The host this tick (phase 2).
 struct HostView {
     mode: HostMode,
+    /// Why the host is in its mode when its PSI, not its available
+    /// memory, put it there.
+    psi_why: Option<String>,
+    /// The host's PSI (at or above half its threshold) when it holds
+    /// give-back.
+    give_back_held: Option<f64>,
     /// Below its hard threshold, or in the lower half of the band from
     /// there to the reclaim threshold counting the margin: the host is
     /// about to come first, and reclaim goes down to floors.
@@ -852,30 +938,74 @@ fn host_view(
     let effective = HostState {
         total_bytes: host.total_bytes,
         available_bytes: host.available_bytes.saturating_sub(margin),
+        psi_some_avg10: host.psi_some_avg10,
     };
     // The margin raises the reclaim and give-back thresholds, not the hard
     // one: below that, the host comes first.
     let real_hard = host.available_percent() < thresholds.reclaim_hard_percent as f64;
-    let mode = match next_mode(memory.mode, effective.available_percent(), thresholds) {
+    let memory_mode = match next_mode(memory.mode, effective.available_percent(), thresholds) {
         _ if real_hard => HostMode::Hard,
         HostMode::Hard => HostMode::Reclaim,
         mode => mode,
     };
+    // The host's own PSI: stalls on the host mean its kernel already
+    // reclaims at a cost, whatever available memory says. At or above the
+    // threshold the host is short as if at its reclaim threshold, at twice
+    // it as if at its hard threshold; it spares nothing for guests, and
+    // from half the threshold up it gives nothing back. None or 0 changes
+    // nothing.
+    let pressure_mode = psi_mode(host.psi_some_avg10, thresholds.psi_some_avg10);
+    let mode = memory_mode.max(pressure_mode);
+    let pressured = pressure_mode != HostMode::Normal;
+    let as_if_percent = match pressure_mode {
+        HostMode::Normal => None,
+        HostMode::Reclaim => Some(thresholds.reclaim_start_percent),
+        HostMode::Hard => Some(thresholds.reclaim_hard_percent),
+    };
+    let short = HostState {
+        available_bytes: as_if_percent.map_or(effective.available_bytes, |percent| {
+            effective
+                .available_bytes
+                .min(percent_of(host.total_bytes, percent as f64))
+        }),
+        ..effective
+    };
+    let psi_why = (pressure_mode > memory_mode)
+        .then(|| host.psi_some_avg10.unwrap_or(0.0))
+        .map(|psi| {
+            let (limit, word) = if pressure_mode == HostMode::Hard {
+                (2.0 * thresholds.psi_some_avg10, "hard")
+            } else {
+                (thresholds.psi_some_avg10, "reclaim")
+            };
+            format!(
+                "host PSI memory some avg10 {psi:.1}% at or above {limit}% ({word}), {:.1}% available",
+                host.available_percent()
+            )
+        });
+    let excess = thresholds.excess_bytes(&effective);
+    let give_back_held =
+        excess > 0 && psi_holds_give_back(host.psi_some_avg10, thresholds.psi_some_avg10);
     let start = percent_of(host.total_bytes, thresholds.reclaim_start_percent as f64);
     let band_middle =
         (thresholds.reclaim_hard_percent as f64 + thresholds.reclaim_start_percent as f64) / 2.0;
     HostView {
         near_hard: mode == HostMode::Hard || effective.available_percent() < band_middle,
         mode,
+        psi_why,
+        give_back_held: give_back_held.then(|| host.psi_some_avg10.unwrap_or(0.0)),
         available_bytes: host.available_bytes,
         available_percent: host.available_percent(),
         margin,
         growth_bytes_per_s: growth,
-        shortfall: thresholds.shortfall_bytes(&effective),
-        excess: thresholds.excess_bytes(&effective),
-        spare: host
-            .available_bytes
-            .saturating_sub(start.saturating_add(margin)),
+        shortfall: thresholds.shortfall_bytes(&short),
+        excess: if give_back_held { 0 } else { excess },
+        spare: if pressured {
+            0
+        } else {
+            host.available_bytes
+                .saturating_sub(start.saturating_add(margin))
+        },
     }
 }
 
@@ -1112,7 +1242,9 @@ fn reclaim(
             .collect()
     };
     let first = share_out(host.shortfall, &round(&[Way::Balloon, Way::DropCache]));
-    let mut left = host.shortfall.saturating_sub(first.iter().sum());
+    let mut left = host
+        .shortfall
+        .saturating_sub(first.iter().fold(0u64, |sum, b| sum.saturating_add(*b)));
     // Passing costs a guest its headroom whatever it gains: as few guests
     // as will do, those that give the most per byte of balloon first,
     // each its whole cap.
@@ -1141,11 +1273,13 @@ fn reclaim(
     } else {
         (thresholds.reclaim_start_percent, "reclaim")
     };
-    let why = format!(
-        "host {:.1}% available, below {limit_word}% ({mode_word}) plus a margin of {} MiB",
-        host.available_percent,
-        host.margin / MIB
-    );
+    let why = host.psi_why.clone().unwrap_or_else(|| {
+        format!(
+            "host {:.1}% available, below {limit_word}% ({mode_word}) plus a margin of {} MiB",
+            host.available_percent,
+            host.margin / MIB
+        )
+    });
     for (((((plan, a), b), offer), view), vm) in plans
         .iter_mut()
         .zip(first)
@@ -1272,11 +1406,15 @@ fn release(
     }
     for (plan, view) in plans.iter_mut().zip(views) {
         if !plan.moved && view.current > 0 {
-            plan.reason.get_or_insert_with(|| {
-                format!(
+            plan.reason.get_or_insert_with(|| match host.give_back_held {
+                Some(psi) if host.mode == HostMode::Normal => format!(
+                    "host {:.1}% available, host PSI memory some avg10 {psi:.1}% at or above half its threshold: holding",
+                    host.available_percent
+                ),
+                _ => format!(
                     "host {:.1}% available, inside the dead band: holding",
                     host.available_percent
-                )
+                ),
             });
         }
     }
@@ -1346,6 +1484,8 @@ fn assemble(
                     ),
                     cause: Cause::Pinned,
                     reclaim_cache_bytes: 0,
+                    agent_reclaim_bytes: 0,
+                    held_target_bytes: None,
                 }
             } else {
                 let mut target = page_floor(plan.target.min(view.limit));
@@ -1376,6 +1516,8 @@ fn assemble(
                         plan.cause
                     },
                     reclaim_cache_bytes: plan.drop_cache,
+                    agent_reclaim_bytes: 0,
+                    held_target_bytes: None,
                 }
             };
             if decision.target_bytes != decision.previous_bytes {
@@ -1429,6 +1571,7 @@ pub(crate) mod tests {
         HostState {
             total_bytes: total_gib * GIB,
             available_bytes: total_gib * GIB * avail_pct / 100,
+            psi_some_avg10: None,
         }
     }
 
@@ -1437,6 +1580,7 @@ pub(crate) mod tests {
             reclaim_start_percent: 20,
             reclaim_hard_percent: 10,
             give_back_percent: 35,
+            psi_some_avg10: 10.0,
         }
     }
 
@@ -1462,6 +1606,7 @@ pub(crate) mod tests {
             // returns from its first page.
             resident_bytes: Some(ram.saturating_sub(target)),
             agent_page_cache_bytes: None,
+            agent_reclaim: AgentReclaim::default(),
         }
     }
 
@@ -1514,6 +1659,7 @@ pub(crate) mod tests {
         let host = HostState {
             total_bytes: 64 * GIB,
             available_bytes: goal - 64 * MIB,
+            psi_some_avg10: None,
         };
         let busy = vm("busy", 8 * GIB, 0, Some(GIB));
         let idle = vm("idle", 8 * GIB, 0, Some(6 * GIB));
@@ -1602,6 +1748,7 @@ pub(crate) mod tests {
         let host = HostState {
             total_bytes: 10 * GIB,
             available_bytes: 3584 * MIB + 100 * MIB,
+            psi_some_avg10: None,
         };
         let input = vm("web", 8 * GIB, 2 * GIB, Some(4 * GIB));
         let decision = decide(0, &host, &thresholds(), &[input], &PolicyMemory::default());
@@ -1751,6 +1898,196 @@ pub(crate) mod tests {
         }
     }
 
+    /// The same host with its PSI.
+    fn with_psi(host: HostState, psi: Option<f64>) -> HostState {
+        HostState {
+            psi_some_avg10: psi,
+            ..host
+        }
+    }
+
+    #[test]
+    fn host_psi_puts_a_host_with_memory_into_reclaim_and_hard() {
+        // 30 % available: inside the dead band, nothing to do by memory.
+        let host = host_with(64, 30);
+        let idle = vm("idle", 8 * GIB, 0, Some(6 * GIB));
+        let memory = watched(std::slice::from_ref(&idle), HostMode::Normal, 100);
+        let quiet = decide(
+            100,
+            &host,
+            &thresholds(),
+            std::slice::from_ref(&idle),
+            &memory,
+        );
+        assert_eq!(quiet.mode, HostMode::Normal);
+        assert_eq!(quiet.vms[0].target_bytes, 0, "{:?}", quiet.vms[0]);
+        // At the threshold (10 %): Reclaim, the VM gives its step.
+        let reclaim = decide(
+            100,
+            &with_psi(host, Some(10.0)),
+            &thresholds(),
+            std::slice::from_ref(&idle),
+            &memory,
+        );
+        assert_eq!(reclaim.mode, HostMode::Reclaim);
+        let d = &reclaim.vms[0];
+        assert_eq!(d.target_bytes, idle.policy.inflate_step_bytes, "{d:?}");
+        assert_eq!(d.cause, Cause::Reclaim);
+        assert!(
+            d.reason.contains("host PSI memory some avg10 10.0%"),
+            "{d:?}"
+        );
+        // At twice it: Hard, the hard step.
+        let hard = decide(
+            100,
+            &with_psi(host, Some(20.0)),
+            &thresholds(),
+            std::slice::from_ref(&idle),
+            &memory,
+        );
+        assert_eq!(hard.mode, HostMode::Hard);
+        assert_eq!(
+            hard.vms[0].target_bytes, idle.policy.hard_inflate_step_bytes,
+            "{:?}",
+            hard.vms[0]
+        );
+        assert_eq!(hard.vms[0].cause, Cause::HardReclaim);
+        // Just below the threshold: nothing.
+        let below = decide(
+            100,
+            &with_psi(host, Some(9.9)),
+            &thresholds(),
+            std::slice::from_ref(&idle),
+            &memory,
+        );
+        assert_eq!(below, quiet);
+    }
+
+    #[test]
+    fn a_pressured_host_spares_nothing_and_holds_give_back() {
+        // A guest under pressure on a host with memory to spare gets its
+        // need and the host's spare; with the host's own PSI, its need only.
+        let mut input = vm("web", 8 * GIB, 4 * GIB, Some(3 * GIB));
+        if let Some(sample) = input.sample.as_mut() {
+            sample.psi_some_avg10 = Some(15.0);
+        }
+        let host = host_with(64, 30);
+        let spared = decide(
+            100,
+            &host,
+            &thresholds(),
+            std::slice::from_ref(&input),
+            &PolicyMemory::default(),
+        );
+        assert_eq!(spared.vms[0].target_bytes, 0, "{:?}", spared.vms[0]);
+        let needed = decide(
+            100,
+            &with_psi(host, Some(12.0)),
+            &thresholds(),
+            std::slice::from_ref(&input),
+            &PolicyMemory::default(),
+        );
+        let back = 4 * GIB - needed.vms[0].target_bytes;
+        let share = psi_backoff_share(15.0, 10.0);
+        assert!(
+            (back as f64 - (4 * GIB) as f64 * share).abs() <= PAGE_BYTES as f64,
+            "{:?}",
+            needed.vms[0]
+        );
+        // Above the give-back threshold, a host PSI of half the threshold
+        // or more holds the balloons; below it they go back.
+        let balloon = vm("db", 8 * GIB, 2 * GIB, Some(4 * GIB));
+        let rich = host_with(10, 40);
+        let memory = watched(std::slice::from_ref(&balloon), HostMode::Normal, 100);
+        for (psi, holds) in [(None, false), (Some(4.9), false), (Some(5.0), true)] {
+            let d = decide(
+                100,
+                &with_psi(rich, psi),
+                &thresholds(),
+                std::slice::from_ref(&balloon),
+                &memory,
+            );
+            assert_eq!(d.mode, HostMode::Normal);
+            assert_eq!(d.vms[0].target_bytes == 2 * GIB, holds, "{psi:?}: {d:?}");
+            if holds {
+                assert!(d.vms[0].reason.contains("host PSI"), "{:?}", d.vms[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn psi_modes_start_at_the_threshold_and_double_it() {
+        assert_eq!(psi_mode(None, 10.0), HostMode::Normal);
+        assert_eq!(psi_mode(Some(0.0), 10.0), HostMode::Normal);
+        assert_eq!(psi_mode(Some(9.99), 10.0), HostMode::Normal);
+        assert_eq!(psi_mode(Some(10.0), 10.0), HostMode::Reclaim);
+        assert_eq!(psi_mode(Some(19.99), 10.0), HostMode::Reclaim);
+        assert_eq!(psi_mode(Some(20.0), 10.0), HostMode::Hard);
+        assert_eq!(psi_mode(Some(f64::NAN), 10.0), HostMode::Normal);
+        assert_eq!(psi_mode(Some(f64::INFINITY), 10.0), HostMode::Normal);
+        assert_eq!(psi_mode(Some(50.0), 0.0), HostMode::Normal);
+    }
+
+    proptest! {
+        /// The host's PSI: at or above its threshold the mode is never
+        /// Normal (Hard at twice it) and every guarantee holds (pins,
+        /// limits, fresh statistics, floors, steps); None, 0 or anything
+        /// below half the threshold decides exactly as without it, tick
+        /// after tick.
+        #[test]
+        fn host_psi_raises_the_mode_and_otherwise_changes_nothing(
+            vms in proptest::collection::vec(arbitrary_vm(), 1..8),
+            total_gib in 1u64..512,
+            avail_pct in 0u64..100,
+            mode in 0u8..3,
+            now_s in 100u64..1000,
+            threshold in 0.1f64..=100.0,
+            above in 1.0f64..3.0,
+            quiet in prop_oneof![Just(0.0), 0.0f64..0.5],
+        ) {
+            let vms = numbered(vms);
+            let host = host_with(total_gib, avail_pct);
+            let t = HostThresholds { psi_some_avg10: threshold, ..thresholds() };
+            let start = [HostMode::Normal, HostMode::Reclaim, HostMode::Hard][mode as usize];
+            let memory = watched(&vms, start, now_s);
+            let psi = threshold * above;
+            let decision = decide(now_s, &with_psi(host, Some(psi)), &t, &vms, &memory);
+            prop_assert_ne!(decision.mode, HostMode::Normal);
+            if psi >= 2.0 * threshold {
+                prop_assert_eq!(decision.mode, HostMode::Hard);
+            }
+            for (vm, d) in vms.iter().zip(&decision.vms) {
+                if vm.pinned {
+                    prop_assert_eq!(d.target_bytes, vm.target_bytes, "{:?}", d);
+                    continue;
+                }
+                prop_assert!(d.target_bytes <= limit_bytes(vm), "{:?}", d);
+                prop_assert_eq!(d.target_bytes % PAGE_BYTES, 0);
+                if d.target_bytes > vm.target_bytes {
+                    let sample = vm.sample.expect("inflated without statistics");
+                    prop_assert!(sample.age_s <= vm.policy.stats_max_age_s, "{:?}", d);
+                    let taken = d.target_bytes - vm.target_bytes;
+                    prop_assert!(sample.available_bytes.saturating_sub(taken) >= floor_bytes(vm), "{:?}", d);
+                    prop_assert!(taken <= vm.policy.hard_inflate_step_bytes);
+                }
+            }
+            // Quiet: the same decisions as None over a few ticks.
+            let (mut without, mut with) = (memory.clone(), memory);
+            let mut inputs = vms;
+            for tick in 0..4u64 {
+                let a = decide(now_s + 5 * tick, &host, &t, &inputs, &without);
+                let b = decide(now_s + 5 * tick, &with_psi(host, Some(threshold * quiet)), &t, &inputs, &with);
+                prop_assert_eq!(&a, &b);
+                for (input, d) in inputs.iter_mut().zip(&a.vms) {
+                    input.target_bytes = d.target_bytes;
+                    input.actual_bytes = d.target_bytes;
+                }
+                without = a.memory;
+                with = b.memory;
+            }
+        }
+    }
+
     /// The closed loop of the convergence property: ballooned memory leaves
     /// the guest and returns to the host. Returns every tick's targets.
     fn run_closed_loop(
@@ -1787,6 +2124,7 @@ pub(crate) mod tests {
             let host = HostState {
                 total_bytes: total,
                 available_bytes: (host_base + targets.iter().sum::<u64>()).min(total),
+                psi_some_avg10: None,
             };
             let decision = decide(tick * 5, &host, &thresholds(), &vms, &memory);
             memory = decision.memory;
@@ -1803,7 +2141,7 @@ pub(crate) mod tests {
         other_use_pct: u64,
     ) -> Result<(), TestCaseError> {
         let (vms, _) = run_closed_loop(guests, total_gib, other_use_pct, 0);
-        let bound = settling_ticks(&vms);
+        let bound = settling_ticks(&vms, 5);
         let (_, history) = run_closed_loop(guests, total_gib, other_use_pct, bound + 20);
         let settled_from = usize::try_from(bound)
             .unwrap_or(usize::MAX)
@@ -1832,7 +2170,7 @@ pub(crate) mod tests {
         let guests = [(25, 78, 1), (23, 78, 3277), (22, 57, 1)];
         assert_settles(&guests, 170, 93).unwrap();
         let (vms, history) = run_closed_loop(&guests, 170, 93, 400);
-        let bound = usize::try_from(settling_ticks(&vms)).unwrap();
+        let bound = usize::try_from(settling_ticks(&vms, 5)).unwrap();
         let last = history.last().unwrap();
         assert_eq!(history.get(bound).unwrap(), last, "{:?}", &history[..bound]);
     }
@@ -1845,6 +2183,7 @@ pub(crate) mod tests {
         let host = HostState {
             total_bytes: 16 * GIB,
             available_bytes: 16 * GIB * 15 / 100,
+            psi_some_avg10: None,
         };
         let mut input = vm("guest", 512 * MIB, 305 * MIB, Some(127 * MIB));
         input.policy.min_free_percent = 0;
@@ -2019,13 +2358,14 @@ pub(crate) mod tests {
             };
             let mut before = actuals.clone();
             let probe = inputs_at(&targets, &actuals, &before, 0);
-            let ticks = settling_ticks(&probe) * 2 + 40;
+            let ticks = settling_ticks(&probe, 5) * 2 + 40;
             let mut corrections = 0;
             for tick in 0..ticks {
                 let vms = inputs_at(&targets, &actuals, &before, tick as usize);
                 let host = HostState {
                     total_bytes: total,
                     available_bytes: (host_base + actuals.iter().sum::<u64>()).min(total),
+                    psi_some_avg10: None,
                 };
                 let decision = decide(tick * 5, &host, &thresholds(), &vms, &memory);
                 memory = decision.memory;
@@ -2102,6 +2442,7 @@ pub(crate) mod tests {
             let host = HostState {
                 total_bytes: total,
                 available_bytes: total.saturating_sub(other + resident),
+                psi_some_avg10: None,
             };
             let decision = decide(tick * 5, &host, &thresholds(), &vms, &memory);
             memory = decision.memory;
@@ -2128,7 +2469,7 @@ pub(crate) mod tests {
             other_pct in 0u64..90,
         ) {
             let (probe, _) = run_reporting_loop(&guests, total_gib, other_pct, 1);
-            let bound = settling_ticks(&probe) + 1;
+            let bound = settling_ticks(&probe, 5) + 1;
             let (last, history) = run_reporting_loop(&guests, total_gib, other_pct, bound + 20);
             let settled_from = usize::try_from(bound).unwrap_or(usize::MAX).saturating_sub(1);
             for (i, vm) in last.iter().enumerate() {

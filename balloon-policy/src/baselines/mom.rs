@@ -39,8 +39,10 @@ fn averaged(samples: &mut HashMap<String, Vec<u64>>, key: &str, value: u64) -> u
     if list.len() > SAMPLES {
         list.remove(0);
     }
-    let count = u64::try_from(list.len()).unwrap_or(1).max(1);
-    list.iter().sum::<u64>() / count
+    // Summed wide: the samples are the guest's and the host's sizes.
+    let count = u128::try_from(list.len()).unwrap_or(1).max(1);
+    let sum: u128 = list.iter().map(|&sample| u128::from(sample)).sum();
+    u64::try_from(sum / count).unwrap_or(u64::MAX)
 }
 
 /// The guest memory MOM wants for one VM: `cur` now, `unused` its
@@ -134,6 +136,7 @@ mod tests {
         let host = HostState {
             total_bytes: 64 * GIB,
             available_bytes: 6 * GIB,
+            psi_some_avg10: None,
         };
         // 4 GiB guest, 3 GiB free: the floor (used + 9.4 % of 4 GiB) is far.
         let idle = vm("idle", 4 * GIB, 0, 3 * GIB, 3 * GIB);
@@ -155,6 +158,7 @@ mod tests {
         let host = HostState {
             total_bytes: 64 * GIB,
             available_bytes: 40 * GIB,
+            psi_some_avg10: None,
         };
         let ballooned = vm("b", 4 * GIB, GIB, GIB, GIB);
         let d = decide(&host, &[ballooned], &PolicyMemory::default());

@@ -1,5 +1,5 @@
 //! The balloon policies operators already run, as alternatives to ours
-//! behind the same pure interface (`decide_with`): oVirt MOM's balloon
+//! behind the same pure interface (`crate::decide_with`): oVirt MOM's balloon
 //! rules, Proxmox VE's auto-ballooning, and VMware ESX's idle-memory tax
 //! with min-funding revocation. Each lives in its own module with its
 //! source and every constant named. What holds for all of them: the VM's
@@ -12,64 +12,11 @@ pub mod proxmox;
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
-
 use crate::policy::{
-    decide, limit_bytes, Cause, Decision, HostMode, HostState, HostThresholds, PolicyMemory,
-    VmDecision, VmInput, VmMemory, PAGE_BYTES,
+    limit_bytes, Cause, Decision, HostMode, PolicyMemory, VmDecision, VmInput, VmMemory, PAGE_BYTES,
 };
 
 const MIB: u64 = 1 << 20;
-
-/// Which policy sets the targets (`[host] policy`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyKind {
-    /// host-policy's own (`policy::decide`).
-    #[default]
-    BalloonStack,
-    /// oVirt MOM's balloon rules (`mom`).
-    Mom,
-    /// Proxmox VE's auto-ballooning (`proxmox`).
-    Proxmox,
-    /// VMware ESX's idle-memory tax with min-funding revocation.
-    EsxIdleTax,
-}
-
-impl PolicyKind {
-    pub const ALL: [PolicyKind; 4] = [
-        PolicyKind::BalloonStack,
-        PolicyKind::Mom,
-        PolicyKind::Proxmox,
-        PolicyKind::EsxIdleTax,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            PolicyKind::BalloonStack => "balloon-stack",
-            PolicyKind::Mom => "mom",
-            PolicyKind::Proxmox => "proxmox",
-            PolicyKind::EsxIdleTax => "esx-idle-tax",
-        }
-    }
-}
-
-/// One tick of the chosen policy.
-pub fn decide_with(
-    kind: PolicyKind,
-    now_s: u64,
-    host: &HostState,
-    thresholds: &HostThresholds,
-    vms: &[VmInput],
-    memory: &PolicyMemory,
-) -> Decision {
-    match kind {
-        PolicyKind::BalloonStack => decide(now_s, host, thresholds, vms, memory),
-        PolicyKind::Mom => mom::decide(host, vms, memory),
-        PolicyKind::Proxmox => proxmox::decide(host, thresholds, vms, memory),
-        PolicyKind::EsxIdleTax => esx::decide(host, thresholds, vms, memory),
-    }
-}
 
 /// The guest memory a VM has now: guest RAM less its balloon.
 fn memory_of(vm: &VmInput) -> u64 {
@@ -118,6 +65,8 @@ fn assemble(
                     reason: format!("pinned at {} MiB by an operator", vm.target_bytes / MIB),
                     cause: Cause::Pinned,
                     reclaim_cache_bytes: 0,
+                    agent_reclaim_bytes: 0,
+                    held_target_bytes: None,
                 };
             }
             let target = target.min(limit_bytes(vm));
@@ -134,6 +83,8 @@ fn assemble(
                     cause_of(vm.target_bytes, target)
                 },
                 reclaim_cache_bytes: 0,
+                agent_reclaim_bytes: 0,
+                held_target_bytes: None,
             }
         })
         .collect();
@@ -156,8 +107,8 @@ fn assemble(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::VmPolicy;
-    use crate::policy::{GuestCounters, GuestSample};
+    use crate::policy::{GuestCounters, GuestSample, HostThresholds};
+    use crate::{decide_with, PolicyKind, VmPolicy};
     use proptest::prelude::*;
 
     pub const GIB: u64 = 1 << 30;
@@ -182,6 +133,7 @@ pub(crate) mod tests {
             free_page_reporting: None,
             resident_bytes: None,
             agent_page_cache_bytes: None,
+            agent_reclaim: Default::default(),
         }
     }
 
@@ -190,6 +142,7 @@ pub(crate) mod tests {
             reclaim_start_percent: 20,
             reclaim_hard_percent: 10,
             give_back_percent: 35,
+            psi_some_avg10: 10.0,
         }
     }
 

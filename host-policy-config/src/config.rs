@@ -6,6 +6,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use balloon_policy::policy::HostThresholds;
+use balloon_policy::{PolicyKind, VmPolicy, MIB};
 use serde::{Deserialize, Deserializer};
 
 /// An integer that must lie in `MIN..=MAX`.
@@ -54,17 +56,32 @@ impl<'de> Deserialize<'de> for Percent {
     }
 }
 
-pub const MIB: u64 = 1 << 20;
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HostSection {
     /// Seconds between policy ticks.
     #[serde(default = "defaults::interval_s")]
     pub interval_s: Bounded<1, 3600>,
-    /// Where host memory is read (a file makes tests and simulations possible).
-    #[serde(default = "defaults::meminfo")]
-    pub meminfo: PathBuf,
+    /// Where host memory is read, /proc/meminfo when unset (a file of its
+    /// format makes tests and simulations possible). Not with `cgroup`.
+    #[serde(default)]
+    pub meminfo: Option<PathBuf>,
+    /// A memory cgroup's directory (v2, or a v1 memory-controller one):
+    /// the host host-policy balances is that cgroup, its limit the total.
+    /// Not with `meminfo`.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Where the host's memory PSI is read (/proc/pressure/memory's
+    /// format). Unset: a v2 `cgroup`'s memory.pressure, else
+    /// /proc/pressure/memory, except with a `meminfo` file other than
+    /// /proc/meminfo (a stand-in host has no PSI).
+    #[serde(default)]
+    pub pressure: Option<PathBuf>,
+    /// The host's PSI memory `some` avg10 (percent) at or above which it
+    /// is under pressure whatever its available memory: at least reclaim,
+    /// hard at twice it.
+    #[serde(default = "defaults::psi_some_avg10")]
+    pub psi_some_avg10: Percent,
     /// Host MemAvailable below this percent of MemTotal: start reclaiming.
     #[serde(default = "defaults::reclaim_start_percent")]
     pub reclaim_start_percent: Bounded<1, 99>,
@@ -80,7 +97,59 @@ pub struct HostSection {
     /// Which policy sets the targets: ours, or a peer's for operators who
     /// come from it (`docs/host-policy.md`, "Baseline policies").
     #[serde(default)]
-    pub policy: crate::baselines::PolicyKind,
+    pub policy: PolicyKind,
+    /// Where libvirt makes the host ends of its channels, searched for each
+    /// VM's guest-agent port; unset: both of libvirt's places
+    /// (`balloon_protocol::agent::LIBVIRT_CHANNEL_ROOTS`), empty: nowhere.
+    #[serde(default)]
+    pub libvirt_channel_dirs: Option<Vec<PathBuf>>,
+}
+
+impl HostSection {
+    /// The thresholds the policies read.
+    pub fn thresholds(&self) -> HostThresholds {
+        HostThresholds {
+            reclaim_start_percent: self.reclaim_start_percent.0,
+            reclaim_hard_percent: self.reclaim_hard_percent.0,
+            give_back_percent: self.give_back_percent.0,
+            psi_some_avg10: self.psi_some_avg10.0,
+        }
+    }
+
+    /// Where the host's memory is read.
+    pub fn source(&self) -> HostSource {
+        match (&self.cgroup, &self.meminfo) {
+            (Some(directory), _) => HostSource::Cgroup(directory.clone()),
+            (None, Some(file)) => HostSource::Meminfo(file.clone()),
+            (None, None) => HostSource::Meminfo(defaults::meminfo()),
+        }
+    }
+}
+
+/// Where host-policy reads the host's memory (`[host] meminfo` or
+/// `[host] cgroup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostSource {
+    /// /proc/meminfo, or a file of its format: the whole host.
+    Meminfo(PathBuf),
+    /// A memory cgroup's directory, v1 or v2 (told apart by its files).
+    Cgroup(PathBuf),
+}
+
+impl HostSource {
+    /// The key that set it.
+    pub fn key(&self) -> &'static str {
+        match self {
+            HostSource::Meminfo(_) => "meminfo",
+            HostSource::Cgroup(_) => "cgroup",
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            HostSource::Meminfo(path) | HostSource::Cgroup(path) => path,
+        }
+    }
 }
 
 /// Per-VM settings; `[defaults]` gives them for every VM, `[[vm]]` may
@@ -119,42 +188,6 @@ pub struct VmSettings {
     pub psi_some_avg10: Option<Percent>,
 }
 
-/// Resolved settings of one VM.
-#[derive(Clone, Debug, PartialEq)]
-pub struct VmPolicy {
-    pub max_reclaim_percent: u64,
-    pub min_free_bytes: u64,
-    pub min_free_percent: u64,
-    pub shares: u64,
-    pub inflate_step_bytes: u64,
-    pub hard_inflate_step_bytes: u64,
-    pub deflate_step_bytes: u64,
-    pub pressure_cooldown_s: u64,
-    pub stats_max_age_s: u64,
-    pub min_change_bytes: u64,
-    pub major_faults_per_tick: u64,
-    pub psi_some_avg10: f64,
-}
-
-impl Default for VmPolicy {
-    fn default() -> Self {
-        VmPolicy {
-            max_reclaim_percent: 65,
-            min_free_bytes: 128 * MIB,
-            min_free_percent: 10,
-            shares: 1000,
-            inflate_step_bytes: 64 * MIB,
-            hard_inflate_step_bytes: 256 * MIB,
-            deflate_step_bytes: 256 * MIB,
-            pressure_cooldown_s: 60,
-            stats_max_age_s: 30,
-            min_change_bytes: 8 * MIB,
-            major_faults_per_tick: 1000,
-            psi_some_avg10: 10.0,
-        }
-    }
-}
-
 /// `settings` over `base`.
 pub fn resolve(settings: &VmSettings, base: &VmPolicy) -> VmPolicy {
     settings.resolve(base)
@@ -163,8 +196,9 @@ pub fn resolve(settings: &VmSettings, base: &VmPolicy) -> VmPolicy {
 impl VmSettings {
     /// `self` over `base`.
     fn resolve(&self, base: &VmPolicy) -> VmPolicy {
-        let mib = |v: Option<Bounded<0, 1048576>>, d: u64| v.map_or(d, |b| b.0 * MIB);
-        let step = |v: Option<Bounded<1, 1048576>>, d: u64| v.map_or(d, |b| b.0 * MIB);
+        let mib = |v: Option<Bounded<0, 1048576>>, d: u64| v.map_or(d, |b| b.0.saturating_mul(MIB));
+        let step =
+            |v: Option<Bounded<1, 1048576>>, d: u64| v.map_or(d, |b| b.0.saturating_mul(MIB));
         VmPolicy {
             max_reclaim_percent: self
                 .max_reclaim_percent
@@ -181,7 +215,7 @@ impl VmSettings {
             stats_max_age_s: self.stats_max_age_s.map_or(base.stats_max_age_s, |b| b.0),
             min_change_bytes: self
                 .min_change_mib
-                .map_or(base.min_change_bytes, |b| b.0 * MIB),
+                .map_or(base.min_change_bytes, |b| b.0.saturating_mul(MIB)),
             major_faults_per_tick: self
                 .major_faults_per_tick
                 .map_or(base.major_faults_per_tick, |b| b.0),
@@ -311,6 +345,9 @@ mod defaults {
     pub fn meminfo() -> PathBuf {
         PathBuf::from("/proc/meminfo")
     }
+    pub fn psi_some_avg10() -> super::Percent {
+        super::Percent(10.0)
+    }
     pub fn reclaim_start_percent() -> Bounded<1, 99> {
         Bounded(20)
     }
@@ -329,12 +366,16 @@ impl Default for HostSection {
     fn default() -> Self {
         HostSection {
             interval_s: defaults::interval_s(),
-            meminfo: defaults::meminfo(),
+            meminfo: None,
+            cgroup: None,
+            pressure: None,
+            psi_some_avg10: defaults::psi_some_avg10(),
             reclaim_start_percent: defaults::reclaim_start_percent(),
             reclaim_hard_percent: defaults::reclaim_hard_percent(),
             give_back_percent: defaults::give_back_percent(),
             state_file: None,
             policy: Default::default(),
+            libvirt_channel_dirs: None,
         }
     }
 }
@@ -465,9 +506,20 @@ impl Config {
     }
 }
 
-/// The host thresholds must be ordered hard < start < give back; on error,
-/// the keys to point at and the message.
-pub(crate) fn check_host(host: &HostSection) -> Result<(), (&'static [&'static str], String)> {
+/// The host thresholds must be ordered hard < start < give back, and the
+/// host is read from one source; on error, the keys to point at and the
+/// message.
+pub fn check_host(host: &HostSection) -> Result<(), (&'static [&'static str], String)> {
+    if let (Some(cgroup), Some(meminfo)) = (&host.cgroup, &host.meminfo) {
+        return Err((
+            &["cgroup", "meminfo"],
+            format!(
+                "host.cgroup ({}) and host.meminfo ({}) are both set: the host is either a memory cgroup (cgroup = its directory) or the whole machine (meminfo = /proc/meminfo or a file of its format); remove one",
+                cgroup.display(),
+                meminfo.display()
+            ),
+        ));
+    }
     let (hard, start, give_back) = (
         host.reclaim_hard_percent.0,
         host.reclaim_start_percent.0,
@@ -489,7 +541,7 @@ pub(crate) fn check_host(host: &HostSection) -> Result<(), (&'static [&'static s
 }
 
 /// A VM name: non-empty, no whitespace (it is used in logs and file names).
-pub(crate) fn check_vm_name(name: &str) -> Result<(), String> {
+pub fn check_vm_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.contains(char::is_whitespace) {
         return Err(format!("vm name {name:?} must be non-empty without spaces"));
     }
@@ -497,7 +549,7 @@ pub(crate) fn check_vm_name(name: &str) -> Result<(), String> {
 }
 
 /// Deflate must be at least as fast as inflate (giving back is urgent).
-pub(crate) fn check_steps(what: &str, policy: &VmPolicy) -> Result<(), String> {
+pub fn check_steps(what: &str, policy: &VmPolicy) -> Result<(), String> {
     if policy.deflate_step_bytes < policy.inflate_step_bytes {
         return Err(format!(
             "{what}: deflate_step_mib ({}) must be at least inflate_step_mib ({}): deflating is the urgent direction",
@@ -521,10 +573,10 @@ mod tests {
     #[test]
     fn the_policy_is_one_of_four() {
         let config = parse(&format!("[host]\npolicy = \"proxmox\"\n{MINIMAL}")).unwrap();
-        assert_eq!(config.host.policy, crate::baselines::PolicyKind::Proxmox);
+        assert_eq!(config.host.policy, PolicyKind::Proxmox);
         assert_eq!(
             parse(MINIMAL).unwrap().host.policy,
-            crate::baselines::PolicyKind::BalloonStack
+            PolicyKind::BalloonStack
         );
         let error = parse(&format!("[host]\npolicy = \"vmware\"\n{MINIMAL}"))
             .unwrap_err()
@@ -551,6 +603,49 @@ mod tests {
                 "{bad}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn the_host_is_a_cgroup_or_meminfo_never_both() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(
+            config.host.source(),
+            HostSource::Meminfo(PathBuf::from("/proc/meminfo"))
+        );
+        assert_eq!(config.host.psi_some_avg10, Percent(10.0));
+        assert_eq!(config.host.thresholds().psi_some_avg10, 10.0);
+        let config = parse(&format!(
+            "[host]\ncgroup = \"/sys/fs/cgroup/machine.slice\"\npsi_some_avg10 = 2.5\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.host.source(),
+            HostSource::Cgroup(PathBuf::from("/sys/fs/cgroup/machine.slice"))
+        );
+        assert_eq!(config.host.source().key(), "cgroup");
+        assert_eq!(config.host.thresholds().psi_some_avg10, 2.5);
+        let text = format!(
+            "[host]\ninterval_s = 5\nmeminfo = \"/proc/meminfo\"\ncgroup = \"/sys/fs/cgroup/machine.slice\"\n{MINIMAL}"
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(
+            error.contains("host.cgroup")
+                && error.contains("host.meminfo")
+                && error.contains("remove one"),
+            "{error}"
+        );
+        assert_eq!(error_line(&text), 4, "the cgroup line");
+        for bad in ["0", "100.5", "-3"] {
+            let error = parse(&format!("[host]\npsi_some_avg10 = {bad}\n{MINIMAL}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("psi_some_avg10") && error.contains("between 0.1 and 100"),
+                "{bad}: {error}"
+            );
+        }
+        let config = parse(&format!("[host]\npressure = \"/tmp/psi\"\n{MINIMAL}")).unwrap();
+        assert_eq!(config.host.pressure, Some(PathBuf::from("/tmp/psi")));
     }
 
     #[test]

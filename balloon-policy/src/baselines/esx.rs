@@ -104,9 +104,9 @@ pub fn decide(
         moved[i] += chunk;
         budget -= chunk;
         balloons[i] = if inflating {
-            balloons[i] + chunk
+            balloons[i].saturating_add(chunk)
         } else {
-            balloons[i] - chunk
+            balloons[i].saturating_sub(chunk)
         };
     }
     let wishes = vms
@@ -144,6 +144,7 @@ mod tests {
         let host = HostState {
             total_bytes: 64 * GIB,
             available_bytes: 17 * GIB,
+            psi_some_avg10: None,
         };
         let mut idle = vm("idle", 8 * GIB, 0, 6 * GIB, 7 * GIB);
         let mut busy = vm("busy", 8 * GIB, 0, GIB / 4, GIB / 2);

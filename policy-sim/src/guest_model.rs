@@ -44,7 +44,7 @@
 //!
 //! Pure: no I/O; one call of `Guest::second` is one second.
 
-use crate::policy::GuestCounters;
+use balloon_policy::policy::GuestCounters;
 
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;

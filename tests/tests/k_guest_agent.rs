@@ -68,9 +68,14 @@ fn page_cache_bytes(meminfo: &std::collections::HashMap<String, u64>) -> u64 {
 fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)?.set_len(320 * MIB)?;
+    std::fs::File::create(&disk)?.set_len(440 * MIB)?;
     let agent_socket = dir.path().join("agent.sock");
-    let mut stack = Stack::start(512, &["--stats-interval", "1"], |c| {
+    // Without free page reporting: what the guest frees stays on the host
+    // until a balloon takes it, so host-policy inflates this guest (after
+    // its agent dropped the cache the balloon would take). With reporting
+    // and an agent, host-policy drops cache and never inflates: a balloon
+    // there would buy the host nothing (docs/host-policy.md).
+    let mut stack = Stack::start(512, &["--stats-interval", "1", "--no-reporting"], |c| {
         c.agent_socket = Some(agent_socket.clone());
         c.disk = Some(disk.clone());
     })?;
@@ -167,7 +172,7 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
     // The device must stay open, or its page cache is dropped on close.
     stack
         .vm
-        .sh("sleep 100000 </dev/vda & dd if=/dev/vda of=/dev/null bs=1M count=300 2>/dev/null")?;
+        .sh("sleep 100000 </dev/vda & dd if=/dev/vda of=/dev/null bs=1M count=400 2>/dev/null")?;
     let cache_before = page_cache_bytes(&stack.vm.meminfo()?);
     assert!(cache_before >= 250 * MIB, "page cache {cache_before}");
     wait_for(
@@ -200,9 +205,17 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         .and_then(|rest| rest.split(" MiB").next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no reclaimed MiB in {reply_line:?}"))?;
+    // What the balloon would have taken beyond the guest's free memory.
+    let asked_mib: u64 = reply_line
+        .rsplit(", ")
+        .next()
+        .and_then(|rest| rest.split(" MiB asked").next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no asked MiB in {reply_line:?}"))?;
+    assert!(asked_mib >= 16, "asked only {asked_mib} MiB");
     assert!(
-        reclaimed_mib >= 64,
-        "asked 128 MiB, the agent reclaimed {reclaimed_mib} MiB"
+        reclaimed_mib.saturating_mul(2) >= asked_mib,
+        "asked {asked_mib} MiB, the agent reclaimed {reclaimed_mib} MiB"
     );
     // The reclaim came before any inflation: no balloon change is logged
     // before the reclaim line.
@@ -225,8 +238,8 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         cache_after / MIB
     );
     assert!(
-        cache_drop >= 64 * MIB,
-        "asked 128 MiB, page cache fell only by {cache_drop} bytes"
+        cache_drop.saturating_mul(2) >= asked_mib.saturating_mul(MIB),
+        "asked {asked_mib} MiB, page cache fell only by {cache_drop} bytes"
     );
     let inflated = wait_for("the balloon to grow", Duration::from_secs(60), || {
         let status = stack.control.status()?;
@@ -234,30 +247,9 @@ fn agent_reports_reclaim_and_psi_drive_host_policy() -> anyhow::Result<()> {
         Ok((actual >= 128 * MIB && actual == status.target_bytes).then_some(actual))
     })?;
 
-    // 2b. The balloon at its limit (25 %) while the host is still short:
-    //     host-policy asks the agent to drop cache instead (a trim), and
-    //     the guest's page cache falls.
-    let cache_at_limit = page_cache_bytes(&stack.vm.meminfo()?);
-    let trim_line = wait_log_line(
-        &log_path,
-        "while the host reclaims",
-        Duration::from_secs(60),
-    )?;
-    eprintln!("[k] {trim_line}");
-    let trimmed_to = wait_for(
-        "the guest's page cache to fall after the trim",
-        Duration::from_secs(30),
-        || {
-            let cache = page_cache_bytes(&stack.vm.meminfo()?);
-            Ok((cache.saturating_add(8 * MIB) <= cache_at_limit).then_some(cache))
-        },
-    )?;
-    eprintln!(
-        "[k] trim: page cache {} MiB -> {} MiB, balloon held at {} MiB",
-        cache_at_limit / MIB,
-        trimmed_to / MIB,
-        inflated / MIB
-    );
+    // (No cache trim at the limit here: without free page reporting the
+    // dropped cache would stay on the host; host-policy trims the cache of
+    // reporting guests only, which policy tests cover.)
 
     // 3. The host inside the dead band (30 % available: no more reclaim,
     //    no give-back), then a memory hog in the guest: PSI rises and

@@ -67,8 +67,18 @@ fn a_v1_memory_cgroup_is_read_as_the_host() {
         shm: Path::new("/dev/shm").join(&name),
     };
     let cgroup = cleanup.cgroup.clone();
-    std::fs::create_dir(&cgroup)
-        .unwrap_or_else(|e| panic!("creating {} (needs root): {e}", cgroup.display()));
+    match std::fs::create_dir(&cgroup) {
+        Ok(()) => {}
+        // A container (systemd-nspawn mounts the controllers read-only):
+        // there is no memory cgroup to make here.
+        Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+            eprintln!(
+                "skipped: the cgroup v1 memory hierarchy at {V1_MEMORY} is read-only here (a container?): {e}"
+            );
+            return;
+        }
+        Err(e) => panic!("creating {} (needs root): {e}", cgroup.display()),
+    }
 
     // No limit yet: an error that names the key and says so.
     let error = host_reader::read(&host(&cgroup)).unwrap_err().to_string();
